@@ -1,0 +1,24 @@
+"""flowssm: matrix-valued state space models (DeltaNet family) as linear controlled ODEs.
+
+The state ``S`` (``K x V`` per head) follows ``dS = d omega . S + d xi`` driven by the token path; a
+chunk's solution map is an affine flow ``S -> P S + Q`` and flows compose associatively.
+"""
+
+from flowssm import flows, paths, scan, solvers
+from flowssm.ops import delta_rule, delta_rule_step, linear_attention, linear_attention_step
+from flowssm.solvers import Euler, Exact, Signature, get_solver
+
+__all__ = [
+    "Euler",
+    "Exact",
+    "Signature",
+    "delta_rule",
+    "delta_rule_step",
+    "flows",
+    "get_solver",
+    "linear_attention",
+    "linear_attention_step",
+    "paths",
+    "scan",
+    "solvers",
+]

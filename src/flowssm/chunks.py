@@ -1,0 +1,128 @@
+"""One chunk of the driving path as a unit-lower-triangular system for its corrected values.
+
+Flatten a chunk's ``C`` tokens x ``R`` sub-steps into ``n = C R`` micro-steps with keys ``k_m``,
+values ``v_m`` and the cumulative log-decay ``G_m`` of their token. Every prefix state has the form
+
+    S_t = exp(G_t) S_in + sum_{m <= t} exp(G_t - G_m) k_m u_m^T,
+
+where the corrected values ``u: [n, V]`` solve ``(I + L) u = rhs_v - rhs_k S_in`` with ``L`` strictly
+(block-)lower. Solvers differ only in how they apply ``T = (I + L)^{-1}``.
+
+* discrete semantics (the recurrence): ``L_im = beta_i (k_i . k_m) exp(G_i - G_m)`` for ``m < i``,
+  ``rhs_v = alpha v``, ``rhs_k = beta exp(G) k``.
+* continuous semantics (piecewise-linear path, token flow ``exp([[g I - K^T B K, K^T A V], [0, 0]])``):
+  token ``t`` acts as ``S~ + K_t^T (Acore_t V_t - Bcore_t K_t S~)`` on ``S~ = exp(g_t) S`` with the
+  ``R x R`` cores ``Bcore = phi1(-B Gram) B``, ``Acore = phi1(g I - B Gram) A``,
+  ``phi1(X) = (e^X - I) / X``; ``L`` is block-strictly-lower over tokens.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from flowssm.flows import WYFlow
+from flowssm.paths import Path
+
+SEMANTICS = ("discrete", "continuous")
+
+
+class ChunkSystem(eqx.Module):
+    """``(I + L) u = rhs_v - rhs_k S_in`` for one chunk of ``n = C R`` micro-steps.
+
+    L: [n, n] strictly lower; rhs_k: [n, K]; rhs_v: [n, V]; keys: [n, K]; log_decay: [n] (cumulative
+    ``G`` of each micro-step's token); path: the chunk itself (``[C, R, .]``), for solvers that need it;
+    semantics: "discrete" or "continuous".
+    """
+
+    L: Float[Array, "n n"]
+    rhs_k: Float[Array, "n K"]
+    rhs_v: Float[Array, "n V"]
+    keys: Float[Array, "n K"]
+    log_decay: Float[Array, " n"]
+    path: Path
+    semantics: str = eqx.field(static=True)
+
+    def end_flow(self, w: Float[Array, "n K"], u: Float[Array, "n V"]) -> WYFlow:
+        """The chunk flow read off the corrected-value generators: ``P = e^{G_n} I - K~^T w, Q = K~^T u``."""
+        end = self.log_decay[-1]
+        return WYFlow(end, jnp.exp(end - self.log_decay)[:, None] * self.keys, w, u)
+
+
+def phi1(X: Float[Array, "... r r"]) -> Float[Array, "... r r"]:
+    """``phi1(X) = sum_{m>=0} X^m / (m+1)!``, the top-right block of ``expm([[X, I], [0, 0]])``."""
+    r = X.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(r, dtype=X.dtype), X.shape)
+    top = jnp.concatenate([X, eye], axis=-1)
+    aug = jnp.concatenate([top, jnp.zeros_like(top)], axis=-2)
+    return jax.scipy.linalg.expm(aug)[..., :r, r:]
+
+
+def continuous_cores(keys, beta, alpha, log_decay):
+    """Per-token cores of the continuous-time token flow.
+
+    keys: [..., R, K], beta, alpha: [..., R], log_decay: [...] -> (Acore, Bcore): [..., R, R].
+    """
+    R = keys.shape[-2]
+    gram = keys @ jnp.swapaxes(keys, -1, -2)
+    bg = beta[..., :, None] * gram
+    eye = jnp.eye(R, dtype=keys.dtype)
+    bcore = phi1(-bg) * beta[..., None, :]
+    acore = phi1(log_decay[..., None, None] * eye - bg) * alpha[..., None, :]
+    return acore, bcore
+
+
+def block_diagonal(blocks: Float[Array, "C R R"]) -> Float[Array, "n n"]:
+    """Dense ``[C R, C R]`` block-diagonal matrix of ``C`` blocks of size ``R x R``."""
+    C, R, _ = blocks.shape
+    eye = jnp.eye(C, dtype=blocks.dtype)
+    return jnp.einsum("ts,tjl->tjsl", eye, blocks).reshape(C * R, C * R)
+
+
+def build_system(chunk: Path, semantics: str) -> ChunkSystem:
+    """The lower-triangular system of one chunk (``chunk`` fields ``[C, R, .]``, ``[C]`` for decay)."""
+    C, R, K = chunk.keys.shape
+    n = C * R
+    keys = chunk.keys.reshape(n, K)
+    values = chunk.values.reshape(n, -1)
+    token_log_decay = jnp.cumsum(chunk.log_decay)
+    G = jnp.repeat(token_log_decay, R)
+    item = jnp.arange(n)
+    token = item // R
+    if semantics == "discrete":
+        below = item[:, None] > item[None, :]
+    else:
+        below = token[:, None] > token[None, :]
+    diff = jnp.where(below, G[:, None] - G[None, :], 0.0)
+    decay = jnp.where(below, jnp.exp(diff), 0.0)
+    gram = keys @ keys.T
+    if semantics == "discrete":
+        beta = chunk.beta.reshape(n)
+        L = beta[:, None] * gram * decay
+        rhs_v = chunk.alpha.reshape(n)[:, None] * values
+        rhs_k = (beta * jnp.exp(G))[:, None] * keys
+    else:
+        acore, bcore = continuous_cores(chunk.keys, chunk.beta, chunk.alpha, chunk.log_decay)
+        A, Bm = block_diagonal(acore), block_diagonal(bcore)
+        L = Bm @ (gram * decay)
+        rhs_v = A @ values
+        rhs_k = Bm @ (jnp.exp(G)[:, None] * keys)
+    return ChunkSystem(L, rhs_k, rhs_v, keys, G, chunk, semantics)
+
+
+def readout(system: ChunkSystem, q: Float[Array, "C K"], w, u, S_in: Float[Array, "K V"], scale):
+    """Outputs of the chunk's tokens: ``o_t = scale * S_t^T q_t`` from the prefix-state formula.
+
+    q: [C, K]; w: [n, K]; u: [n, V] -> o: [C, V].
+    """
+    C = q.shape[0]
+    n = system.keys.shape[0]
+    R = n // C
+    corrected = u - w @ S_in
+    G_tok = system.log_decay[R - 1 :: R]  # [C]
+    token = jnp.arange(n) // R
+    seen = jnp.arange(C)[:, None] >= token[None, :]
+    att = (q @ system.keys.T) * jnp.where(seen, jnp.exp(jnp.where(seen, G_tok[:, None] - system.log_decay[None, :], 0.0)), 0.0)
+    return scale * (jnp.exp(G_tok)[:, None] * (q @ S_in) + att @ corrected)

@@ -1,0 +1,195 @@
+"""Public ops: validation, padding to whole chunks, and dispatch to a backend.
+
+Layout follows flash-linear-attention: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``beta, g: [B, T, H]``;
+rank ``R``: ``k: [B, T, H, R, K]``, ``v: [B, T, H, R, V]``, ``beta: [B, T, H, R]``; states ``[B, H, K, V]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from flowssm import chunks, reference
+from flowssm.paths import Path, check_float, chunk_path, make_path, pad_path
+from flowssm.scan import SCANS, chunk_states
+from flowssm.solvers import Euler, FlowSolver, get_solver
+
+BACKENDS = ("reference", "xla", "pallas")
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+
+
+def _check_query(q, path: Path, name: str = "q", with_time: bool = True) -> None:
+    check_float(name, q)
+    B, H, T, R, K = path.keys.shape
+    shape, names = ((B, T, H, K), "[B, T, H, K]") if with_time else ((B, H, K), "[B, H, K]")
+    if tuple(q.shape) != shape:
+        raise ValueError(f"{name}: expected shape {names} = {shape} (from k), got shape {tuple(q.shape)}")
+
+
+def _initial_state(state, path: Path, name: str = "initial_state"):
+    B, H, _, _, K = path.keys.shape
+    V = path.values.shape[-1]
+    if state is None:
+        return jnp.zeros((B, H, K, V), path.keys.dtype)
+    check_float(name, state)
+    if tuple(state.shape) != (B, H, K, V):
+        raise ValueError(f"{name}: expected shape [B, H, K, V] = {(B, H, K, V)}, got shape {tuple(state.shape)}")
+    return state.astype(path.keys.dtype)
+
+
+def _scale(scale, K: int) -> float:
+    if scale is None:
+        return K**-0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float or None (default K**-0.5), got {scale!r}")
+    return float(scale)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics"))
+def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, backend, semantics):
+    """q: [B, T, H, K] -> (o: [B, T, H, V] in the compute dtype, final state [B, H, K, V])."""
+    T = path.length
+    qh = jnp.moveaxis(q.astype(path.keys.dtype), 2, 1)  # [B, H, T, K]
+    if backend == "reference":
+        run = lambda p, qq, s: reference.token_loop(p, qq, s, scale, semantics)
+        o, S = jax.vmap(jax.vmap(run))(path, qh, S0)
+        return jnp.moveaxis(o, 1, 2), S
+    if backend == "pallas":
+        from flowssm.kernels import chunked_pallas
+
+        return chunked_pallas(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    path = chunk_path(pad_path(path, N * C), C)  # padding tokens are the identity map: exact
+    qc = jnp.pad(qh, [(0, 0), (0, 0), (0, N * C - T), (0, 0)]).reshape(*qh.shape[:2], N, C, -1)
+
+    def one_head(p: Path, qq, s):
+        systems = jax.vmap(lambda c: chunks.build_system(c, semantics))(p)
+        sols = jax.vmap(solver.solve)(systems)
+        S_in, S_final = chunk_states(sols.flow, s, scan)
+        o = jax.vmap(lambda sy, qi, w, u, si: chunks.readout(sy, qi, w, u, si, scale))(systems, qq, sols.w, sols.u, S_in)
+        return o.reshape(N * C, -1)[:T], S_final
+
+    o, S = jax.vmap(jax.vmap(one_head))(path, qc, S0)
+    return jnp.moveaxis(o, 1, 2), S
+
+
+def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
+    _check_query(q, path)
+    _check_chunk_size(chunk_size)
+    _check_choice("scan", scan, SCANS)
+    _check_choice("backend", backend, BACKENDS)
+    _check_choice("semantics", semantics, chunks.SEMANTICS)
+    solver = get_solver(solver)
+    S0 = _initial_state(initial_state, path)
+    o, S = _chunked(
+        q, path, S0, scale=_scale(scale, q.shape[-1]), chunk_size=chunk_size, solver=solver, scan=scan,
+        backend=backend, semantics=semantics,
+    )
+    return o.astype(q.dtype), S
+
+
+def delta_rule(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"] | Float[Array, "B T H R K"],
+    v: Float[Array, "B T H V"] | Float[Array, "B T H R V"],
+    beta: Float[Array, "B T H"] | Float[Array, "B T H R"],
+    g: Float[Array, "B T H"] | None = None,
+    *,
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    solver="exact",
+    scan: str = "sequential",
+    backend: str = "xla",
+    semantics: str = "discrete",
+):
+    """(Gated) DeltaNet / DeltaProduct: ``S <- e^{g_t} S``, then for each of the ``R`` keys
+    ``S <- (I - beta k k^T) S + beta k v^T``; ``o_t = scale S_t^T q_t``.
+
+    Returns ``o: [B, T, H, V]`` (dtype of ``q``) and the final state ``[B, H, K, V]`` (float32, or
+    float64 for float64 inputs). ``solver``: name, mapping or :class:`flowssm.solvers.FlowSolver`;
+    ``scan``: "sequential" | "associative"; ``backend``: "reference" | "xla" | "pallas";
+    ``semantics``: "discrete" (the recurrence) | "continuous" (the CDE driven by the piecewise-linear
+    token path). Any ``T``: a ragged last chunk is padded with identity tokens, which is exact.
+    NaN/Inf inputs are not checked (that needs a host sync); they propagate to the outputs.
+    """
+    if beta is None:
+        raise TypeError("beta: expected a floating-point array, got None")
+    path = make_path(k, v, beta, g)
+    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics)
+
+
+def linear_attention(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H"] | None = None,
+    *,
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    scan: str = "sequential",
+    backend: str = "xla",
+):
+    """(Decayed) linear attention: ``S <- e^{g_t} S + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
+
+    The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
+    """
+    check_float("k", k)
+    path = make_path(k, v, None, g, alpha=jnp.ones(k.shape[:-1], k.dtype))
+    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete")
+
+
+def _step(state, q_t, path: Path, scale, semantics):
+    _check_query(q_t, path, "q_t", with_time=False)
+    _check_choice("semantics", semantics, chunks.SEMANTICS)
+    S = _initial_state(state, path, "state")
+    scale = _scale(scale, q_t.shape[-1])
+
+    def one(S, q, p):
+        S = reference.token_update(S, p.keys[0], p.values[0], p.beta[0], p.alpha[0], p.log_decay[0], semantics)
+        return S, scale * (q.astype(S.dtype) @ S)
+
+    S, o = jax.vmap(jax.vmap(one))(S, q_t, path)
+    return S, o.astype(q_t.dtype)
+
+
+def _with_time(x, name: str, ndim: int):
+    """Insert a length-1 time axis at position 1 so a single token validates like a sequence."""
+    if x is None:
+        return None
+    check_float(name, x)
+    if x.ndim not in (ndim, ndim + 1):
+        raise ValueError(f"{name}: expected rank {ndim} or {ndim + 1} (rank-R), got shape {tuple(x.shape)}")
+    return x[:, None]
+
+
+def delta_rule_step(state, q_t, k_t, v_t, beta_t, g_t=None, *, scale=None, semantics: str = "discrete"):
+    """One token of :func:`delta_rule` for decoding, constant memory.
+
+    state: [B, H, K, V]; q_t, k_t: [B, H, K] (k_t: [B, H, R, K] for rank R); v_t: [B, H, V] or
+    [B, H, R, V]; beta_t: [B, H] or [B, H, R]; g_t: [B, H] or None. Returns (state, o_t: [B, H, V]).
+    """
+    path = make_path(_with_time(k_t, "k_t", 3), _with_time(v_t, "v_t", 3), _with_time(beta_t, "beta_t", 2), _with_time(g_t, "g_t", 2))
+    return _step(state, q_t, path, scale, semantics)
+
+
+def linear_attention_step(state, q_t, k_t, v_t, g_t=None, *, scale=None):
+    """One token of :func:`linear_attention`: ``S <- e^{g} S + k v^T``. Returns (state, o_t: [B, H, V])."""
+    k1 = _with_time(k_t, "k_t", 3)
+    path = make_path(k1, _with_time(v_t, "v_t", 3), None, _with_time(g_t, "g_t", 2), alpha=jnp.ones(k1.shape[:-1], k1.dtype))
+    return _step(state, q_t, path, scale, "discrete")
