@@ -125,7 +125,8 @@ def delta_rule(
     ``scan``: "sequential" | "associative"; ``backend``: "reference" | "xla" | "pallas";
     ``semantics``: "discrete" (the recurrence) | "continuous" (the CDE driven by the piecewise-linear
     token path). Any ``T``: a ragged last chunk is padded with identity tokens, which is exact.
-    NaN/Inf inputs are not checked (that needs a host sync); they propagate to the outputs.
+    NaN/Inf inputs are not checked (that needs a host sync): they propagate to every output of their
+    chunk and of later chunks of the same sequence and head.
     """
     if beta is None:
         raise TypeError("beta: expected a floating-point array, got None")
