@@ -25,6 +25,7 @@ CPU_SHAPES = [(2, 512, 4, 32, 32), (1, 2048, 2, 64, 64)]
 VARIANTS = {
     "xla/sequential": dict(backend="xla", scan="sequential"),
     "xla/associative": dict(backend="xla", scan="associative"),
+    "xla/sequential doubling": dict(backend="xla", scan="sequential", solver=flowssm.Exact(method="doubling")),
     "token loop": dict(backend="reference"),
 }
 
