@@ -25,7 +25,7 @@ train: venv
 	$(VENV)/bin/flowssm train configs/lm_tiny.yaml
 
 test: venv
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --nbmake tests notebooks
 
 clean:
 	rm -rf $(VENV)
