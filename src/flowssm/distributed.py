@@ -1,0 +1,164 @@
+"""Sequence parallelism: the time axis split over the devices of one mesh axis.
+
+Device ``d`` of ``D`` holds tokens ``[d T_loc, (d + 1) T_loc)`` and
+
+1. solves its ``N`` chunks and scans their flows from the identity: every chunk's entry state as a dense
+   flow of the device's entry state, and the device's flow ``(P_d, Q_d)``: ``P_d: [K, K]``, ``Q_d: [K, V]``;
+2. all-gathers the ``D`` flows (one collective, ``D (K^2 + K V)`` floats per batch element and head);
+3. composes its predecessors' flows onto the replicated initial state,
+   ``S_d = P_{d-1} (... (P_0 S_0 + Q_0) ...) + Q_{d-1}`` (every device also gets ``S_D``, the final state);
+4. applies the chunk entry flows to ``S_d`` (no second scan) and reads out its outputs.
+
+Per device that is one scan of ``N = T / (D C)`` steps on ``K x (K + V)`` states, against ``T / C`` steps
+on ``K x V`` states on one device.
+
+Autodiff runs through ``shard_map``; the backward pass adds one all-reduce, of the ``D`` entry states'
+cotangents (``D K V`` floats per batch element and head).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Float
+
+from flowssm import chunks
+from flowssm import flows as F
+from flowssm.ops import _check_choice, _check_chunk_size, _check_query, _initial_state, _scale
+from flowssm.paths import Path, check_float, chunk_path, make_path, pad_path
+from flowssm.scan import SCANS, chunk_states
+from flowssm.solvers import Euler, FlowSolver, get_solver
+
+
+def lift(flow: F.WYFlow) -> F.WYFlow:
+    """``u`` widened to ``[0 | u]``: the flow then maps the stacked ``[M | S]`` (``K x (K + V)``) to
+    ``[P M | P S + Q]``, so scanning chunk flows from ``[I | 0]`` yields their prefix compositions as dense
+    ``[P | Q]`` without densifying any chunk's ``K x K`` factor."""
+    return flow._replace(u=jnp.concatenate([jnp.zeros_like(flow.w), flow.u], axis=-1))
+
+
+def _check_mesh(mesh, axis_name) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: expected one of the mesh axes {mesh.axis_names}, got {axis_name!r}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "axis_name", "scale", "chunk_size", "solver", "scan", "semantics")
+)
+def _sharded(q, path: Path, S0, *, mesh: Mesh, axis_name, scale, chunk_size, solver: FlowSolver, scan, semantics):
+    """q: [B, T, H, K] -> (o: [B, T, H, V] in the compute dtype, final state [B, H, K, V])."""
+    T = path.length
+    D = mesh.shape[axis_name]
+    C = min(chunk_size, T)  # the chunk grid of delta_rule, so approximate solvers agree too
+    N = -(-T // (D * C))  # chunks per device
+    # An Explicit mesh axis types arrays by their sharding (an Auto one leaves placement to shard_map), and a
+    # time axis of length T % D != 0 has no even sharding: there padding and the final slice are time-replicated.
+    explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == AxisType.Explicit
+    place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec)) if explicit else x
+    uneven = T % D != 0
+    if uneven:
+        q, path = place((q, path), PartitionSpec())
+    path = pad_path(path, D * N * C)  # identity tokens: exact
+    qh = jnp.pad(jnp.moveaxis(q.astype(path.keys.dtype), 2, 1), [(0, 0), (0, 0), (0, D * N * C - T), (0, 0)])
+
+    def local(qh, path: Path, S0):
+        B, H = qh.shape[:2]
+        K, V = path.keys.shape[-1], path.values.shape[-1]
+        systems = jax.vmap(jax.vmap(jax.vmap(lambda c: chunks.build_system(c, semantics))))(chunk_path(path, C))
+        sols = jax.vmap(jax.vmap(jax.vmap(solver.solve)))(systems)
+        origin = jnp.concatenate([jnp.eye(K, dtype=S0.dtype), jnp.zeros((K, V), S0.dtype)], axis=-1)
+        origin = jax.lax.pcast(origin, axis_name, to="varying")  # the scan carry varies like the flows
+        prefix = lambda f: chunk_states(lift(f), origin, scan)
+        if scan == "associative":
+            # Recomputed in the backward pass: jax 0.11.2's Shardy partitioner segfaults when the associative
+            # scan's zero-sized residuals cross the shard_map boundary.
+            prefix = jax.checkpoint(prefix)
+        # entry: [B, H, N, K, K + V], each chunk's entry state as a flow of this device's entry state
+        entry, device_flow = jax.vmap(jax.vmap(prefix))(sols.flow)
+        PQ = jax.lax.all_gather(device_flow, axis_name, axis=2, to="invarying")  # [B, H, D, K, K + V]
+        flows = F.DenseFlow(PQ[..., :K], PQ[..., K:])
+        S_dev, S_final = jax.vmap(jax.vmap(lambda f, s: chunk_states(f, s, "sequential")))(flows, S0)  # over devices
+        S_entry = S_dev[:, :, jax.lax.axis_index(axis_name), None]  # [B, H, 1, K, V]
+        S_in = F.apply(F.DenseFlow(entry[..., :K], entry[..., K:]), S_entry)  # [B, H, N, K, V]
+        qc = qh.reshape(B, H, N, C, K)
+        o = jax.vmap(jax.vmap(jax.vmap(lambda *a: chunks.readout(*a, scale))))(systems, qc, sols.w, sols.u, S_in)
+        return o.reshape(B, H, N * C, V), S_final
+
+    time = PartitionSpec(None, None, axis_name)
+    qh, path = place((qh, path), time)
+    o, S = jax.shard_map(local, mesh=mesh, in_specs=(time, time, PartitionSpec()), out_specs=(time, PartitionSpec()))(
+        qh, path, S0
+    )
+    if uneven:
+        o = place(o, PartitionSpec())
+    return jnp.moveaxis(o[:, :, :T], 1, 2), S
+
+
+def _run(q, path: Path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics):
+    _check_mesh(mesh, axis_name)
+    _check_query(q, path)
+    _check_chunk_size(chunk_size)
+    _check_choice("scan", scan, SCANS)
+    _check_choice("semantics", semantics, chunks.SEMANTICS)
+    S0 = _initial_state(initial_state, path)
+    o, S = _sharded(
+        q, path, S0, mesh=mesh, axis_name=axis_name, scale=_scale(scale, q.shape[-1]), chunk_size=chunk_size,
+        solver=get_solver(solver), scan=scan, semantics=semantics,
+    )
+    return o.astype(q.dtype), S
+
+
+def sequence_parallel_delta_rule(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"] | Float[Array, "B T H R K"],
+    v: Float[Array, "B T H V"] | Float[Array, "B T H R V"],
+    beta: Float[Array, "B T H"] | Float[Array, "B T H R"],
+    g: Float[Array, "B T H"] | None = None,
+    *,
+    mesh: Mesh,
+    axis_name: str = "seq",
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    solver="exact",
+    scan: str = "sequential",
+    semantics: str = "discrete",
+):
+    """:func:`flowssm.delta_rule` with the time axis sharded over ``mesh`` axis ``axis_name`` (``D`` devices).
+
+    Same arguments, layout and results: ``o: [B, T, H, V]`` (dtype of ``q``, sharded over time) and the
+    final state ``[B, H, K, V]`` (replicated). Chunks lie on delta_rule's grid ``C = min(chunk_size, T)``,
+    so every solver gives delta_rule's result; each device holds ``ceil(T / (D C))`` chunks, the sequence
+    being padded at its end with identity tokens (``k = v = 0``, ``beta = 0``, ``g = 0``), which leave the
+    state unchanged: any ``T`` is exact. Inputs are replicated over the other mesh axes. With an Explicit
+    mesh axis (``jax.make_mesh``'s default) differentiate under ``jax.set_mesh(mesh)``. Backend: xla.
+    """
+    if beta is None:
+        raise TypeError("beta: expected a floating-point array, got None")
+    path = make_path(k, v, beta, g)
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics)
+
+
+def sequence_parallel_linear_attention(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H"] | None = None,
+    *,
+    mesh: Mesh,
+    axis_name: str = "seq",
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    scan: str = "sequential",
+):
+    """:func:`flowssm.linear_attention` (``S <- e^{g_t} S + k_t v_t^T``) sharded over time like
+    :func:`sequence_parallel_delta_rule`."""
+    check_float("k", k)
+    path = make_path(k, v, None, g, alpha=jnp.ones(k.shape[:-1], k.dtype))
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete")
