@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 PYTHON312 := $(shell for p in python3.13 python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$HOME/.pyenv/versions/3.13*/bin/python3.13 /usr/bin/python3.12 /usr/local/bin/python3.12; do \
 	  if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then command -v $$p; break; fi; done)
 
-.PHONY: venv demo train test bench clean
+# jax's CPU LAPACK calls go through OpenBLAS; its threads fight XLA's for the cores.
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: venv demo train test clean
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON312)" ]; then \

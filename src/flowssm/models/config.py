@@ -57,3 +57,81 @@ class ModelConfig:
     tie_embeddings: bool = True
     max_len: int = 2048
     mixer: MixerConfig = dataclasses.field(default_factory=MixerConfig)
+
+
+DELTA_FAMILIES = ("deltanet", "gated_deltanet", "deltaproduct", "gated_deltaproduct")
+LINEAR_FAMILIES = ("linear_attention", "gated_linear_attention")
+GATED_FAMILIES = ("gated_deltanet", "gated_deltaproduct", "gated_linear_attention")
+PRODUCT_FAMILIES = ("deltaproduct", "gated_deltaproduct")
+
+
+def _int_at_least(field: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field}: expected an int >= {low}, got {value!r}")
+
+
+def head_dim(mixer: MixerConfig, d_model: int) -> int:
+    """K = V per head: ``mixer.head_dim`` or ``d_model // num_heads``."""
+    return mixer.head_dim if mixer.head_dim is not None else d_model // mixer.num_heads
+
+
+def validate_mixer(mixer: MixerConfig, d_model: int) -> MixerConfig:
+    """Raise ValueError naming the field, what was expected and what was given; return ``mixer``."""
+    from flowssm.chunks import SEMANTICS
+    from flowssm.ops import BACKENDS
+    from flowssm.scan import SCANS
+    from flowssm.solvers import get_solver
+
+    if mixer.family not in FAMILIES:
+        raise ValueError(f"mixer.family: expected one of {FAMILIES}, got {mixer.family!r}")
+    _int_at_least("mixer.num_heads", mixer.num_heads, 1)
+    if mixer.head_dim is None:
+        if d_model % mixer.num_heads:
+            raise ValueError(
+                f"mixer.num_heads: expected a divisor of d_model = {d_model} (or set mixer.head_dim), "
+                f"got {mixer.num_heads}"
+            )
+    else:
+        _int_at_least("mixer.head_dim", mixer.head_dim, 1)
+    _int_at_least("mixer.rank", mixer.rank, 1)
+    if mixer.rank > 1 and mixer.family not in PRODUCT_FAMILIES:
+        raise ValueError(
+            f"mixer.rank: expected 1 for family {mixer.family!r} (rank > 1 needs one of {PRODUCT_FAMILIES}), "
+            f"got {mixer.rank}"
+        )
+    if mixer.allow_neg_eigval and mixer.family not in DELTA_FAMILIES:
+        raise ValueError(
+            f"mixer.allow_neg_eigval: expected False for family {mixer.family!r} (it has no beta), got True"
+        )
+    _int_at_least("mixer.chunk_size", mixer.chunk_size, 1)
+    _int_at_least("mixer.conv_size", mixer.conv_size, 0)
+    for field, allowed in (("scan", SCANS), ("backend", BACKENDS), ("semantics", SEMANTICS)):
+        if getattr(mixer, field) not in allowed:
+            raise ValueError(f"mixer.{field}: expected one of {allowed}, got {getattr(mixer, field)!r}")
+    if not isinstance(mixer.output_gate, bool) or not isinstance(mixer.allow_neg_eigval, bool):
+        raise ValueError(
+            f"mixer.output_gate, mixer.allow_neg_eigval: expected bools, got "
+            f"{mixer.output_gate!r}, {mixer.allow_neg_eigval!r}"
+        )
+    try:
+        get_solver(mixer.solver)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise ValueError("mixer." + msg if msg.startswith("solver:") else f"mixer.solver: {msg}") from None
+    return mixer
+
+
+def validate(config: ModelConfig) -> ModelConfig:
+    """Check every field of a model config (ValueError naming field, expected, given); return it."""
+    _int_at_least("model.vocab_size", config.vocab_size, 1)
+    _int_at_least("model.d_model", config.d_model, 1)
+    _int_at_least("model.n_layers", config.n_layers, 1)
+    _int_at_least("model.max_len", config.max_len, 1)
+    if config.mlp_hidden is not None:
+        _int_at_least("model.mlp_hidden", config.mlp_hidden, 1)
+    if not isinstance(config.tie_embeddings, bool):
+        raise ValueError(f"model.tie_embeddings: expected a bool, got {config.tie_embeddings!r}")
+    if not isinstance(config.mixer, MixerConfig):
+        raise ValueError(f"model.mixer: expected a MixerConfig, got {type(config.mixer).__name__}")
+    validate_mixer(config.mixer, config.d_model)
+    return config

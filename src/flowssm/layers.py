@@ -1,0 +1,136 @@
+"""Flax NNX token mixers of the DeltaNet family: hidden states ``[B, T, D]`` -> driving path -> outputs.
+
+Per token ``x_t`` (``D``) and head ``h``:
+
+    q, k_j, v_j = SiLU(conv(x W_qkv))            (short causal depthwise conv, optional)
+    q, k_j      <- q / |q|, k_j / |k_j|            (L2 norm per head)
+    beta_j      = sigmoid(x W_beta)  (x 2 with allow_neg_eigval: beta in (0, 2))
+    g           = -exp(A_log) softplus(x W_a + dt_bias)   (gated families only)
+    o           = delta_rule(q, k, v, beta, g)  or  linear_attention(q, k, v, g)
+    y           = W_o [RMSNorm(o) * SiLU(x W_gate)]   (the gate only with output_gate)
+
+``j = 1..R`` (DeltaProduct rank). Every knob comes from :class:`flowssm.models.config.MixerConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+import flowssm
+from flowssm.models.config import DELTA_FAMILIES, GATED_FAMILIES, MixerConfig, head_dim, validate_mixer
+from flowssm.solvers import get_solver
+
+
+class ShortConv(nnx.Module):
+    """Causal depthwise convolution ``y_t = sum_{i < W} w_i * x_{t - W + 1 + i}``, no bias. x: [B, T, C]."""
+
+    def __init__(self, channels: int, width: int, *, rngs: nnx.Rngs):
+        self.width = width
+        bound = 1.0 / math.sqrt(width)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound))
+
+    def __call__(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
+        T = x.shape[1]
+        xp = jnp.pad(x, [(0, 0), (self.width - 1, 0), (0, 0)])
+        return sum(xp[:, i : i + T] * self.kernel[i] for i in range(self.width))
+
+    def step(self, x_t: Float[Array, "B C"], state: Float[Array, "B Wm1 C"]):
+        """One token; ``state`` holds the last ``W - 1`` inputs. Returns (y_t: [B, C], state)."""
+        window = jnp.concatenate([state, x_t[:, None]], axis=1)
+        return jnp.einsum("bwc,wc->bc", window, self.kernel[...]), window[:, 1:]
+
+
+class MixerCache(NamedTuple):
+    """Recurrent cache of one :class:`DeltaMixer`: state [B, H, K, V]; conv: last W - 1 inputs [B, W - 1, C]."""
+
+    state: Float[Array, "B H K V"]
+    conv: Float[Array, "B Wm1 C"] | None
+
+
+def _l2norm(x: Array, eps: float = 1e-6) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class DeltaMixer(nnx.Module):
+    """(Gated) DeltaNet / DeltaProduct / (gated) linear attention token mixer. x: [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, d_model: int, config: MixerConfig, *, rngs: nnx.Rngs):
+        validate_mixer(config, d_model)
+        if config.family == "attention":
+            raise ValueError("mixer.family: expected a DeltaNet or linear-attention family, got 'attention'")
+        self.delta = config.family in DELTA_FAMILIES
+        self.gated = config.family in GATED_FAMILIES
+        self.H, self.R, self.K = config.num_heads, config.rank, head_dim(config, d_model)
+        self.solver = get_solver(config.solver)
+        self.chunk_size, self.scan, self.backend = config.chunk_size, config.scan, config.backend
+        self.semantics, self.beta_max = config.semantics, 2.0 if config.allow_neg_eigval else 1.0
+        H, R, K = self.H, self.R, self.K
+        self.qkv_dims = (H * K, H * R * K, H * R * K)  # q, k, v widths (V = K)
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+        self.qkv_proj = lin(d_model, sum(self.qkv_dims))
+        self.conv = ShortConv(sum(self.qkv_dims), config.conv_size, rngs=rngs) if config.conv_size > 0 else None
+        self.beta_proj = lin(d_model, H * R) if self.delta else None
+        if self.gated:
+            self.a_proj = lin(d_model, H)
+            k1, k2 = jax.random.split(rngs.params())
+            self.A_log = nnx.Param(jnp.log(jax.random.uniform(k1, (H,), jnp.float32, 1.0, 16.0)))
+            dt = jnp.exp(jax.random.uniform(k2, (H,), jnp.float32, math.log(1e-3), math.log(1e-1)))
+            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.gate_proj = lin(d_model, H * K) if config.output_gate else None
+        self.o_norm = nnx.RMSNorm(K, rngs=rngs)
+        self.o_proj = lin(H * K, d_model)
+
+    def _features(self, x: Array, qkv: Array):
+        """Post-conv features -> (q [.., H, K], k, v, beta [.., H, R] or None, g [.., H] or None).
+
+        Rank-R layout (k: [.., H, R, K]) for the delta rule, rank-1 for linear attention.
+        """
+        lead, (H, R, K) = x.shape[:-1], (self.H, self.R, self.K)
+        q, k, v = jnp.split(jax.nn.silu(qkv), [self.qkv_dims[0], sum(self.qkv_dims[:2])], axis=-1)
+        shape = (*lead, H, R, K) if self.delta else (*lead, H, K)
+        q, k, v = _l2norm(q.reshape(*lead, H, K)), _l2norm(k.reshape(shape)), v.reshape(shape)
+        beta = self.beta_max * jax.nn.sigmoid(self.beta_proj(x)).reshape(*lead, H, R) if self.delta else None
+        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a_proj(x) + self.dt_bias[...]) if self.gated else None
+        return q, k, v, beta, g
+
+    def _output(self, x: Array, o: Array) -> Array:
+        """o: [.., H, V] -> y: [.., D] through the per-head RMSNorm, the SiLU gate and W_o."""
+        o = self.o_norm(o)
+        if self.gate_proj is not None:
+            o = o * jax.nn.silu(self.gate_proj(x)).reshape(o.shape)
+        return self.o_proj(o.reshape(*o.shape[:-2], -1))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        qkv = self.qkv_proj(x)
+        if self.conv is not None:
+            qkv = self.conv(qkv)
+        q, k, v, beta, g = self._features(x, qkv)
+        kw = dict(chunk_size=self.chunk_size, scan=self.scan, backend=self.backend)
+        if self.delta:
+            o, _ = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
+        else:
+            o, _ = flowssm.linear_attention(q, k, v, g, **kw)
+        return self._output(x, o)
+
+    def init_cache(self, batch: int) -> MixerCache:
+        state = jnp.zeros((batch, self.H, self.K, self.K), jnp.float32)
+        conv = None if self.conv is None else jnp.zeros((batch, self.conv.width - 1, sum(self.qkv_dims)), jnp.float32)
+        return MixerCache(state, conv)
+
+    def step(self, x_t: Float[Array, "B D"], cache: MixerCache) -> tuple[Float[Array, "B D"], MixerCache]:
+        """One token in constant memory: ``delta_rule_step`` / ``linear_attention_step``."""
+        qkv, conv = self.qkv_proj(x_t), cache.conv
+        if self.conv is not None:
+            qkv, conv = self.conv.step(qkv, conv)
+        q, k, v, beta, g = self._features(x_t, qkv)
+        if self.delta:
+            state, o = flowssm.delta_rule_step(cache.state, q, k, v, beta, g, semantics=self.semantics)
+        else:
+            state, o = flowssm.linear_attention_step(cache.state, q, k, v, g)
+        return self._output(x_t, o), MixerCache(state, conv)
