@@ -112,6 +112,29 @@ def build_system(chunk: Path, semantics: str) -> ChunkSystem:
     return ChunkSystem(L, rhs_k, rhs_v, keys, G, chunk, semantics)
 
 
+def _over_leading(fn, ndim: int):
+    for _ in range(ndim):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def solve_chunks(path: Path, solver, semantics: str):
+    """Build and solve every chunk of a chunked path (fields ``[..., N, C, R, .]``).
+
+    Returns (systems, solutions) with the path's leading dims ``[..., N]``.
+    """
+    lead = path.log_decay.ndim - 1
+    systems = _over_leading(lambda c: build_system(c, semantics), lead)(path)
+    return systems, _over_leading(solver.solve, lead)(systems)
+
+
+def read_chunks(systems: ChunkSystem, q, solutions, S_in, scale):
+    """:func:`readout` over leading dims: q: [..., N, C, K], S_in: [..., N, K, V] -> o: [..., N, C, V]."""
+    lead = q.ndim - 2
+    read = lambda sy, qq, w, u, s: readout(sy, qq, w, u, s, scale)
+    return _over_leading(read, lead)(systems, q, solutions.w, solutions.u, S_in)
+
+
 def readout(system: ChunkSystem, q: Float[Array, "C K"], w, u, S_in: Float[Array, "K V"], scale):
     """Outputs of the chunk's tokens: ``o_t = scale * S_t^T q_t`` from the prefix-state formula.
 

@@ -27,10 +27,10 @@ from jaxtyping import Array, Float
 
 from flowssm import chunks
 from flowssm import flows as F
-from flowssm.ops import _check_choice, _check_chunk_size, _check_query, _initial_state, _scale
-from flowssm.paths import Path, check_float, chunk_path, make_path, pad_path
-from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import Euler, FlowSolver, get_solver
+from flowssm.ops import validate
+from flowssm.paths import Path, chunk_path, linear_attention_path, make_path, pad_path
+from flowssm.scan import chunk_states
+from flowssm.solvers import Euler, FlowSolver
 
 
 def lift(flow: F.WYFlow) -> F.WYFlow:
@@ -69,8 +69,7 @@ def _sharded(q, path: Path, S0, *, mesh: Mesh, axis_name, scale, chunk_size, sol
     def local(qh, path: Path, S0):
         B, H = qh.shape[:2]
         K, V = path.keys.shape[-1], path.values.shape[-1]
-        systems = jax.vmap(jax.vmap(jax.vmap(lambda c: chunks.build_system(c, semantics))))(chunk_path(path, C))
-        sols = jax.vmap(jax.vmap(jax.vmap(solver.solve)))(systems)
+        systems, sols = chunks.solve_chunks(chunk_path(path, C), solver, semantics)
         origin = jnp.concatenate([jnp.eye(K, dtype=S0.dtype), jnp.zeros((K, V), S0.dtype)], axis=-1)
         origin = jax.lax.pcast(origin, axis_name, to="varying")  # the scan carry varies like the flows
         prefix = lambda f: chunk_states(lift(f), origin, scan)
@@ -86,7 +85,7 @@ def _sharded(q, path: Path, S0, *, mesh: Mesh, axis_name, scale, chunk_size, sol
         S_entry = S_dev[:, :, jax.lax.axis_index(axis_name), None]  # [B, H, 1, K, V]
         S_in = F.apply(F.DenseFlow(entry[..., :K], entry[..., K:]), S_entry)  # [B, H, N, K, V]
         qc = qh.reshape(B, H, N, C, K)
-        o = jax.vmap(jax.vmap(jax.vmap(lambda *a: chunks.readout(*a, scale))))(systems, qc, sols.w, sols.u, S_in)
+        o = chunks.read_chunks(systems, qc, sols, S_in, scale)
         return o.reshape(B, H, N * C, V), S_final
 
     time = PartitionSpec(None, None, axis_name)
@@ -101,14 +100,10 @@ def _sharded(q, path: Path, S0, *, mesh: Mesh, axis_name, scale, chunk_size, sol
 
 def _run(q, path: Path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics):
     _check_mesh(mesh, axis_name)
-    _check_query(q, path)
-    _check_chunk_size(chunk_size)
-    _check_choice("scan", scan, SCANS)
-    _check_choice("semantics", semantics, chunks.SEMANTICS)
-    S0 = _initial_state(initial_state, path)
+    solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     o, S = _sharded(
-        q, path, S0, mesh=mesh, axis_name=axis_name, scale=_scale(scale, q.shape[-1]), chunk_size=chunk_size,
-        solver=get_solver(solver), scan=scan, semantics=semantics,
+        q, path, S0, mesh=mesh, axis_name=axis_name, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
+        semantics=semantics,
     )
     return o.astype(q.dtype), S
 
@@ -159,6 +154,5 @@ def sequence_parallel_linear_attention(
 ):
     """:func:`flowssm.linear_attention` (``S <- e^{g_t} S + k_t v_t^T``) sharded over time like
     :func:`sequence_parallel_delta_rule`."""
-    check_float("k", k)
-    path = make_path(k, v, None, g, alpha=jnp.ones(k.shape[:-1], k.dtype))
+    path = linear_attention_path(k, v, g)
     return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from flowssm import chunks, reference
-from flowssm.paths import Path, check_float, chunk_path, make_path, pad_path
+from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
 from flowssm.solvers import Euler, FlowSolver, get_solver
 
@@ -76,28 +76,27 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
     path = chunk_path(pad_path(path, N * C), C)  # padding tokens are the identity map: exact
     qc = jnp.pad(qh, [(0, 0), (0, 0), (0, N * C - T), (0, 0)]).reshape(*qh.shape[:2], N, C, -1)
 
-    def one_head(p: Path, qq, s):
-        systems = jax.vmap(lambda c: chunks.build_system(c, semantics))(p)
-        sols = jax.vmap(solver.solve)(systems)
-        S_in, S_final = chunk_states(sols.flow, s, scan)
-        o = jax.vmap(lambda sy, qi, w, u, si: chunks.readout(sy, qi, w, u, si, scale))(systems, qq, sols.w, sols.u, S_in)
-        return o.reshape(N * C, -1)[:T], S_final
-
-    o, S = jax.vmap(jax.vmap(one_head))(path, qc, S0)
+    systems, sols = chunks.solve_chunks(path, solver, semantics)
+    S_in, S = jax.vmap(jax.vmap(lambda f, s: chunk_states(f, s, scan)))(sols.flow, S0)
+    o = chunks.read_chunks(systems, qc, sols, S_in, scale)
+    o = o.reshape(*o.shape[:2], N * C, -1)[:, :, :T]
     return jnp.moveaxis(o, 1, 2), S
 
 
-def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
+def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, semantics):
+    """Check the arguments every sequence entry point shares. Returns (solver, S0, scale)."""
     _check_query(q, path)
     _check_chunk_size(chunk_size)
     _check_choice("scan", scan, SCANS)
-    _check_choice("backend", backend, BACKENDS)
     _check_choice("semantics", semantics, chunks.SEMANTICS)
-    solver = get_solver(solver)
-    S0 = _initial_state(initial_state, path)
+    return get_solver(solver), _initial_state(initial_state, path), _scale(scale, q.shape[-1])
+
+
+def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
+    _check_choice("backend", backend, BACKENDS)
+    solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     o, S = _chunked(
-        q, path, S0, scale=_scale(scale, q.shape[-1]), chunk_size=chunk_size, solver=solver, scan=scan,
-        backend=backend, semantics=semantics,
+        q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
     )
     return o.astype(q.dtype), S
 
@@ -150,9 +149,7 @@ def linear_attention(
 
     The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
     """
-    check_float("k", k)
-    path = make_path(k, v, None, g, alpha=jnp.ones(k.shape[:-1], k.dtype))
-    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete")
+    return _run(q, linear_attention_path(k, v, g), initial_state, scale, chunk_size, Euler(), scan, backend, "discrete")
 
 
 def _step(state, q_t, path: Path, scale, semantics):
@@ -191,6 +188,5 @@ def delta_rule_step(state, q_t, k_t, v_t, beta_t, g_t=None, *, scale=None, seman
 
 def linear_attention_step(state, q_t, k_t, v_t, g_t=None, *, scale=None):
     """One token of :func:`linear_attention`: ``S <- e^{g} S + k v^T``. Returns (state, o_t: [B, H, V])."""
-    k1 = _with_time(k_t, "k_t", 3)
-    path = make_path(k1, _with_time(v_t, "v_t", 3), None, _with_time(g_t, "g_t", 2), alpha=jnp.ones(k1.shape[:-1], k1.dtype))
+    path = linear_attention_path(_with_time(k_t, "k_t", 3), _with_time(v_t, "v_t", 3), _with_time(g_t, "g_t", 2))
     return _step(state, q_t, path, scale, "discrete")

@@ -113,6 +113,12 @@ def make_path(k, v, beta=None, g=None, *, alpha=None, dtype=None) -> Path:
     return Path(keys, values, beta_, alpha_, log_decay)
 
 
+def linear_attention_path(k, v, g=None) -> Path:
+    """The path of (decayed) linear attention, ``S <- e^{g} S + k v^T``: ``beta = 0``, ``alpha = 1``."""
+    check_float("k", k)
+    return make_path(k, v, None, g, alpha=jnp.ones(k.shape[:-1], k.dtype))
+
+
 def pad_path(path: Path, length: int) -> Path:
     """Append identity tokens (k = v = 0, beta = alpha = 0, g = 0) up to ``length``: exact, no effect on S."""
     extra = length - path.length
