@@ -6,11 +6,12 @@ chunk's solution map is an affine flow ``S -> P S + Q`` and flows compose associ
 
 from flowssm import flows, paths, scan, solvers
 from flowssm.ops import delta_rule, delta_rule_step, linear_attention, linear_attention_step
-from flowssm.solvers import Euler, Exact, Signature, get_solver
+from flowssm.solvers import Euler, Exact, LogODE, Signature, get_solver
 
 __all__ = [
     "Euler",
     "Exact",
+    "LogODE",
     "Signature",
     "delta_rule",
     "delta_rule_step",

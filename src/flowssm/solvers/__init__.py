@@ -5,9 +5,10 @@ from __future__ import annotations
 from flowssm.solvers.base import ChunkSolution, FlowSolver, TransferSolver
 from flowssm.solvers.euler import Euler
 from flowssm.solvers.exact import Exact
+from flowssm.solvers.logode import LogODE
 from flowssm.solvers.signature import Signature
 
-SOLVERS: dict[str, type[FlowSolver]] = {"exact": Exact, "euler": Euler, "signature": Signature}
+SOLVERS: dict[str, type[FlowSolver]] = {"exact": Exact, "euler": Euler, "logode": LogODE, "signature": Signature}
 
 
 def get_solver(spec) -> FlowSolver:
@@ -29,4 +30,6 @@ def get_solver(spec) -> FlowSolver:
     raise TypeError(f"solver: expected a name, a mapping or a FlowSolver, got {type(spec).__name__}")
 
 
-__all__ = ["ChunkSolution", "Euler", "Exact", "FlowSolver", "SOLVERS", "Signature", "TransferSolver", "get_solver"]
+__all__ = [
+    "ChunkSolution", "Euler", "Exact", "FlowSolver", "LogODE", "SOLVERS", "Signature", "TransferSolver", "get_solver",
+]
