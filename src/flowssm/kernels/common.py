@@ -1,0 +1,86 @@
+"""Shared plumbing for the Pallas kernels: the interpret switch, launch options and in-kernel matmuls.
+
+The kernels are plain ``pallas_call``s over ``BlockSpec`` grids with Triton compiler parameters: on GPU,
+JAX 0.11 lowers them through Pallas's Triton backend (its default for a ``pallas_call`` without Mosaic
+GPU parameters; deprecated, with a warning); on CPU they run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Matmul modes inside kernels (operands -> float32 accumulation):
+#   "operand": operands in the kernel's operand dtype (bf16 tensor cores for bf16 inputs; IEEE
+#              float32/float64 otherwise), "tf32": float32 operands at TF32 precision,
+#   "f32": float32 operands at full precision.
+DOT_MODES = ("operand", "tf32", "f32")
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret=None`` means: interpret exactly when the default backend is the CPU."""
+    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """Triton launch options on GPU; nothing in interpret mode."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, trans_b: bool = False):
+    """``op(a) @ op(b)`` accumulated in float32 (float64 for float64 operands).
+
+    a: [M, Kc] (or [Kc, M] with ``trans_a``); b: [Kc, N] (or [N, Kc] with ``trans_b``) -> [M, N].
+    """
+    if mode == "operand" or operand_dtype == jnp.float64:
+        dtype = operand_dtype
+        precision = lax.Precision.HIGHEST
+    else:
+        dtype = jnp.float32
+        precision = lax.Precision.DEFAULT if mode == "tf32" else lax.Precision.HIGHEST
+    acc = jnp.promote_types(dtype, jnp.float32)
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(
+        a.astype(dtype), b.astype(dtype), dims, precision=(precision, precision), preferred_element_type=acc
+    )
+
+
+def reference_dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, trans_b: bool = False):
+    """The references' matmul: same contract as :func:`dot`, operands upcast, full precision.
+
+    The references do not round operands to bf16, so their autodiff (the kernels' backward) runs in
+    float32 (float64 for float64 inputs).
+    """
+    del mode
+    acc = jnp.promote_types(operand_dtype, jnp.float32)
+    a = a.astype(acc).T if trans_a else a.astype(acc)
+    b = b.astype(acc).T if trans_b else b.astype(acc)
+    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def with_reference_vjp(kernel, reference):
+    """``kernel(*args, **static)`` forward, backward by autodiff of ``reference`` (recomputed).
+
+    ``static`` is passed as a tuple of ``(name, value)`` pairs (hashable, not differentiated).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(static, *args):
+        return kernel(*args, **dict(static))
+
+    def fwd(static, *args):
+        return f(static, *args), args
+
+    def bwd(static, args, cotangent):
+        _, vjp = jax.vjp(lambda *a: reference(*a, **dict(static)), *args)
+        return vjp(cotangent)
+
+    f.defvjp(fwd, bwd)
+    return lambda *args, **static: f(tuple(sorted(static.items())), *args)

@@ -1,0 +1,147 @@
+"""Pallas kernels (interpret mode on CPU) against their jnp references, the xla backend and the token loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flowssm
+from flowssm.kernels import chunked as kc
+from flowssm.kernels.state_pass import state_pass_kernel, state_pass_reference
+from flowssm.paths import make_path
+from flowssm.solvers import Euler, Exact, Signature
+
+F32 = jnp.float32
+
+
+def make_inputs(seed, B, T, H, K, V, R=None, dtype=F32, gated=True):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    lead = (B, T, H) if R is None else (B, T, H, R)
+    q = jax.random.normal(ks[0], (B, T, H, K), F32)
+    k = jax.random.normal(ks[1], lead + (K,), F32)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], lead + (V,), F32)
+    beta = jax.random.uniform(ks[3], lead, F32, 0.0, 2.0)
+    g = -jax.random.uniform(ks[4], (B, T, H), F32, 0.0, 0.3) if gated else None
+    S0 = jax.random.normal(ks[5], (B, H, K, V), F32)
+    cast = lambda x: None if x is None else x.astype(dtype)
+    return tuple(map(cast, (q, k, v, beta, g, S0)))
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def chunk_blocks(seed=0, BH=2, N=3, C=16, R=2, K=16, V=32):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    keys = jax.random.normal(ks[0], (BH, N, C, R, K), F32) * K**-0.5
+    values = jax.random.normal(ks[1], (BH, N, C, R, V), F32)
+    beta = jax.random.uniform(ks[2], (BH, N, C, R), F32, 0.0, 2.0)
+    alpha = jax.random.uniform(ks[3], (BH, N, C, R), F32)
+    log_decay = -jax.random.uniform(ks[4], (BH, N, C), F32, 0.0, 0.3)
+    return keys, values, beta, alpha, log_decay
+
+
+@pytest.mark.parametrize("solver", [Exact(), Euler(), Signature(depth=3), Signature(depth=2)], ids=repr)
+def test_chunk_transfer_kernel_matches_reference(solver):
+    args = chunk_blocks()
+    for a, b in zip(kc.chunk_transfer_kernel(*args, solver=solver), kc.chunk_transfer_reference(*args, solver=solver)):
+        assert rel(a, b) < 1e-5
+
+
+def test_state_pass_and_output_kernels_match_references():
+    keys, values, beta, alpha, log_decay = chunk_blocks()
+    BH, N, C, R, K = keys.shape
+    w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
+    G = kc.micro_log_decay(log_decay, R)
+    flat = keys.reshape(BH, N, C * R, K)
+    S0 = jax.random.normal(jax.random.PRNGKey(1), (BH, K, values.shape[-1]), F32)
+    states = state_pass_kernel(flat, G, w, u, S0, block_v=16)
+    for a, b in zip(states, state_pass_reference(flat, G, w, u, S0)):
+        assert rel(a, b) < 1e-5
+    q = jax.random.normal(jax.random.PRNGKey(2), (BH, N, C, K), F32)
+    o = kc.chunk_output_kernel(q, flat, G, w, u, states[0], rank=R, scale=0.3)
+    assert rel(o, kc.chunk_output_reference(q, flat, G, w, u, states[0], rank=R, scale=0.3)) < 1e-5
+
+
+def test_state_pass_backward_kernel_matches_reference_vjp():
+    keys, values, beta, alpha, log_decay = chunk_blocks(seed=5)
+    BH, N, C, R, K = keys.shape
+    w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
+    args = (keys.reshape(BH, N, C * R, K), kc.micro_log_decay(log_decay, R), w, u,
+            jax.random.normal(jax.random.PRNGKey(1), (BH, K, values.shape[-1]), F32))
+    cts = (jax.random.normal(jax.random.PRNGKey(3), (BH, N, K, values.shape[-1]), F32),
+           jax.random.normal(jax.random.PRNGKey(4), args[-1].shape, F32))
+    kernel = jax.vjp(lambda *a: kc.state_pass(*a, block_v=16), *args)[1](cts)
+    reference = jax.vjp(state_pass_reference, *args)[1](cts)
+    for a, b in zip(kernel, reference):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("tuning", [kc.Tuning(assoc="xla"), kc.Tuning(segment_programs=4)], ids=repr)
+def test_pallas_associative_variants_match_token_loop(tuning):
+    q, k, v, beta, g, S0 = make_inputs(6, 1, 70, 2, 16, 16)
+    run = lambda qq, p, s: kc.chunked_pallas(qq, p, s, scale=0.25, chunk_size=16, solver=Exact(), scan="associative",
+                                            semantics="discrete", tuning=tuning)
+    o, S = jax.jit(run)(q, make_path(k, v, beta, g), S0)
+    o_ref, S_ref = flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, scale=0.25, backend="reference")
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "R, gated, scan, dtype, T, tol",
+    [
+        (None, True, "sequential", F32, 70, 1e-5),  # ragged last chunk
+        (3, False, "associative", jnp.float64, 37, 1e-10),  # rank 3 padded to 4 micro-steps a token
+        (2, True, "sequential", jnp.bfloat16, 48, 3e-2),
+    ],
+)
+def test_pallas_matches_token_loop(R, gated, scan, dtype, T, tol):
+    q, k, v, beta, g, S0 = make_inputs(0, 2, T, 2, 16, 32, R, dtype, gated)
+    o, S = flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, chunk_size=16, scan=scan, backend="pallas")
+    up = lambda x: None if x is None else x.astype(jnp.float64)
+    o_ref, S_ref = flowssm.delta_rule(*map(up, (q, k, v, beta, g)), initial_state=up(S0), backend="reference")
+    assert o.dtype == dtype
+    assert rel(o, o_ref) < tol and rel(S, S_ref) < tol
+
+
+@pytest.mark.parametrize("solver", ["euler", {"name": "signature", "depth": 2}, {"name": "signature", "depth": 3}], ids=str)
+def test_pallas_approximate_solvers_match_xla(solver):
+    q, k, v, beta, g, S0 = make_inputs(1, 1, 40, 2, 16, 16, None)
+    run = lambda backend: flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, chunk_size=16, solver=solver, backend=backend)
+    for a, b in zip(run("pallas"), run("xla")):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("state_backward", ["reference", "kernel"])
+def test_pallas_gradients_match_xla(state_backward):
+    q, k, v, beta, g, S0 = make_inputs(2, 1, 40, 1, 16, 16, 2)
+    tuning = kc.Tuning(state_backward=state_backward)
+
+    def loss(backend, *args):
+        if backend == "pallas":
+            qq, kk, vv, bb, gg, s = args
+            o, S = kc.chunked_pallas(qq, make_path(kk, vv, bb, gg), s, scale=0.25, chunk_size=16, solver=Exact(),
+                                     scan="sequential", semantics="discrete", tuning=tuning)
+        else:
+            o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, backend="xla")
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
+
+    grads = [jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))(b, q, k, v, beta, g, S0) for b in ("pallas", "xla")]
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-4
+
+
+def test_pallas_gradient_reaches_initial_state():
+    q, k, v, beta, g, S0 = make_inputs(3, 1, 20, 1, 16, 16)
+    loss = lambda backend, s: jnp.sum(flowssm.delta_rule(q, k, v, beta, g, initial_state=s, chunk_size=16, backend=backend)[0])
+    assert rel(jax.grad(loss, 1)("pallas", S0), jax.grad(loss, 1)("xla", S0)) < 1e-5
+
+
+def test_pallas_rejects_what_it_does_not_implement():
+    q, k, v, beta, g, _ = make_inputs(4, 1, 16, 1, 16, 16)
+    with pytest.raises(NotImplementedError, match="semantics"):
+        flowssm.delta_rule(q, k, v, beta, backend="pallas", semantics="continuous", chunk_size=16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        flowssm.delta_rule(q, k, v, beta, backend="pallas", chunk_size=24)
