@@ -48,6 +48,27 @@ def make_mesh(n: int) -> Mesh:
     return Mesh(np.array(devices[:n]), ("data",))
 
 
+def build(cfg: RunConfig):
+    """Model and optimiser: (num_params, graphdef, rest, {"params", "opt_state"}, tx, schedule)."""
+    model = LanguageModel(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    return model.num_params(), graphdef, rest, {"params": params, "opt_state": tx.init(params)}, tx, schedule
+
+
+def load_model(run_dir: str | Path) -> LanguageModel:
+    """The model of a run folder at its last checkpoint (for generation and analysis)."""
+    run_dir = Path(run_dir)
+    cfg = config_lib.load(run_dir / "config.yaml")
+    _, graphdef, rest, like, _, _ = build(cfg)
+    checkpoints = Checkpoints(run_dir / "checkpoints")
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(f"run_dir: expected a run folder with checkpoints, got {run_dir} (none saved)")
+    state, _ = checkpoints.restore(like)
+    checkpoints.close()
+    return nnx.merge(graphdef, state["params"], rest)
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create ``out_dir/name`` and its ``config.yaml``. Resuming needs the saved config to match
     (``train.out_dir`` and ``train.resume`` aside); ``train.resume=false`` drops old checkpoints and metrics."""
@@ -105,11 +126,8 @@ def train(cfg: RunConfig) -> Path:
     put_batch = lambda b: Batch(*(jax.device_put(x, sharded) for x in b))
 
     # model (float32 master params) and optimiser
-    model = LanguageModel(cfg.model, rngs=nnx.Rngs(t.seed))
-    num_params = model.num_params()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    state = jax.device_put({"params": params, "opt_state": tx.init(params)}, replicated)
+    num_params, graphdef, rest, state, tx, schedule = build(cfg)
+    state = jax.device_put(state, replicated)
     compute_dtype = jnp.dtype(t.dtype)
 
     # resume from the last checkpoint, dropping metrics logged after it
