@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -30,6 +29,8 @@ from flowssm.kernels.chunk_output import chunk_output_kernel, chunk_output_refer
 from flowssm.kernels.chunk_transfer import chunk_transfer_kernel, chunk_transfer_reference
 from flowssm.paths import make_path
 from flowssm.solvers import get_solver
+
+from bench_ops import median_ms  # benchmarks/ is on sys.path when one of its scripts runs
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128)]
 CHUNK = 64
@@ -47,17 +48,6 @@ def inputs(seed, B, T, H, K, V):
     g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H)))
     do = jax.random.normal(kd, (B, T, H, V)).astype(jnp.bfloat16)
     return q, k, v, beta, g, do
-
-
-def median_ms(fn, *args, reps):
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rel(a, b):
