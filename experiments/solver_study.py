@@ -27,12 +27,12 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import diffrax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flowssm import chunks, flows  # noqa: E402
 from flowssm.paths import Path  # noqa: E402
+from flowssm.reference import diffrax_prefix_flows  # noqa: E402
 from flowssm.solvers import Euler, Exact, FlowSolver, LogODE, Signature  # noqa: E402
 
 PALETTE = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "k")  # no grey: grey marks chunk sizes
@@ -119,32 +119,9 @@ def measure_cost(compiled, systems: chunks.ChunkSystem, repeats: int) -> tuple[f
     return float(analysis.get("flops", math.nan)) / num, 1e6 * min(times) / num
 
 
-def token_generators(chunk: Path) -> jnp.ndarray:
-    """Augmented continuous-time generators ``[[g I - K^T diag(beta) K, K^T diag(alpha) V], [0, 0]]``: [C, K+V, K+V]."""
-    C, R, K = chunk.keys.shape
-    V = chunk.values.shape[-1]
-    A = chunk.log_decay[:, None, None] * jnp.eye(K) - jnp.einsum("trk,tr,trj->tkj", chunk.keys, chunk.beta, chunk.keys)
-    B = jnp.einsum("trk,tr,trv->tkv", chunk.keys, chunk.alpha, chunk.values)
-    top = jnp.concatenate([A, B], axis=-1)
-    return jnp.concatenate([top, jnp.zeros((C, V, K + V))], axis=-2)
-
-
-def diffrax_flow(chunk: Path, steps_per_token: int = 32) -> flows.DenseFlow:
-    """Continuous-semantics chunk flow from diffrax: ``dY = dX Y``, ``Y(0) = I``, ``X`` the linear
-    interpolation of the cumulative token generators (Dopri5, fixed steps aligned with the tokens)."""
-    C, _, K = chunk.keys.shape
-    gens = token_generators(chunk)
-    D = gens.shape[-1]
-    knots = jnp.concatenate([jnp.zeros((1, D, D)), jnp.cumsum(gens, axis=0)])
-    control = diffrax.LinearInterpolation(ts=jnp.arange(C + 1.0), ys=knots)
-    eye = jnp.eye(D)
-    term = diffrax.ControlTerm(lambda t, y, args: jnp.einsum("ia,bj->ijab", eye, y), control)
-    ts = jnp.linspace(0.0, C, C * steps_per_token + 1)
-    sol = diffrax.diffeqsolve(
-        term, diffrax.Dopri5(), 0.0, float(C), None, eye, stepsize_controller=diffrax.StepTo(ts), max_steps=len(ts)
-    )
-    Y = sol.ys[-1]
-    return flows.DenseFlow(Y[:K, :K], Y[:K, K:])
+def diffrax_flow(chunk: Path) -> flows.DenseFlow:
+    """Continuous-semantics flow of one chunk (fields ``[C, R, .]``) from diffrax."""
+    return jax.tree.map(lambda x: x[-1], diffrax_prefix_flows(chunk))
 
 
 def _row(semantics, solver, reference, C, R, eps, error, flops=math.nan, us=math.nan) -> dict:

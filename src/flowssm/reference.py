@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from flowssm.chunks import continuous_cores
+from flowssm.flows import DenseFlow, apply
 from flowssm.paths import Path
 
 
@@ -38,37 +39,49 @@ def token_loop(path_bh: Path, q: Float[Array, "T K"], S0: Float[Array, "K V"], s
     return o, S_final
 
 
-def diffrax_solve(path_bh: Path, q: Float[Array, "T K"], S0: Float[Array, "K V"], scale, rtol: float = 1e-12):
-    """Continuous-time reference: solve ``dS = d omega . S + d xi`` with diffrax.
-
-    The control ``X = (omega, xi)`` is the piecewise-linear interpolation of the cumulative token path,
-    ``d omega_t = g_t I - sum_j beta_j k_j k_j^T``, ``d xi_t = sum_j alpha_j k_j v_j^T``, on the grid
-    ``0, 1, ..., T``; ``ControlTerm`` contracts the vector field ``S -> [S; I]`` with ``dX``. Independent of
-    the flow machinery; meant for small float64 checks. Returns (o: [T, V], S_T: [K, V]).
-    """
-    import diffrax
-
-    K, V = S0.shape
-    T = q.shape[0]
+def token_generators(path_bh: Path) -> Float[Array, "T D D"]:
+    """Augmented continuous-time generators of the tokens, ``D = K + V``:
+    ``[[g I - sum_j beta_j k_j k_j^T, sum_j alpha_j k_j v_j^T], [0, 0]]``."""
     keys, values = path_bh.keys, path_bh.values
-    d_omega = path_bh.log_decay[:, None, None] * jnp.eye(K, dtype=S0.dtype) - jnp.einsum(
+    T, _, K = keys.shape
+    V = values.shape[-1]
+    d_omega = path_bh.log_decay[:, None, None] * jnp.eye(K, dtype=keys.dtype) - jnp.einsum(
         "tj,tjk,tjl->tkl", path_bh.beta, keys, keys
     )
     d_xi = jnp.einsum("tj,tjk,tjv->tkv", path_bh.alpha, keys, values)
-    increments = jnp.concatenate([d_omega, d_xi], axis=-1)  # [T, K, K + V]
-    X = jnp.concatenate([jnp.zeros_like(increments[:1]), jnp.cumsum(increments, axis=0)])
-    ts = jnp.arange(T + 1, dtype=S0.dtype)
-    eye_v = jnp.eye(V, dtype=S0.dtype)
-    eye_k = jnp.eye(K, dtype=S0.dtype)
+    top = jnp.concatenate([d_omega, d_xi], axis=-1)
+    return jnp.concatenate([top, jnp.zeros((T, V, K + V), keys.dtype)], axis=-2)
 
-    def field(t, S, args):
-        return jnp.einsum("ki,jv->kvij", eye_k, jnp.concatenate([S, eye_v], axis=0))
 
-    term = diffrax.ControlTerm(field, diffrax.LinearInterpolation(ts, X))
+def diffrax_prefix_flows(path_bh: Path, rtol: float = 1e-12) -> DenseFlow:
+    """Continuous-time reference from diffrax: the flow from time 0 to every token, ``[T, K, K]``, ``[T, K, V]``.
+
+    Solves ``dY = dX Y``, ``Y(0) = I`` for the augmented ``Y = [[P, Q], [0, I]]``, with ``X`` the
+    piecewise-linear interpolation of the cumulative token generators on the grid ``0, 1, ..., T``
+    (``ControlTerm`` over a ``LinearInterpolation``; Dopri8, steps clipped to the grid). Independent of the
+    flow machinery; meant for small float64 checks.
+    """
+    import diffrax
+
+    gens = token_generators(path_bh)
+    T, D, _ = gens.shape
+    K = path_bh.keys.shape[-1]
+    knots = jnp.concatenate([jnp.zeros_like(gens[:1]), jnp.cumsum(gens, axis=0)])
+    ts = jnp.arange(T + 1, dtype=gens.dtype)
+    eye = jnp.eye(D, dtype=gens.dtype)
+    term = diffrax.ControlTerm(lambda t, Y, args: jnp.einsum("ia,bj->ijab", eye, Y), diffrax.LinearInterpolation(ts, knots))
     controller = diffrax.ClipStepSizeController(diffrax.PIDController(rtol=rtol, atol=rtol), jump_ts=ts)
     sol = diffrax.diffeqsolve(
-        term, diffrax.Dopri8(), 0.0, float(T), 0.05, S0, saveat=diffrax.SaveAt(ts=ts[1:]),
+        term, diffrax.Dopri8(), 0.0, float(T), 0.05, eye, saveat=diffrax.SaveAt(ts=ts[1:]),
         stepsize_controller=controller, max_steps=100_000,
     )
-    states = sol.ys  # [T, K, V]
+    return DenseFlow(sol.ys[:, :K, :K], sol.ys[:, :K, K:])
+
+
+def diffrax_solve(path_bh: Path, q: Float[Array, "T K"], S0: Float[Array, "K V"], scale, rtol: float = 1e-12):
+    """Outputs and final state of ``dS = d omega . S + d xi`` from :func:`diffrax_prefix_flows`.
+
+    Returns (o: [T, V], S_T: [K, V]) with ``o_t = scale S_t^T q_t``.
+    """
+    states = apply(diffrax_prefix_flows(path_bh, rtol), S0)  # [T, K, V]
     return scale * jnp.einsum("tk,tkv->tv", q, states), states[-1]
