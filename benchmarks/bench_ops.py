@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import flowssm
+from flowssm.testing import random_inputs
 
 GPU_SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64)]
 CPU_SHAPES = [(2, 512, 4, 32, 32), (1, 2048, 2, 64, 64)]
@@ -28,16 +29,6 @@ VARIANTS = {
     "xla/sequential doubling": dict(backend="xla", scan="sequential", solver=flowssm.Exact(method="doubling")),
     "token loop": dict(backend="reference"),
 }
-
-
-def inputs(key, B, T, H, K, V, dtype):
-    kq, kk, kv, kb = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (B, T, H, K), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, T, H, K), jnp.float32)
-    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-    v = jax.random.normal(kv, (B, T, H, V), jnp.float32).astype(dtype)
-    beta = jax.random.uniform(kb, (B, T, H), jnp.float32, 0.0, 2.0).astype(dtype)
-    return q, k, v, beta
 
 
 def median_ms(fn, *args, reps: int) -> float:
@@ -77,7 +68,7 @@ def main():
     print("jax", jax.__version__, jax.devices())
     results = {}
     for shape in shapes:
-        q, k, v, beta = inputs(jax.random.PRNGKey(0), *shape, dtype)
+        q, k, v, beta = random_inputs(0, *shape, gated=False, dtype=dtype)[:4]
         check = [x[:, :256] for x in (q, k, v, beta)]
         ref = flowssm.delta_rule(*[x.astype(jnp.float32) for x in check], backend="reference")[0]
         row = {}

@@ -7,7 +7,7 @@ import pytest
 import flowssm
 from flowssm.paths import make_path
 from flowssm.reference import diffrax_solve
-from helpers import random_inputs, rel_err
+from flowssm.testing import random_inputs, rel_err
 
 
 @pytest.mark.parametrize("R", [1, 3])

@@ -10,7 +10,7 @@ from jax.sharding import AxisType, Mesh
 
 import flowssm
 from flowssm.distributed import sequence_parallel_delta_rule, sequence_parallel_linear_attention
-from helpers import random_inputs
+from flowssm.testing import random_inputs
 
 TOL = 1e-10
 # (T, R, gated): T = 37 is ragged for every device count; T = 32 splits into whole chunks of 4 on 2, 4, 8 devices.

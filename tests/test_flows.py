@@ -8,7 +8,7 @@ from flowssm import flows as F
 from flowssm.chunks import build_system
 from flowssm.paths import chunk_path, make_path
 from flowssm.solvers import Exact
-from helpers import random_inputs, rel_err
+from flowssm.testing import random_inputs, rel_err
 
 K, V = 5, 3
 

@@ -6,7 +6,7 @@ import pytest
 from jax.test_util import check_grads
 
 import flowssm
-from helpers import random_inputs
+from flowssm.testing import random_inputs
 
 
 @pytest.mark.parametrize("R", [1, 2])

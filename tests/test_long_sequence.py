@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 import flowssm
-from helpers import random_inputs, rel_err
+from flowssm.testing import random_inputs, rel_err
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import flowssm
-from helpers import random_inputs, rel_err
+from flowssm.testing import random_inputs, rel_err
 
 TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 H, K, V = 2, 8, 6

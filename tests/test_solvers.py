@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 import flowssm
 from flowssm import chunks, flows
 from flowssm.solvers import SOLVERS, Euler, Exact, LogODE, Signature, get_solver
-from helpers import random_inputs, rel_err
+from flowssm.testing import random_inputs, rel_err
 
 _spec = importlib.util.spec_from_file_location(
     "solver_study", pathlib.Path(__file__).resolve().parents[1] / "experiments" / "solver_study.py"

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import flowssm
+from flowssm.testing import random_inputs
 
 
 def main(argv=None):
@@ -24,14 +25,7 @@ def main(argv=None):
     parser.add_argument("--chunk-size", type=int, default=64)
     args = parser.parse_args(argv)
     B, T, H, K, R = args.B, args.T, args.H, args.K, args.rank
-    ks = jax.random.split(jax.random.PRNGKey(0), 5)
-    lead = (B, T, H) if R == 1 else (B, T, H, R)
-    q = jax.random.normal(ks[0], (B, T, H, K))
-    k = jax.random.normal(ks[1], (*lead, K))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(ks[2], (*lead, K))
-    beta = jax.random.uniform(ks[3], lead, minval=0.0, maxval=2.0)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 4.0)
+    q, k, v, beta, g, _ = random_inputs(0, B, T, H, K, K, R, beta_max=2.0, dtype=jnp.float32)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; B={B} T={T} H={H} K=V={K} R={R} chunk={args.chunk_size}")
     print("gated DeltaNet, beta in (0, 2); every row against the token loop (backend='reference')\n")
     o_ref, S_ref = flowssm.delta_rule(q, k, v, beta, g, backend="reference")
