@@ -7,7 +7,10 @@ import pytest
 
 import flowssm
 from flowssm.kernels import chunked as kc
-from flowssm.kernels.state_pass import state_pass_kernel, state_pass_reference
+from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_bwd_reference
+from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference
+from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
+                                        state_pass_reference)
 from flowssm.paths import make_path
 from flowssm.solvers import Euler, Exact, Signature
 
@@ -65,17 +68,38 @@ def test_state_pass_and_output_kernels_match_references():
     assert rel(o, kc.chunk_output_reference(q, flat, G, w, u, states[0], rank=R, scale=0.3)) < 1e-5
 
 
-def test_state_pass_backward_kernel_matches_reference_vjp():
-    keys, values, beta, alpha, log_decay = chunk_blocks(seed=5)
-    BH, N, C, R, K = keys.shape
-    w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
-    args = (keys.reshape(BH, N, C * R, K), kc.micro_log_decay(log_decay, R), w, u,
-            jax.random.normal(jax.random.PRNGKey(1), (BH, K, values.shape[-1]), F32))
-    cts = (jax.random.normal(jax.random.PRNGKey(3), (BH, N, K, values.shape[-1]), F32),
-           jax.random.normal(jax.random.PRNGKey(4), args[-1].shape, F32))
-    kernel = jax.vjp(lambda *a: kc.state_pass(*a, block_v=16), *args)[1](cts)
-    reference = jax.vjp(state_pass_reference, *args)[1](cts)
+@pytest.mark.parametrize("solver", [Exact(), Euler()], ids=repr)
+def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
+    args = chunk_blocks(seed=5)
+    w, u, *T = kc.chunk_transfer_kernel(*args, solver=solver, save_transfer=isinstance(solver, Exact))
+    T = T[0] if T else None
+    ks = jax.random.split(jax.random.PRNGKey(7), 2)
+    dw, du = jax.random.normal(ks[0], w.shape, F32), jax.random.normal(ks[1], u.shape, F32)
+    kernel = chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=solver)
+    reference = chunk_transfer_bwd_reference(*args, T, w, u, dw, du, solver=solver)
     for a, b in zip(kernel, reference):
+        assert a.shape == b.shape and rel(a, b) < 1e-5
+
+
+def test_state_pass_and_output_backward_kernels_match_references():
+    keys, values, beta, alpha, log_decay = chunk_blocks(seed=6)
+    BH, N, C, R, K = keys.shape
+    V = values.shape[-1]
+    w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
+    G = kc.micro_log_decay(log_decay, R)
+    flat = keys.reshape(BH, N, C * R, K)
+    ks = jax.random.split(jax.random.PRNGKey(8), 4)
+    q = jax.random.normal(ks[0], (BH, N, C, K), F32)
+    do, dS_final = jax.random.normal(ks[1], (BH, N, C, V), F32), jax.random.normal(ks[2], (BH, K, V), F32)
+    static = dict(rank=R, scale=0.3)
+    passes = [f(q, flat, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
+    for a, b in zip(*passes):
+        assert rel(a, b) < 1e-5
+    dS_out, dv, _ = passes[1]
+    S_in, _ = state_pass_reference(flat, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
+    outs = [f(q, flat, G, w, u, S_in, dS_out, do, dv, **static)
+            for f in (chunk_output_bwd_kernel, chunk_output_bwd_reference)]
+    for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
 
 
@@ -114,21 +138,32 @@ def test_pallas_approximate_solvers_match_xla(solver):
         assert rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("state_backward", ["reference", "kernel"])
-def test_pallas_gradients_match_xla(state_backward):
-    q, k, v, beta, g, S0 = make_inputs(2, 1, 40, 1, 16, 16, 2)
-    tuning = kc.Tuning(state_backward=state_backward)
+@pytest.mark.parametrize(
+    "backward, solver, scan, gated",
+    [
+        ("kernels", Exact(), "sequential", True),
+        ("kernels", Exact(), "associative", False),
+        ("kernels", Euler(), "sequential", True),
+        ("kernels", Signature(depth=2), "sequential", True),  # transfer backward by the reference's vjp
+        ("reference", Exact(), "sequential", True),
+    ],
+)
+def test_pallas_gradients_match_xla(backward, solver, scan, gated):
+    q, k, v, beta, g, S0 = make_inputs(2, 1, 40, 1, 16, 16, 2, gated=gated)
+    tuning = kc.Tuning(backward=backward)
 
     def loss(backend, *args):
         if backend == "pallas":
             qq, kk, vv, bb, gg, s = args
-            o, S = kc.chunked_pallas(qq, make_path(kk, vv, bb, gg), s, scale=0.25, chunk_size=16, solver=Exact(),
-                                     scan="sequential", semantics="discrete", tuning=tuning)
+            o, S = kc.chunked_pallas(qq, make_path(kk, vv, bb, gg), s, scale=0.25, chunk_size=16, solver=solver,
+                                     scan=scan, semantics="discrete", tuning=tuning)
         else:
-            o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, backend="xla")
+            o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, solver=solver,
+                                      backend="xla")
         return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
 
-    grads = [jax.grad(loss, argnums=(1, 2, 3, 4, 5, 6))(b, q, k, v, beta, g, S0) for b in ("pallas", "xla")]
+    argnums = (1, 2, 3, 4, 5, 6) if gated else (1, 2, 3, 4, 6)
+    grads = [jax.grad(loss, argnums=argnums)(b, q, k, v, beta, g, S0) for b in ("pallas", "xla")]
     for a, b in zip(*grads):
         assert rel(a, b) < 1e-4
 

@@ -6,6 +6,13 @@ For a chunk with incoming state ``S`` (micro-step decays ``G: [n]``, token decay
     o_t = scale (e^{G_t} q_t^T S + sum_{m // R <= t} e^{G_t - G_m} (q_t . k_m) (u_m - w_m S))
 
 one program per (head, chunk): fully parallel, whichever scan produced ``S``.
+
+Backward (:func:`chunk_output_bwd_kernel`, per chunk, given ``dv'`` and the cotangent ``dS'`` of the state
+leaving the chunk from ``state_pass_bwd_kernel``; ``r = u - w S``, ``do~ = scale do``, ``A`` the masked
+decayed ``q k^T``, ``dA = do~ r^T`` on the mask):
+
+    dq = e^{G_t} do~ S^T + (dA * D) k,   dk = (dA * D)^T q + e^{G_end - G} r dS'^T,   dw = -dv' S^T,
+    dG from every ``e^{...}``: the token decays ``G_t``, the micro-step decays ``G`` and ``G_end``.
 """
 
 from __future__ import annotations
@@ -18,17 +25,27 @@ from jax.experimental import pallas as pl
 from flowssm.kernels.common import compiler_params, dot, reference_dot, resolve_interpret
 
 
-def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype):
-    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C], u: [n, V], S: [K, V] -> o: [C, V] (float32)."""
-    C, n = q.shape[0], k.shape[0]
-    acc = S.dtype
-    mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    corrected = u.astype(acc) - mm(w, S)
+def _mask_and_decay(G, G_tok, rank: int):
+    """[C, n] mask ``m // R <= t`` and decays ``e^{G_t - G_m}`` on it (1 off it)."""
+    C, n = G_tok.shape[0], G.shape[0]
     token = lax.broadcasted_iota(jnp.int32, (C, n), 0)
     step = lax.broadcasted_iota(jnp.int32, (C, n), 1)
     seen = step < rank * (token + 1)
-    decay = jnp.exp(jnp.where(seen, G_tok[:, None] - G[None, :], 0.0))
-    att = jnp.where(seen, mm(q, k, trans_b=True) * decay, 0.0)
+    return seen, jnp.exp(jnp.where(seen, G_tok[:, None] - G[None, :], 0.0))
+
+
+def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype):
+    """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]."""
+    seen, decay = _mask_and_decay(G, G_tok, rank)
+    return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * decay, 0.0)
+
+
+def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype):
+    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C], u: [n, V], S: [K, V] -> o: [C, V] (float32)."""
+    acc = S.dtype
+    mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
+    corrected = u.astype(acc) - mm(w, S)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected))
 
 
@@ -69,3 +86,77 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     o = jax.vmap(jax.vmap(block))(q, keys, G, G[..., rank - 1 :: rank], w, u, S_in.astype(G.dtype))
     return o.astype(out_dtype or G.dtype)
+
+
+def _output_bwd_block(q, k, G, G_tok, G_end, w, u, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
+                      operand_dtype):
+    """One chunk's cotangents (see the module docstring). Shapes as :func:`_output_block`, plus
+    dS_out: [K, V], do: [C, V], dv: [n, V] -> (dq: [C, K], dk: [n, K], dw: [n, K], dG: [n], dG_tok: [C])."""
+    n = k.shape[0]
+    acc = S.dtype
+    mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
+    corrected = u.astype(acc) - mm(w, S)
+    do = scale * do.astype(acc)
+    seen, decay = _mask_and_decay(G, G_tok, rank)
+    att = jnp.where(seen, mm(q, k, trans_b=True) * decay, 0.0)
+    d_att = mm(do, corrected, trans_b=True)
+    d_qk = jnp.where(seen, d_att * decay, 0.0)
+    dq_state = jnp.exp(G_tok)[:, None] * mm(do, S, trans_b=True)
+    dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
+    through_att = d_att * att
+    through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
+    last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
+    d_end = jnp.exp(G_end) * jnp.sum(S * dS_out.astype(acc)) + jnp.sum(through_k)
+    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, -mm(dv, S, trans_b=True),
+            jnp.where(last, d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
+            jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
+
+
+def chunk_output_bwd_kernel(q, keys, G, w, u, S_in, dS_out, do, dv, *, rank: int, scale: float, num_warps: int = 4,
+                            num_stages: int = 1, interpret: bool | None = None):
+    """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
+    (head, chunk). Inputs as :func:`chunk_output_kernel`, plus dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
+    from ``state_pass_bwd_kernel`` and do: [BH, N, C, V] -> (dq: [BH, N, C, K], dkeys, dw: [BH, N, n, K],
+    dG: [BH, N, n]) in float32 (float64 for float64 ``G``); dG includes the token decays' share.
+    """
+    BH, N, C, K = q.shape
+    n, V = u.shape[2:]
+    interpret = resolve_interpret(interpret)
+    dtype = keys.dtype
+    acc = G.dtype
+    G_tok = G[..., rank - 1 :: rank]
+
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, ds_ref, do_ref, dv_ref,
+               dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
+        grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], w_ref[...],
+                                  u_ref[...], s_ref[...].astype(acc), ds_ref[...], do_ref[...], dv_ref[...],
+                                  rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
+        for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
+            ref[...] = x.astype(ref.dtype)
+
+    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
+    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
+    shapes = ((BH, N, C, K), (BH, N, n, K), (BH, N, n, K), (BH, N, n), (BH, N, C))
+    dq, dk, dw, dG, dG_tok = pl.pallas_call(
+        kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
+        grid=(BH, N),
+        in_specs=[rows(C, K), rows(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V), rows(K, V), rows(C, V),
+                  rows(n, V)],
+        out_specs=(rows(C, K), rows(n, K), rows(n, K), vec(n), vec(C)),
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        name="flowssm_chunk_output_bwd",
+    )(q, keys, G, G_tok, w, u, S_in, dS_out, do, dv)
+    return dq, dk, dw, dG.at[..., rank - 1 :: rank].add(dG_tok)
+
+
+def chunk_output_bwd_reference(q, keys, G, w, u, S_in, dS_out, do, dv, *, rank: int, scale: float, num_warps: int = 4,
+                               num_stages: int = 1, interpret: bool | None = None):
+    """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision."""
+    del num_warps, num_stages, interpret
+    acc = G.dtype
+    block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
+    dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
+        q, keys, G, G[..., rank - 1 :: rank], G[..., -1], w, u, S_in.astype(acc), dS_out, do, dv)
+    return dq, dk, dw, dG.at[..., rank - 1 :: rank].add(dG_tok)

@@ -48,7 +48,8 @@ def micro_log_decay(log_decay, rank: int):
 
 
 def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
-    """One chunk. k: [n, K], v: [n, V], beta, alpha, G: [n] -> (w: [n, K], u: [n, V]) float32."""
+    """One chunk. k: [n, K], v: [n, V], beta, alpha, G: [n] -> (w: [n, K], u: [n, V], T: [n, n] or None)
+    in float32; ``T`` is returned by the doubling plan only."""
     n = k.shape[0]
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
@@ -66,21 +67,23 @@ def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
         for _ in range(count - 1):
             power = mm(power, power)
             T = T + mm(T, power)
-        return dot(T, w, operand_dtype=operand_dtype), dot(T, u, operand_dtype=operand_dtype)
+        return dot(T, w, operand_dtype=operand_dtype), dot(T, u, operand_dtype=operand_dtype), T
     rk, rv = w, u
     for _ in range(count):
         w = rk - mm(L, w)
         u = rv - mm(L, u)
-    return w, u
+    return w, u, None
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
-                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                          save_transfer: bool = False, num_warps: int = 4, num_stages: int = 1,
+                          interpret: bool | None = None):
     """Generators of every chunk, one program per (head, chunk).
 
     keys: [BH, N, C, R, K], values: [BH, N, C, R, V], beta, alpha: [BH, N, C, R], log_decay: [BH, N, C]
-    (per token) -> (w: [BH, N, C R, K], u: [BH, N, C R, V]) in the dtype of ``keys`` (the operand dtype).
-    ``mode``: matmul mode of the ``T`` powers (see ``common.DOT_MODES``).
+    (per token) -> (w: [BH, N, C R, K], u: [BH, N, C R, V]) in the dtype of ``keys`` (the operand dtype),
+    followed by ``T: [BH, N, C R, C R]`` (same dtype) with ``save_transfer`` (exact solver only: the
+    backward's ``T^T``). ``mode``: matmul mode of the ``T`` powers (see ``common.DOT_MODES``).
     """
     BH, N, C, R, K = keys.shape
     V = values.shape[-1]
@@ -88,24 +91,29 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     plan = transfer_plan(solver, n)
+    if save_transfer and not (isinstance(solver, Exact) and plan[0] == "doubling"):
+        raise ValueError(f"save_transfer: T is saved for the exact solver with n = C R > 1 only, got {solver!r}, n = {n}")
     flat = lambda x: x.reshape(BH, N, n, *x.shape[4:])
     G = micro_log_decay(log_decay, R)
 
-    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref):
+    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
-        w, u = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
-                               plan=plan, operand_dtype=dtype, mode=mode)
+        w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
+                                  plan=plan, operand_dtype=dtype, mode=mode)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
+        if save_transfer:
+            t_ref[0][...] = T.astype(dtype)
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
+    extra = (n,) if save_transfer else ()
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((BH, N, n, K), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype)),
+        out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
         in_specs=[rows(K), rows(V), vec, vec, vec],
-        out_specs=(rows(K), rows(V)),
+        out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_transfer",
@@ -120,3 +128,93 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
     path = Path(keys.astype(f32), values.astype(f32), beta.astype(f32), alpha.astype(f32), log_decay.astype(f32))
     sol = jax.vmap(jax.vmap(lambda c: solver.solve(chunks.build_system(c, "discrete"))))(path)
     return sol.w.astype(keys.dtype), sol.u.astype(keys.dtype)
+
+
+def _transfer_bwd_block(k, v, beta, alpha, G, T, w, u, dw, du, *, exact: bool, operand_dtype):
+    """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``) -> (dk, dv, db, da, dG).
+
+    ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)`` below the diagonal,
+    then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I`` (euler).
+    """
+    n = k.shape[0]
+    f32 = jnp.promote_types(operand_dtype, jnp.float32)
+    mm = lambda a, b, **kw: dot(a, b, operand_dtype=operand_dtype, **kw)
+    kf = k.astype(f32)
+    eG = jnp.exp(G)
+    if exact:
+        drk, drv = mm(T, dw, trans_a=True), mm(T, du, trans_a=True)
+        below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
+        dL = -(mm(drk, w, trans_b=True) + mm(drv, u, trans_b=True))
+        decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
+        gram_decay = jnp.where(below, mm(k, k, trans_b=True) * decay, 0.0)
+        Z = dL * gram_decay  # d/db_i of L_im, per entry
+        dgram = jnp.where(below, dL * decay * beta[:, None], 0.0)
+        dk = mm(dgram, k) + mm(dgram, k, trans_a=True)
+        db = jnp.sum(Z, axis=1)
+        dG = beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)
+    else:
+        drk, drv = dw.astype(f32), du.astype(f32)
+        dk, db, dG = jnp.zeros_like(kf), jnp.zeros_like(beta), jnp.zeros_like(G)
+    through_k = jnp.sum(drk * kf, axis=1) * eG
+    return (dk + (beta * eG)[:, None] * drk, alpha[:, None] * drv, db + through_k,
+            jnp.sum(drv * v.astype(f32), axis=1), dG + beta * through_k)
+
+
+def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
+                              num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+    """Backward of :func:`chunk_transfer_kernel` for ``exact`` (``T`` saved by the forward) and ``euler``
+    (``T = None``), one program per (head, chunk).
+
+    Shapes as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V] -> (dkeys, dvalues,
+    dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs).
+    """
+    BH, N, C, R, K = keys.shape
+    V = values.shape[-1]
+    n = C * R
+    exact = transfer_plan(solver, n)[0] == "doubling"
+    if not isinstance(solver, (Exact, Euler)) or exact != (T is not None):
+        raise ValueError(f"T: the transfer backward kernel needs the exact solver with its saved T, or euler with T=None;"
+                         f" got {solver!r} with T {'given' if T is not None else 'None'}")
+    interpret = resolve_interpret(interpret)
+    dtype = keys.dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    flat = lambda x: x.reshape(BH, N, n, *x.shape[4:])
+    G = micro_log_decay(log_decay, R)
+
+    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
+        t_ref, (dk_ref, dv_ref, db_ref, da_ref, dg_ref) = (rest[0], rest[1:]) if exact else (None, rest)
+        grads = _transfer_bwd_block(
+            k_ref[...], v_ref[...], b_ref[...].astype(acc), a_ref[...].astype(acc), g_ref[...].astype(acc),
+            t_ref[...] if exact else None, w_ref[...], u_ref[...], dw_ref[...], du_ref[...], exact=exact,
+            operand_dtype=dtype)
+        for ref, x in zip((dk_ref, dv_ref, db_ref, da_ref, dg_ref), grads):
+            ref[...] = x.astype(ref.dtype)
+
+    rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
+    vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
+    shapes = ((BH, N, n, K), (BH, N, n, V), (BH, N, n), (BH, N, n), (BH, N, n))
+    dk, dv, db, da, dG = pl.pallas_call(
+        kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
+        grid=(BH, N),
+        in_specs=[rows(K), rows(V), vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
+        out_specs=(rows(K), rows(V), vec, vec, vec),
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        name="flowssm_chunk_transfer_bwd",
+    )(flat(keys), flat(values), flat(beta), flat(alpha), G, w, u, dw, du, *([T] if exact else []))
+    _, G_vjp = jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)
+    unflat = lambda x, like: x.reshape(like.shape)
+    return unflat(dk, keys), unflat(dv, values), unflat(db, beta), unflat(da, alpha), G_vjp(dG)[0]
+
+
+def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
+                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+    """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
+    (any solver; ``T``, ``w``, ``u`` unused)."""
+    del T, w, u, num_warps, num_stages, interpret
+    acc = jnp.promote_types(keys.dtype, jnp.float32)
+    up = lambda x: x.astype(acc)
+    ref = lambda *a: chunk_transfer_reference(*a, solver=solver)
+    _, vjp = jax.vjp(lambda *a: tuple(x.astype(acc) for x in ref(*a)), *map(up, (keys, values, beta, alpha, log_decay)))
+    return vjp((up(dw), up(du)))

@@ -1,4 +1,6 @@
-"""``backend="pallas"``: the chunked flow computation as three Pallas kernels.
+"""``backend="pallas"``: the chunked flow computation as Pallas kernels, forward and backward.
+
+Forward:
 
 1. ``chunk_transfer``: per (head, chunk), ``w, u`` from the chunk's system (Gram matrix and ``T``).
 2. the scan, giving the state entering every chunk: ``sequential`` runs the ``state_pass`` kernel over
@@ -9,10 +11,17 @@
    ``Tuning(assoc="xla")`` uses ``jax.lax.associative_scan`` over dense chunk flows instead.
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
-Backward: the transfer and output kernels' backward is the autodiff of their jnp references
-(recomputed in the backward pass, XLA). The state pass's backward is the same by default
-(``Tuning(state_backward="reference")``, checked on the H100); ``state_backward="kernel"`` uses the
-reverse-loop backward kernel ``state_pass_bwd_kernel`` (checked in interpret mode only so far).
+Backward (``Tuning(backward="kernels")``, a ``jax.custom_vjp`` over the three stages; residuals are the
+inputs, ``w, u``, the states entering the chunks and, for ``exact``, the chunks' ``T``):
+
+1. ``state_pass_bwd``: the reverse pass of the state cotangent (sequential over chunks, whichever scan
+   ran forward), giving ``dv'`` and the cotangent of the state leaving every chunk.
+2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
+3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
+   ``T`` (``exact``) or ``T = I`` (``euler``); the ``signature`` solvers take this step by autodiff of
+   the jnp reference (XLA).
+
+``Tuning(backward="reference")`` differentiates the jnp references of the three stages instead (XLA).
 Inputs are padded exactly: ``T`` to whole chunks and ``R`` to a power of two with identity micro-steps,
 ``K`` and ``V`` with zeros to powers of two >= 16 (the kernels' block shapes).
 """
@@ -20,32 +29,34 @@ Inputs are padded exactly: ``T`` to whole chunks and ``R`` to a power of two wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from flowssm.kernels.chunk_output import chunk_output_kernel, chunk_output_reference
-from flowssm.kernels.chunk_transfer import chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay
-from flowssm.kernels.common import DOT_MODES, with_reference_vjp
-from flowssm.kernels.state_pass import chunk_flows, state_pass, state_pass_kernel, state_pass_reference
+from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
+from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
+                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay,
+                                            transfer_plan)
+from flowssm.kernels.common import DOT_MODES
+from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
 from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import FlowSolver
+from flowssm.solvers import Euler, Exact, FlowSolver
 
-chunk_transfer = with_reference_vjp(chunk_transfer_kernel, chunk_transfer_reference)
-chunk_output = with_reference_vjp(chunk_output_kernel, chunk_output_reference)
-STATE_PASSES = {"kernel": state_pass, "reference": with_reference_vjp(state_pass_kernel, state_pass_reference)}
+BACKWARDS = ("kernels", "reference")
+ASSOCIATIVE = ("segmented", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch options: Triton warps/stages per kernel and the state pass's ``V`` block.
+    """Launch options: Triton warps/stages per kernel and the state passes' ``V`` block.
 
     transfer_mode: matmul mode of the ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16
     operands, full precision otherwise). assoc: "segmented" or "xla" (see the module docstring);
     segment_programs: the segmented scan uses about this many (head, segment) pairs.
-    state_backward: "reference" or "kernel" (see the module docstring).
+    backward: "kernels" or "reference" (see the module docstring).
     """
 
     transfer_mode: str | None = None
@@ -55,7 +66,7 @@ class Tuning:
     block_v: int = 64
     output_warps: int = 4
     assoc: str = "segmented"
-    state_backward: str = "reference"
+    backward: str = "kernels"
     segment_programs: int = 256
 
 
@@ -82,7 +93,7 @@ def segmented_states(keys, G, w, u, S0, tuning: Tuning):
     pad = lambda x: _pad_to(x, {1: segs * M}).reshape(BH * segs, M, *x.shape[2:])  # identity chunks
     u_ext = jnp.concatenate([jnp.zeros_like(w), u], axis=-1)  # the pass of [P | Q] from [I | 0]
     start = jnp.concatenate([jnp.eye(K, dtype=S0.dtype), jnp.zeros((K, V), S0.dtype)], axis=-1)
-    pre, seg = STATE_PASSES[tuning.state_backward](
+    pre, seg = state_pass_kernel(
         pad(keys), pad(G), pad(w), pad(u_ext), jnp.broadcast_to(start, (BH * segs, K, K + V)),
         block_v=min(tuning.block_v, K, V), num_warps=tuning.state_warps, num_stages=tuning.state_stages)
     seg = seg.reshape(BH, segs, K, K + V)
@@ -94,8 +105,96 @@ def segmented_states(keys, G, w, u, S0, tuning: Tuning):
     return S_in.astype(keys.dtype), S_final
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The non-differentiable arguments of :func:`_pallas_flow` (hashable)."""
+
+    solver: FlowSolver
+    scan: str
+    scale: float
+    mode: str
+    tuning: Tuning
+
+
+def _kernel_backward_transfer(solver: FlowSolver, n: int) -> bool:
+    """Whether ``chunk_transfer_bwd_kernel`` covers the solver (exact, euler), else the reference's vjp."""
+    return isinstance(solver, (Exact, Euler)) and (transfer_plan(solver, n)[0] == "doubling") == isinstance(solver, Exact)
+
+
+def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
+    """The forward kernels. qc: [BH, N, C, K], keys: [BH, N, C, R, K], values: [BH, N, C, R, V], beta, alpha:
+    [BH, N, C, R], log_decay: [BH, N, C], S0: [BH, K, V] -> ((o, S_final), (w, u, T, S_in)); ``T`` is saved
+    (``save``) for the exact solver's backward, else None."""
+    BH, N, C, R, K = keys.shape
+    t = st.tuning
+    save_transfer = save and isinstance(st.solver, Exact) and _kernel_backward_transfer(st.solver, C * R)
+    w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
+                                     save_transfer=save_transfer, num_warps=t.transfer_warps)
+    G = micro_log_decay(log_decay, R)
+    keys = keys.reshape(BH, N, C * R, K)
+    if st.scan == "sequential":
+        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, block_v=min(t.block_v, u.shape[-1]),
+                                          num_warps=t.state_warps, num_stages=t.state_stages)
+    elif t.assoc == "xla":
+        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(chunk_flows(keys, G, w, u), S0)
+        S_in = S_in.astype(keys.dtype)
+    else:
+        S_in, S_final = segmented_states(keys, G, w, u, S0, t)
+    o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype,
+                            num_warps=t.output_warps)
+    return (o, S_final), (w, u, T[0] if T else None, S_in)
+
+
+def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
+    """:func:`_stages` through the jnp references (the sequential scan), for ``Tuning(backward="reference")``."""
+    BH, N, C, R, K = keys.shape
+    w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=st.solver)
+    G = micro_log_decay(log_decay, R)
+    keys = keys.reshape(BH, N, C * R, K)
+    S_in, S_final = state_pass_reference(keys, G, w, u, S0)
+    return chunk_output_reference(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype), S_final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
+    """(o: [BH, N, C, V] in the dtype of ``keys``, S_final: [BH, K, V]); arguments as :func:`_stages`."""
+    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, save=False)[0]
+
+
+def _pallas_flow_fwd(st: _Static, *args):
+    out, saved = _stages(st, *args, save=st.tuning.backward == "kernels")
+    return out, (args, saved)
+
+
+def _pallas_flow_bwd(st: _Static, residuals, cotangents):
+    args, (w, u, T, S_in) = residuals
+    if st.tuning.backward == "reference":
+        return jax.vjp(lambda *a: _reference_stages(st, *a), *args)[1](cotangents)
+    qc, keys, values, beta, alpha, log_decay, S0 = args
+    do, dS_final = cotangents
+    BH, N, C, R, K = keys.shape
+    t = st.tuning
+    G = micro_log_decay(log_decay, R)
+    flat_keys = keys.reshape(BH, N, C * R, K)
+    dS_out, dv, dS0 = state_pass_bwd_kernel(qc, flat_keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
+                                            scale=st.scale, block_v=min(t.block_v, u.shape[-1]),
+                                            num_warps=t.state_warps, num_stages=t.state_stages)
+    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, flat_keys, G, w, u, S_in, dS_out, do, dv, rank=R, scale=st.scale,
+                                             num_warps=t.output_warps)
+    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.transfer_warps)
+                    if _kernel_backward_transfer(st.solver, C * R) else chunk_transfer_bwd_reference)
+    dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
+                                                             solver=st.solver)
+    dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
+    grads = (dq, dkeys + dk.reshape(keys.shape), dvalues, dbeta, dalpha, dlog_decay, dS0)
+    return tuple(d.astype(x.dtype) for d, x in zip(grads, args))
+
+
+_pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd)
+
+
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning = Tuning(), interpret: bool | None = None):
+                   semantics: str, tuning: Tuning = Tuning()):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
@@ -112,6 +211,10 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     if mode not in DOT_MODES:
         raise ValueError(f"transfer_mode: expected one of {DOT_MODES}, got {mode!r}")
+    if tuning.backward not in BACKWARDS:
+        raise ValueError(f"backward: expected one of {BACKWARDS}, got {tuning.backward!r}")
+    if tuning.assoc not in ASSOCIATIVE:
+        raise ValueError(f"assoc: expected one of {ASSOCIATIVE}, got {tuning.assoc!r}")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]
     C, Rp, Kp, Vp = chunk_size, _pow2(R), _pow2(K, 16), _pow2(V, 16)
@@ -129,19 +232,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     qc = _pad_to(jnp.moveaxis(q, 2, 1), {2: N * C, 3: Kp}).astype(od).reshape(BH, N, C, Kp)
     S0p = _pad_to(S0, {2: Kp, 3: Vp}).reshape(BH, Kp, Vp)
 
-    w, u = chunk_transfer(keys, values, beta, alpha, log_decay, solver=solver, mode=mode,
-                          num_warps=tuning.transfer_warps)
-    G = micro_log_decay(log_decay, Rp)
-    keys = keys.reshape(BH, N, n, Kp)
-    if scan == "sequential":
-        S_in, S_final = STATE_PASSES[tuning.state_backward](
-            keys, G, w, u, S0p, block_v=min(tuning.block_v, Vp), num_warps=tuning.state_warps,
-            num_stages=tuning.state_stages)
-    elif tuning.assoc == "xla":
-        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(chunk_flows(keys, G, w, u), S0p)
-        S_in = S_in.astype(od)
-    else:
-        S_in, S_final = segmented_states(keys, G, w, u, S0p, tuning)
-    o = chunk_output(qc, keys, G, w, u, S_in, rank=Rp, scale=scale, out_dtype=od, num_warps=tuning.output_warps)
+    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning)
+    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p)
     o = jnp.moveaxis(o.reshape(B, H, N * C, Vp)[:, :, :T, :V], 1, 2)
     return o.astype(path.keys.dtype), S_final.reshape(B, H, Kp, Vp)[..., :K, :V]

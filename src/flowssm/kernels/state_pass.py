@@ -6,16 +6,17 @@ For each chunk ``c`` (cumulative micro-step decays ``G``, ``G_end = G[-1]``):
 
 one program per (head, block of ``V`` columns), looping over the ``N`` chunks with ``S`` in float32.
 
-Backward (:func:`state_pass_bwd_kernel`, reverse loop over chunks; ``dS`` the cotangent of the
-state leaving chunk ``c``, ``S = S_in[c]``, ``k~ = exp(G_end - G) k``, ``r = u - w S``):
+Backward (:func:`state_pass_bwd_kernel`): the reverse loop of the state cotangent through the state
+pass and the chunk outputs (``o = scale (e^{G_t} q S + A (u - w S))``, see ``chunk_output``). With
+``dS`` the cotangent of the state leaving chunk ``c`` and ``k~ = e^{G_end - G} k``:
 
-    du = k~ dS,   dw = -du S^T,   dk~ = r dS^T,   dS_in-total = e^{G_end} dS - w^T du + dS_in[c]
-    dG = -rowsum(dk~ * k~) + [last] (e^{G_end} <S, dS> + sum(dk~ * k~)),   dk = exp(G_end - G) dk~
+    dv' = scale A^T do + k~ dS,    dS <- e^{G_end} dS + scale (e^{G_t} q)^T do - w^T dv'
+
+``dv'`` (the cotangent of the corrected values ``u - w S``, hence of ``u``) and every chunk's ``dS``
+are what the parallel backward kernels need.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm.flows import WYFlow
-from flowssm.kernels.common import compiler_params, dot, resolve_interpret
+from flowssm.kernels.chunk_output import attention_block
+from flowssm.kernels.common import compiler_params, dot, reference_dot, resolve_interpret
 from flowssm.scan import chunk_states
 
 
@@ -87,86 +89,80 @@ def state_pass_reference(keys, G, w, u, S0, *, block_v: int = 64, num_warps: int
     return S_in.astype(keys.dtype), S_final.astype(S0.dtype)
 
 
-def state_pass_bwd_kernel(keys, G, w, u, S_in, dS_in, dS_final, *, block_v: int = 64, num_warps: int = 4,
-                          num_stages: int = 2, interpret: bool | None = None):
-    """Cotangents of :func:`state_pass_kernel`'s inputs from its saved ``S_in`` and the output cotangents.
+def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype):
+    """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], do: [C, v], dS: [K, v]
+    -> (dv': [n, v], dS entering the chunk: [K, v])."""
+    acc = dS.dtype
+    mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
+    do = scale * do.astype(acc)
+    k_end = jnp.exp(G_end - G).astype(acc)[:, None] * k.astype(acc)
+    dv = mm(att, do, trans_a=True) + mm(k_end, dS)
+    q_decay = jnp.exp(G_tok).astype(acc)[:, None] * q.astype(acc)
+    return dv, jnp.exp(G_end).astype(acc) * dS + mm(q_decay, do, trans_a=True) - mm(w, dv, trans_a=True)
 
-    keys, w: [BH, N, n, K]; G: [BH, N, n]; u: [BH, N, n, V]; S_in, dS_in: [BH, N, K, V]; dS_final: [BH, K, V]
-    -> (dkeys, dG, dw, du, dS0) in float32 (float64 for float64 inputs), shaped like the inputs.
-    Contractions over ``V`` are summed over the ``V`` blocks outside the kernel.
+
+def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, block_v: int = 64,
+                          num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Reverse pass over chunks, one program per (head, block of ``V`` columns).
+
+    q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
+    the outputs), dS_final: [BH, K, V] -> (dS_out: [BH, N, K, V] (cotangent of the state leaving each chunk)
+    and dv': [BH, N, n, V], both in the dtype of ``keys``; dS0: [BH, K, V] in the dtype of ``dS_final``).
     """
-    BH, N, n, K = keys.shape
-    V = u.shape[-1]
+    BH, N, C, K = q.shape
+    n = keys.shape[2]
+    V = do.shape[-1]
     bv = min(block_v, V)
-    nvb = V // bv
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
-    acc = jnp.promote_types(dtype, jnp.promote_types(dS_final.dtype, G.dtype))
+    G_tok = G[..., rank - 1 :: rank]
 
-    def kernel(k_ref, g_ref, w_ref, u_ref, s_ref, ds_in_ref, dsf_ref, dk_ref, dg_ref, dw_ref, du_ref, ds0_ref):
-        last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, ds_out_ref, dv_ref, ds0_ref):
+        acc = jnp.promote_types(dtype, jnp.promote_types(dsf_ref.dtype, g_ref.dtype))
 
         def step(i, dS):
             c = N - 1 - i
-            G = g_ref[c]
-            G_end = g_ref[c, n - 1]
-            S = s_ref[c].astype(acc)
-            decay = jnp.exp(G_end - G).astype(acc)
-            k_end = decay[:, None] * k_ref[c].astype(acc)
-            w = w_ref[c]
-            du = dot(k_end, dS, operand_dtype=dtype)
-            corrected = u_ref[c].astype(acc) - dot(w, S, operand_dtype=dtype)
-            dk_end = dot(corrected, dS, operand_dtype=dtype, trans_b=True)
-            dw_ref[c] = -dot(du, S, operand_dtype=dtype, trans_b=True)
-            du_ref[c] = du.astype(du_ref.dtype)
-            dk_ref[c] = (decay[:, None] * dk_end).astype(dk_ref.dtype)
-            through = jnp.sum(dk_end * k_end, axis=1)
-            d_end = jnp.exp(G_end).astype(acc) * jnp.sum(S * dS) + jnp.sum(through)
-            dg_ref[c] = (jnp.where(last, d_end, 0.0) - through).astype(dg_ref.dtype)
-            return (jnp.exp(G_end).astype(acc) * dS - dot(w, du, operand_dtype=dtype, trans_a=True)
-                    + ds_in_ref[c].astype(acc))
+            ds_out_ref[c] = dS.astype(ds_out_ref.dtype)
+            dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
+                                   rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
+            dv_ref[c] = dv.astype(dv_ref.dtype)
+            return dS
 
         ds0_ref[...] = lax.fori_loop(0, N, step, dsf_ref[...].astype(acc)).astype(ds0_ref.dtype)
 
-    whole = lambda d: pl.BlockSpec((None, N, n, d), lambda i, j: (i, 0, 0, 0))
+    whole = lambda r, d: pl.BlockSpec((None, N, r, d), lambda i, j: (i, 0, 0, 0))
     cols = lambda r: pl.BlockSpec((None, N, r, bv), lambda i, j: (i, 0, 0, j))
-    partial = lambda *tail: pl.BlockSpec((None, None, N, *tail), lambda i, j: (j, i, 0) + (0,) * len(tail))
+    vec = lambda r: pl.BlockSpec((None, N, r), lambda i, j: (i, 0, 0))
     state = pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j))
-    dk, dG, dw, du, dS0 = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((nvb, BH, N, n, K), acc), jax.ShapeDtypeStruct((nvb, BH, N, n), acc),
-                   jax.ShapeDtypeStruct((nvb, BH, N, n, K), acc), jax.ShapeDtypeStruct((BH, N, n, V), acc),
-                   jax.ShapeDtypeStruct((BH, K, V), acc)),
-        grid=(BH, nvb),
-        in_specs=[whole(K), pl.BlockSpec((None, N, n), lambda i, j: (i, 0, 0)), whole(K), cols(n), cols(K), cols(K), state],
-        out_specs=(partial(n, K), partial(n), partial(n, K), cols(n), state),
+        out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype),
+                   jax.ShapeDtypeStruct((BH, K, V), dS_final.dtype)),
+        grid=(BH, V // bv),
+        in_specs=[whole(C, K), whole(n, K), vec(n), vec(C), whole(n, K), cols(C), state],
+        out_specs=(cols(K), cols(n), state),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_state_pass_bwd",
-    )(keys, G, w, u, S_in, dS_in, dS_final)
-    return dk.sum(0), dG.sum(0), dw.sum(0), du, dS0
+    )(q, keys, G, G_tok, w, do, dS_final)
 
 
-def _state_pass_fwd(static, keys, G, w, u, S0):
-    S_in, S_final = state_pass_kernel(keys, G, w, u, S0, **dict(static))
-    return (S_in, S_final), (keys, G, w, u, S0, S_in)
+def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, block_v: int = 64,
+                             num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision."""
+    del block_v, num_warps, num_stages, interpret
+    acc = dS_final.dtype
 
+    def one_head(q, k, G, w, do, dS):
+        def step(dS, x):
+            q, k, G, w, do = x
+            dv, dS_prev = _reverse_step(q, k, w, G, G[rank - 1 :: rank], G[-1], do, dS, rank=rank, scale=scale,
+                                        matmul=reference_dot, operand_dtype=keys.dtype)
+            return dS_prev, (dS, dv)
 
-def _state_pass_bwd(static, residuals, cotangents):
-    keys, G, w, u, S0, S_in = residuals
-    dS_in, dS_final = cotangents
-    grads = state_pass_bwd_kernel(keys, G, w, u, S_in, dS_in, dS_final, **dict(static))
-    return tuple(d.astype(x.dtype) for d, x in zip(grads, (keys, G, w, u, S0)))
+        dS0, (dS_out, dv) = lax.scan(step, dS.astype(acc), (q, k, G, w, do), reverse=True)
+        return dS_out, dv, dS0
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _state_pass(static, keys, G, w, u, S0):
-    return state_pass_kernel(keys, G, w, u, S0, **dict(static))
-
-
-_state_pass.defvjp(_state_pass_fwd, _state_pass_bwd)
-
-
-def state_pass(keys, G, w, u, S0, **static):
-    """:func:`state_pass_kernel` with the backward kernel :func:`state_pass_bwd_kernel` (same arguments)."""
-    return _state_pass(tuple(sorted(static.items())), keys, G, w, u, S0)
+    dS_out, dv, dS0 = jax.vmap(one_head)(q, keys, G, w, do, dS_final)
+    return dS_out.astype(keys.dtype), dv.astype(keys.dtype), dS0
