@@ -97,8 +97,9 @@ def test_state_pass_and_output_backward_kernels_match_references():
         assert rel(a, b) < 1e-5
     dS_out, dv, _ = passes[1]
     S_in, _ = state_pass_reference(flat, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
-    outs = [f(q, flat, G, w, u, S_in, dS_out, do, dv, **static)
-            for f in (chunk_output_bwd_kernel, chunk_output_bwd_reference)]
+    _, corrected = kc.chunk_output_kernel(q, flat, G, w, u, S_in, save_corrected=True, **static)
+    outs = [f(q, flat, G, corrected, S_in, dS_out, do, dv, **static, **kw)
+            for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
 

@@ -7,9 +7,9 @@ For a chunk with incoming state ``S`` (micro-step decays ``G: [n]``, token decay
 
 one program per (head, chunk): fully parallel, whichever scan produced ``S``.
 
-Backward (:func:`chunk_output_bwd_kernel`, per chunk, given ``dv'`` and the cotangent ``dS'`` of the state
-leaving the chunk from ``state_pass_bwd_kernel``; ``r = u - w S``, ``do~ = scale do``, ``A`` the masked
-decayed ``q k^T``, ``dA = do~ r^T`` on the mask):
+Backward (:func:`chunk_output_bwd_kernel`, per chunk and block of ``K`` columns, given ``dv'`` and the
+cotangent ``dS'`` of the state leaving the chunk from ``state_pass_bwd_kernel``; ``r = u - w S`` saved by
+the forward's state pass, ``do~ = scale do``, ``A`` the masked decayed ``q k^T``, ``dA = do~ r^T`` on the mask):
 
     dq = e^{G_t} do~ S^T + (dA * D) k,   dk = (dA * D)^T q + e^{G_end - G} r dS'^T,   dw = -dv' S^T,
     dG from every ``e^{...}``: the token decays ``G_t``, the micro-step decays ``G`` and ``G_end``.
@@ -41,18 +41,21 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype):
 
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype):
-    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C], u: [n, V], S: [K, V] -> o: [C, V] (float32)."""
+    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C], u: [n, V], S: [K, V] -> (o: [C, V], corrected
+    ``u - w S``: [n, V]) in float32."""
     acc = S.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     corrected = u.astype(acc) - mm(w, S)
     att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
-    return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected))
+    return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected
 
 
-def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None, num_warps: int = 4,
-                        num_stages: int = 1, interpret: bool | None = None):
+def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
+                        save_corrected: bool = False, num_warps: int = 4, num_stages: int = 1,
+                        interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
-    S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G)."""
+    S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
+    with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``)."""
     BH, N, C, K = q.shape
     n, V = u.shape[2:]
     interpret = resolve_interpret(interpret)
@@ -60,19 +63,23 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     out_dtype = out_dtype or G.dtype
     G_tok = G[..., rank - 1 :: rank]
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref):
-        o = _output_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], w_ref[...], u_ref[...],
-                          s_ref[...].astype(g_ref.dtype), rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *r_ref):
+        o, corrected = _output_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], w_ref[...], u_ref[...],
+                                     s_ref[...].astype(g_ref.dtype), rank=rank, scale=scale, matmul=dot,
+                                     operand_dtype=dtype)
         o_ref[...] = o.astype(o_ref.dtype)
+        if save_corrected:
+            r_ref[0][...] = corrected.astype(dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, V), out_dtype)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((BH, N, C, V), out_dtype),
+        out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
         grid=(BH, N),
         in_specs=[rows(C, K), rows(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V)],
-        out_specs=rows(C, V),
+        out_specs=(rows(C, V), rows(n, V)) if save_corrected else rows(C, V),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_output",
@@ -81,21 +88,24 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None, num_warps: int = 4,
                            num_stages: int = 1, interpret: bool | None = None):
-    """Same contract as :func:`chunk_output_kernel`, in plain jnp at full precision."""
+    """Same contract as :func:`chunk_output_kernel` (without ``save_corrected``), in plain jnp at full precision."""
     del num_warps, num_stages, interpret
-    block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
+    block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
     o = jax.vmap(jax.vmap(block))(q, keys, G, G[..., rank - 1 :: rank], w, u, S_in.astype(G.dtype))
     return o.astype(out_dtype or G.dtype)
 
 
-def _output_bwd_block(q, k, G, G_tok, G_end, w, u, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
+def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
                       operand_dtype):
-    """One chunk's cotangents (see the module docstring). Shapes as :func:`_output_block`, plus
-    dS_out: [K, V], do: [C, V], dv: [n, V] -> (dq: [C, K], dk: [n, K], dw: [n, K], dG: [n], dG_tok: [C])."""
+    """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
+
+    q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
+    S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
+    dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up).
+    """
     n = k.shape[0]
-    acc = S.dtype
+    acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    corrected = u.astype(acc) - mm(w, S)
     do = scale * do.astype(acc)
     seen, decay = _mask_and_decay(G, G_tok, rank)
     att = jnp.where(seen, mm(q, k, trans_b=True) * decay, 0.0)
@@ -106,57 +116,65 @@ def _output_bwd_block(q, k, G, G_tok, G_end, w, u, S, dS_out, do, dv, *, rank: i
     through_att = d_att * att
     through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
     last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
-    d_end = jnp.exp(G_end) * jnp.sum(S * dS_out.astype(acc)) + jnp.sum(through_k)
+    d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
     return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, -mm(dv, S, trans_b=True),
             jnp.where(last, d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 
 
-def chunk_output_bwd_kernel(q, keys, G, w, u, S_in, dS_out, do, dv, *, rank: int, scale: float, num_warps: int = 4,
-                            num_stages: int = 1, interpret: bool | None = None):
+def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
+                            block_k: int = 64, num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
-    (head, chunk). Inputs as :func:`chunk_output_kernel`, plus dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
-    from ``state_pass_bwd_kernel`` and do: [BH, N, C, V] -> (dq: [BH, N, C, K], dkeys, dw: [BH, N, n, K],
+    (head, chunk, block of ``K`` columns).
+
+    q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative), corrected (``u - w S_in``, from the
+    forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
+    (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K], dkeys, dw: [BH, N, n, K],
     dG: [BH, N, n]) in float32 (float64 for float64 ``G``); dG includes the token decays' share.
     """
     BH, N, C, K = q.shape
-    n, V = u.shape[2:]
+    n, V = corrected.shape[2:]
+    bk = min(block_k, K)
+    nkb = K // bk
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = G.dtype
     G_tok = G[..., rank - 1 :: rank]
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, ds_ref, do_ref, dv_ref,
-               dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
-        grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], w_ref[...],
-                                  u_ref[...], s_ref[...].astype(acc), ds_ref[...], do_ref[...], dv_ref[...],
-                                  rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
+    def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
+        grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], r_ref[...],
+                                  s_ref[...], ds_ref[...], do_ref[...], dv_ref[...], rank=rank, scale=scale,
+                                  matmul=dot, operand_dtype=dtype)
         for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
             ref[...] = x.astype(ref.dtype)
 
-    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
-    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
-    shapes = ((BH, N, C, K), (BH, N, n, K), (BH, N, n, K), (BH, N, n), (BH, N, C))
+    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
+    cols = lambda r: pl.BlockSpec((None, None, r, bk), lambda i, c, j: (i, c, 0, j))
+    state = pl.BlockSpec((None, None, bk, V), lambda i, c, j: (i, c, j, 0))
+    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
+    share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
+    shapes = ((BH, N, C, K), (BH, N, n, K), (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
     dq, dk, dw, dG, dG_tok = pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
-        grid=(BH, N),
-        in_specs=[rows(C, K), rows(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V), rows(K, V), rows(C, V),
-                  rows(n, V)],
-        out_specs=(rows(C, K), rows(n, K), rows(n, K), vec(n), vec(C)),
+        grid=(BH, N, nkb),
+        in_specs=[cols(C), cols(n), vec(n), vec(C), rows(n, V), state, state, rows(C, V), rows(n, V)],
+        out_specs=(cols(C), cols(n), cols(n), share(n), share(C)),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_output_bwd",
-    )(q, keys, G, G_tok, w, u, S_in, dS_out, do, dv)
-    return dq, dk, dw, dG.at[..., rank - 1 :: rank].add(dG_tok)
+    )(q, keys, G, G_tok, corrected, S_in, dS_out, do, dv)
+    return dq, dk, dw, dG.sum(0).at[..., rank - 1 :: rank].add(dG_tok.sum(0))
 
 
-def chunk_output_bwd_reference(q, keys, G, w, u, S_in, dS_out, do, dv, *, rank: int, scale: float, num_warps: int = 4,
-                               num_stages: int = 1, interpret: bool | None = None):
-    """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision."""
-    del num_warps, num_stages, interpret
+def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
+                               block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
+                               interpret: bool | None = None):
+    """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision (all of ``K`` at once)."""
+    del block_k, num_warps, num_stages, interpret
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
-        q, keys, G, G[..., rank - 1 :: rank], G[..., -1], w, u, S_in.astype(acc), dS_out, do, dv)
+        q, keys, G, G[..., rank - 1 :: rank], G[..., -1], corrected.astype(acc), S_in.astype(acc),
+        dS_out.astype(acc), do, dv)
     return dq, dk, dw, dG.at[..., rank - 1 :: rank].add(dG_tok)

@@ -51,7 +51,8 @@ ASSOCIATIVE = ("segmented", "xla")
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch options: Triton warps/stages per kernel and the state passes' ``V`` block.
+    """Launch options: Triton warps/stages per kernel, the state passes' ``V`` block and the output
+    backward's ``K`` block (``backward_warps``: the output and transfer backward kernels).
 
     transfer_mode: matmul mode of the ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16
     operands, full precision otherwise). assoc: "segmented" or "xla" (see the module docstring);
@@ -67,6 +68,8 @@ class Tuning:
     output_warps: int = 4
     assoc: str = "segmented"
     backward: str = "kernels"
+    backward_warps: int = 4
+    block_k: int = 64
     segment_programs: int = 256
 
 
@@ -123,8 +126,8 @@ def _kernel_backward_transfer(solver: FlowSolver, n: int) -> bool:
 
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
     """The forward kernels. qc: [BH, N, C, K], keys: [BH, N, C, R, K], values: [BH, N, C, R, V], beta, alpha:
-    [BH, N, C, R], log_decay: [BH, N, C], S0: [BH, K, V] -> ((o, S_final), (w, u, T, S_in)); ``T`` is saved
-    (``save``) for the exact solver's backward, else None."""
+    [BH, N, C, R], log_decay: [BH, N, C], S0: [BH, K, V] -> ((o, S_final), (w, u, T, S_in, corrected)); with
+    ``save`` (the kernels' backward), ``corrected = u - w S_in`` and, for the exact solver, ``T``, else None."""
     BH, N, C, R, K = keys.shape
     t = st.tuning
     save_transfer = save and isinstance(st.solver, Exact) and _kernel_backward_transfer(st.solver, C * R)
@@ -141,8 +144,9 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: 
     else:
         S_in, S_final = segmented_states(keys, G, w, u, S0, t)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype,
-                            num_warps=t.output_warps)
-    return (o, S_final), (w, u, T[0] if T else None, S_in)
+                            save_corrected=save, num_warps=t.output_warps)
+    o, corrected = o if save else (o, None)
+    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected)
 
 
 def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
@@ -167,7 +171,7 @@ def _pallas_flow_fwd(st: _Static, *args):
 
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
-    args, (w, u, T, S_in) = residuals
+    args, (w, u, T, S_in, corrected) = residuals
     if st.tuning.backward == "reference":
         return jax.vjp(lambda *a: _reference_stages(st, *a), *args)[1](cotangents)
     qc, keys, values, beta, alpha, log_decay, S0 = args
@@ -179,9 +183,9 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     dS_out, dv, dS0 = state_pass_bwd_kernel(qc, flat_keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
                                             scale=st.scale, block_v=min(t.block_v, u.shape[-1]),
                                             num_warps=t.state_warps, num_stages=t.state_stages)
-    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, flat_keys, G, w, u, S_in, dS_out, do, dv, rank=R, scale=st.scale,
-                                             num_warps=t.output_warps)
-    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.transfer_warps)
+    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, flat_keys, G, corrected, S_in, dS_out, do, dv, rank=R,
+                                             scale=st.scale, block_k=t.block_k, num_warps=t.backward_warps)
+    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
                     if _kernel_backward_transfer(st.solver, C * R) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
                                                              solver=st.solver)
