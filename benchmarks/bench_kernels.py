@@ -1,13 +1,14 @@
 """GPU benchmark of backend="pallas": correctness against the xla backend and fla, then timings.
 
-    python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check]
+    python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
+        [--no-fla | --fla-only]
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
-copies: outputs, final states and gradients, on 1x1024x4x128x128; vs fla's chunk_delta_rule /
+copies: outputs, final states and gradients, on 1x1024x4x128x128, ungated and gated; vs fla's chunk_delta_rule /
 chunk_gated_delta_rule outputs on every shape) and times (median ms a call, warm-up excluded;
 batches of back-to-back calls for JAX, triton do_bench for fla) flowssm pallas (both scans, forward and
 forward+backward), fla, and on the first shape the xla backend, the approximate solvers and every
-kernel alone; ``--sweep`` times launch variants on the first shape. Prints as it goes and a table at the
+kernel alone; ``--sweep`` times launch variants on the first shape (right after it). Prints as it goes and a table at the
 end, writes JSON to $OUT (or --out) after every shape.
 """
 
@@ -121,47 +122,45 @@ def timed(fn, *args, reps: int, batch: int = 10) -> float:
 
 
 def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
-    """Each pallas kernel alone (gated, exact), forward and backward, on head-major bf16 inputs."""
-    path = make_path(k, v, beta, g, dtype=jnp.bfloat16)
-    B, H, T, R, K = path.keys.shape
-    V = path.values.shape[-1]
+    """Each pallas kernel alone (gated, exact), forward and backward, on token-major bf16 operands (as
+    ``chunked_pallas`` passes them)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
     N, BH, C = T // CHUNK, B * H, CHUNK
-    keys = path.keys.reshape(BH, N, C, 1, K)
-    values = path.values.reshape(BH, N, C, 1, V)
-    b = path.beta.astype(jnp.float32).reshape(BH, N, C, 1)
-    ld = path.log_decay.astype(jnp.float32).reshape(BH, N, C)
-    head_major = lambda x: jnp.moveaxis(x, 2, 1).reshape(BH, N, C, x.shape[-1])
-    qc, dO = head_major(q), head_major(do)
+    token = lambda x: x.reshape(B, N, C, H, x.shape[-1])
+    head_major = lambda x: jnp.moveaxis(x, 2, 1).reshape(BH, N, C).astype(jnp.float32)
+    qc, keys, values, dO = map(token, (q, k, v, do))
+    b, ld = head_major(beta), head_major(g)
     S0 = jnp.zeros((BH, K, V), jnp.float32)
     solver, scale, bv = get_solver("exact"), K**-0.5, min(tuning.block_v, V)
     transfer = jax.jit(lambda *a: ct.chunk_transfer_kernel(*a, solver=solver, mode="tf32", save_transfer=True,
-                                                          num_warps=tuning.transfer_warps))
+                                                          heads=H, num_warps=tuning.transfer_warps))
     w, u, Tm = transfer(keys, values, b, b, ld)
     G = ct.micro_log_decay(ld, 1)
-    kf = keys.reshape(BH, N, C, K)
-    state = jax.jit(lambda *a: sp.state_pass_kernel(*a, block_v=bv, num_warps=tuning.state_warps,
+    state = jax.jit(lambda *a: sp.state_pass_kernel(*a, heads=H, block_v=bv, num_warps=tuning.state_warps,
                                                    num_stages=tuning.state_stages))
-    S_in, _ = state(kf, G, w, u, S0)
-    output = jax.jit(lambda *a: co.chunk_output_kernel(*a, rank=1, scale=scale, out_dtype=jnp.bfloat16,
-                                                         num_warps=tuning.output_warps))
+    S_in, _ = state(keys, G, w, u, S0)
+    output = jax.jit(lambda *a: co.chunk_output_kernel(*a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H,
+                                                         save_corrected=True, num_warps=tuning.output_warps))
+    _, corrected = output(qc, keys, G, w, u, S_in)
     segmented = jax.jit(lambda *a: kc.segmented_states(*a, tuning))
-    state_bwd = jax.jit(lambda *a: sp.state_pass_bwd_kernel(*a, rank=1, scale=scale, block_v=bv,
+    keys_hm = jnp.moveaxis(keys, 3, 1).reshape(BH, N, C, K)
+    state_bwd = jax.jit(lambda *a: sp.state_pass_bwd_kernel(*a, rank=1, scale=scale, heads=H, block_v=bv,
                                                            num_warps=tuning.state_warps, num_stages=tuning.state_stages))
-    dS_out, dv, _ = state_bwd(qc, kf, G, w, dO, S0)
-    output_bwd = jax.jit(lambda *a: co.chunk_output_bwd_kernel(*a, rank=1, scale=scale, num_warps=tuning.output_warps))
-    _, _, dw, _ = output_bwd(qc, kf, G, w, u, S_in, dS_out, dO, dv)
-    transfer_bwd = jax.jit(lambda *a: ct.chunk_transfer_bwd_kernel(*a, solver=solver, num_warps=tuning.transfer_warps))
-    direct = jax.jit(lambda q_, p, s: chunked_pallas(q_, p, s, scale=scale, chunk_size=CHUNK, solver=solver,
-                                                    scan="sequential", semantics="discrete", tuning=tuning)[0])
+    dS_out, dv, _ = state_bwd(qc, keys, G, w, dO, S0)
+    output_bwd = jax.jit(lambda *a: co.chunk_output_bwd_kernel(*a, rank=1, scale=scale, heads=H, block_k=tuning.block_k,
+                                                               num_warps=tuning.backward_warps))
+    _, _, dw, _ = output_bwd(qc, keys, G, corrected, S_in, dS_out, dO, dv)
+    transfer_bwd = jax.jit(lambda *a: ct.chunk_transfer_bwd_kernel(*a, solver=solver, heads=H,
+                                                                   num_warps=tuning.backward_warps))
     return {
         "transfer": timed(transfer, keys, values, b, b, ld, reps=reps),
-        "state_pass": timed(state, kf, G, w, u, S0, reps=reps),
-        "assoc_segmented": timed(segmented, kf, G, w, u, S0, reps=reps),
-        "output": timed(output, qc, kf, G, w, u, S_in, reps=reps),
-        "state_pass_bwd": timed(state_bwd, qc, kf, G, w, dO, S0, reps=reps),
-        "output_bwd": timed(output_bwd, qc, kf, G, w, u, S_in, dS_out, dO, dv, reps=reps),
+        "state_pass": timed(state, keys, G, w, u, S0, reps=reps),
+        "assoc_segmented (head-major keys)": timed(segmented, keys_hm, G, w, u, S0, reps=reps),
+        "output": timed(output, qc, keys, G, w, u, S_in, reps=reps),
+        "state_pass_bwd": timed(state_bwd, qc, keys, G, w, dO, S0, reps=reps),
+        "output_bwd": timed(output_bwd, qc, keys, G, corrected, S_in, dS_out, dO, dv, reps=reps),
         "transfer_bwd": timed(transfer_bwd, keys, values, b, b, ld, Tm, w, u, dw, dv, reps=reps),
-        "chunked_pallas_headmajor_bf16": timed(direct, q, path, jnp.zeros((B, H, K, V), jnp.float32), reps=reps),
     }
 
 
@@ -170,26 +169,39 @@ def check(say):
     q, k, v, beta, g, do = inputs(1, 1, 1024, 4, 128, 128)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, beta)]
     out = {}
-    for gated in (False, True):
-        for scan in ("sequential", "associative"):
-            pf, pb = fns(gated, backend="pallas", scan=scan)
-            xf, xb = fns(gated, backend="xla", scan=scan)
-            o, S = pf(q, k, v, beta, g)
-            o_r, S_r = xf(*f32, g)
-            grads = [rel(a, b) for a, b in zip(pb(q, k, v, beta, g, do), xb(*f32, g, do))]
-            tag = f"{'gated' if gated else 'plain'}_{scan[:3]}"
-            out.update({f"err_o_{tag}": rel(o, o_r), f"err_S_{tag}": rel(S, S_r), f"err_grads_{tag}": grads})
-            say(tag, "rel err o / S / grads(q, k, v, beta[, g])", out[f"err_o_{tag}"], out[f"err_S_{tag}"], grads)
+    for gated, scan in ((False, "sequential"), (True, "sequential"), (True, "associative")):
+        pf, pb = fns(gated, backend="pallas", scan=scan)
+        xf, xb = fns(gated, backend="xla", scan=scan)
+        o, S = pf(q, k, v, beta, g)
+        o_r, S_r = xf(*f32, g)
+        grads = [rel(a, b) for a, b in zip(pb(q, k, v, beta, g, do), xb(*f32, g, do))]
+        tag = f"{'gated' if gated else 'plain'}_{scan[:3]}"
+        out.update({f"err_o_{tag}": rel(o, o_r), f"err_S_{tag}": rel(S, S_r), f"err_grads_{tag}": grads})
+        say(tag, "rel err o / S / grads(q, k, v, beta[, g])", out[f"err_o_{tag}"], out[f"err_S_{tag}"], grads)
     return out
 
 
-def bench_shape(shape, reps, fla_ok, first, say):
+def fla_row(row, args, do, say):
+    """fla's timings on the same inputs and the relative error of pallas's outputs against fla's."""
+    fl = fla_times(*args, do)
+    o_p, S_p = fns(False, backend="pallas")[0](*args)
+    go_p, gS_p = fns(True, backend="pallas")[0](*args)
+    row.update(err_o_vs_fla=rel(o_p, fl["o"]), err_S_vs_fla=rel(S_p, fl["S"]),
+               err_go_vs_fla=rel(go_p, fl["go"]), err_gS_vs_fla=rel(gS_p, fl["gS"]),
+               fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], fla_gated_fwd=fl["gfwd"])
+    say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
+
+
+def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True):
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {"shape": "x".join(map(str, shape))}
     args = (q, k, v, beta, g)
+    if not flowssm_ok:
+        fla_row(row, args, do, say)
+        return row
     variants = [("pallas_seq", dict(backend="pallas", scan="sequential")),
                 ("pallas_assoc", dict(backend="pallas", scan="associative"))]
-    if first:
+    if first and xla:
         variants += [("xla_seq", dict(backend="xla", scan="sequential"))]
     for name, opts in variants:
         row[f"{name}_fwd"] = timed(fns(False, **opts)[0], *args, reps=reps)
@@ -210,13 +222,7 @@ def bench_shape(shape, reps, fla_ok, first, say):
     row.update(tflops=flops / t / 1e9, gbps=byts / t / 1e6, flops=flops, kernel_bytes=byts, floor_bytes=floor,
                floor_ms=max(flops / PEAK_TFLOPS / 1e9, floor / PEAK_TBPS / 1e9))
     if fla_ok:
-        fl = fla_times(q, k, v, beta, g, do)
-        o_p, S_p = fns(False, backend="pallas")[0](*args)
-        go_p, gS_p = fns(True, backend="pallas")[0](*args)
-        row.update(err_o_vs_fla=rel(o_p, fl["o"]), err_S_vs_fla=rel(S_p, fl["S"]),
-                   err_go_vs_fla=rel(go_p, fl["go"]), err_gS_vs_fla=rel(gS_p, fl["gS"]),
-                   fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], fla_gated_fwd=fl["gfwd"])
-        say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
+        fla_row(row, args, do, say)
     return row
 
 
@@ -226,10 +232,10 @@ def sweep(shape, reps, say):
     B, _, H, K, V = shape
     S0_shape = (B, H, K, V)
     out = {}
-    for tuning in (Tuning(output_warps=8), Tuning(transfer_warps=8), Tuning(state_stages=3), Tuning(block_v=32),
-                   Tuning(transfer_mode="operand")):
+    for tuning in (Tuning(), Tuning(backward_warps=8), Tuning(block_k=32), Tuning(block_k=128), Tuning(output_warps=8),
+                   Tuning(state_stages=3), Tuning(transfer_mode="operand")):
         label = ", ".join(f"{f.name}={getattr(tuning, f.name)!r}" for f in dataclasses.fields(tuning)
-                          if getattr(tuning, f.name) != f.default)
+                          if getattr(tuning, f.name) != f.default) or "default"
         try:
             f = lambda q_, k_, v_, b_: chunked_pallas(
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
@@ -264,6 +270,9 @@ def main():
     parser.add_argument("--shapes", default="0,1,2,3")
     parser.add_argument("--sweep", action="store_true", help="launch variants on the first shape")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
+    parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()
@@ -273,11 +282,11 @@ def main():
         import fla  # noqa: F401
         import torch
 
-        fla_ok = torch.cuda.is_available()
+        fla_ok = torch.cuda.is_available() and not args.no_fla
     except ImportError as e:
         say("fla unavailable:", e)
         fla_ok = False
-    result = {"check": {} if args.no_check else check(say), "rows": []}
+    result = {"check": {} if args.no_check or args.fla_only else check(say), "rows": []}
 
     def save():
         if args.out:
@@ -286,11 +295,12 @@ def main():
 
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for j, shape in enumerate(shapes):
-        result["rows"].append(bench_shape(shape, args.reps, fla_ok, j == 0, say))
+        result["rows"].append(bench_shape(shape, args.reps, fla_ok, j == 0, say, xla=not args.no_xla,
+                                          flowssm_ok=not args.fla_only))
         save()
-    if args.sweep:
-        result["sweep"] = sweep(shapes[0], args.reps, say)
-        save()
+        if args.sweep and j == 0:
+            result["sweep"] = sweep(shape, args.reps, say)
+            save()
     print(table(result["rows"]))
 
 

@@ -37,11 +37,12 @@ def rel(a, b):
 
 
 def chunk_blocks(seed=0, BH=2, N=3, C=16, R=2, K=16, V=32):
+    """Head-major kernel operands, ``n = C R`` micro-steps a chunk."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    keys = jax.random.normal(ks[0], (BH, N, C, R, K), F32) * K**-0.5
-    values = jax.random.normal(ks[1], (BH, N, C, R, V), F32)
-    beta = jax.random.uniform(ks[2], (BH, N, C, R), F32, 0.0, 2.0)
-    alpha = jax.random.uniform(ks[3], (BH, N, C, R), F32)
+    keys = jax.random.normal(ks[0], (BH, N, C * R, K), F32) * K**-0.5
+    values = jax.random.normal(ks[1], (BH, N, C * R, V), F32)
+    beta = jax.random.uniform(ks[2], (BH, N, C * R), F32, 0.0, 2.0)
+    alpha = jax.random.uniform(ks[3], (BH, N, C * R), F32)
     log_decay = -jax.random.uniform(ks[4], (BH, N, C), F32, 0.0, 0.3)
     return keys, values, beta, alpha, log_decay
 
@@ -55,17 +56,18 @@ def test_chunk_transfer_kernel_matches_reference(solver):
 
 def test_state_pass_and_output_kernels_match_references():
     keys, values, beta, alpha, log_decay = chunk_blocks()
-    BH, N, C, R, K = keys.shape
+    BH, N, n, K = keys.shape
+    C = log_decay.shape[-1]
+    R = n // C
     w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
     G = kc.micro_log_decay(log_decay, R)
-    flat = keys.reshape(BH, N, C * R, K)
     S0 = jax.random.normal(jax.random.PRNGKey(1), (BH, K, values.shape[-1]), F32)
-    states = state_pass_kernel(flat, G, w, u, S0, block_v=16)
-    for a, b in zip(states, state_pass_reference(flat, G, w, u, S0)):
+    states = state_pass_kernel(keys, G, w, u, S0, block_v=16)
+    for a, b in zip(states, state_pass_reference(keys, G, w, u, S0)):
         assert rel(a, b) < 1e-5
     q = jax.random.normal(jax.random.PRNGKey(2), (BH, N, C, K), F32)
-    o = kc.chunk_output_kernel(q, flat, G, w, u, states[0], rank=R, scale=0.3)
-    assert rel(o, kc.chunk_output_reference(q, flat, G, w, u, states[0], rank=R, scale=0.3)) < 1e-5
+    o = kc.chunk_output_kernel(q, keys, G, w, u, states[0], rank=R, scale=0.3)
+    assert rel(o, kc.chunk_output_reference(q, keys, G, w, u, states[0], rank=R, scale=0.3)) < 1e-5
 
 
 @pytest.mark.parametrize("solver", [Exact(), Euler()], ids=repr)
@@ -83,22 +85,23 @@ def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
 
 def test_state_pass_and_output_backward_kernels_match_references():
     keys, values, beta, alpha, log_decay = chunk_blocks(seed=6)
-    BH, N, C, R, K = keys.shape
+    BH, N, n, K = keys.shape
     V = values.shape[-1]
+    C = log_decay.shape[-1]
+    R = n // C
     w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
     G = kc.micro_log_decay(log_decay, R)
-    flat = keys.reshape(BH, N, C * R, K)
     ks = jax.random.split(jax.random.PRNGKey(8), 4)
     q = jax.random.normal(ks[0], (BH, N, C, K), F32)
     do, dS_final = jax.random.normal(ks[1], (BH, N, C, V), F32), jax.random.normal(ks[2], (BH, K, V), F32)
     static = dict(rank=R, scale=0.3)
-    passes = [f(q, flat, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
+    passes = [f(q, keys, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
     for a, b in zip(*passes):
         assert rel(a, b) < 1e-5
     dS_out, dv, _ = passes[1]
-    S_in, _ = state_pass_reference(flat, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
-    _, corrected = kc.chunk_output_kernel(q, flat, G, w, u, S_in, save_corrected=True, **static)
-    outs = [f(q, flat, G, corrected, S_in, dS_out, do, dv, **static, **kw)
+    S_in, _ = state_pass_reference(keys, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
+    _, corrected = kc.chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
+    outs = [f(q, keys, G, corrected, S_in, dS_out, do, dv, **static, **kw)
             for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
@@ -150,7 +153,7 @@ def test_pallas_approximate_solvers_match_xla(solver):
     ],
 )
 def test_pallas_gradients_match_xla(backward, solver, scan, gated):
-    q, k, v, beta, g, S0 = make_inputs(2, 1, 40, 1, 16, 16, 2, gated=gated)
+    q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2, gated=gated)
     tuning = kc.Tuning(backward=backward)
 
     def loss(backend, *args):

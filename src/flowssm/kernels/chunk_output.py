@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from flowssm.kernels.common import compiler_params, dot, reference_dot, resolve_interpret
+from flowssm.kernels.common import (compiler_params, dot, head_major, layout_dims, reference_dot, resolve_interpret,
+                                    token_major, token_spec)
 
 
 def _mask_and_decay(G, G_tok, rank: int):
@@ -51,12 +52,13 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
-                        save_corrected: bool = False, num_warps: int = 4, num_stages: int = 1,
-                        interpret: bool | None = None):
+                        save_corrected: bool = False, heads: int | None = None, num_warps: int = 4,
+                        num_stages: int = 1, interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
-    with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``)."""
-    BH, N, C, K = q.shape
+    with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``).
+    With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``)."""
+    BH, N, C, K = layout_dims(q, heads)
     n, V = u.shape[2:]
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
@@ -72,27 +74,30 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
             r_ref[0][...] = corrected.astype(dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
+    tok = lambda r, d: token_spec(rows(r, d), heads)
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
-    out_shape = jax.ShapeDtypeStruct((BH, N, C, V), out_dtype)
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
     return pl.pallas_call(
         kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
         grid=(BH, N),
-        in_specs=[rows(C, K), rows(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V)],
-        out_specs=(rows(C, V), rows(n, V)) if save_corrected else rows(C, V),
+        in_specs=[tok(C, K), tok(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V)],
+        out_specs=(tok(C, V), rows(n, V)) if save_corrected else tok(C, V),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_output",
     )(q, keys, G, G_tok, w, u, S_in)
 
 
-def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None, num_warps: int = 4,
-                           num_stages: int = 1, interpret: bool | None = None):
+def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
+                           heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                           interpret: bool | None = None):
     """Same contract as :func:`chunk_output_kernel` (without ``save_corrected``), in plain jnp at full precision."""
     del num_warps, num_stages, interpret
+    q, keys = head_major(q, heads), head_major(keys, heads)
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
     o = jax.vmap(jax.vmap(block))(q, keys, G, G[..., rank - 1 :: rank], w, u, S_in.astype(G.dtype))
-    return o.astype(out_dtype or G.dtype)
+    return token_major(o.astype(out_dtype or G.dtype), heads)
 
 
 def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
@@ -123,7 +128,8 @@ def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, ra
 
 
 def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
-                            block_k: int = 64, num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                            heads: int | None = None, block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
+                            interpret: bool | None = None):
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
     (head, chunk, block of ``K`` columns).
 
@@ -131,8 +137,9 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
     (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K], dkeys, dw: [BH, N, n, K],
     dG: [BH, N, n]) in float32 (float64 for float64 ``G``); dG includes the token decays' share.
+    With ``heads=H``, q, keys, do, dq and dkeys are token-major.
     """
-    BH, N, C, K = q.shape
+    BH, N, C, K = layout_dims(q, heads)
     n, V = corrected.shape[2:]
     bk = min(block_k, K)
     nkb = K // bk
@@ -153,13 +160,14 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     state = pl.BlockSpec((None, None, bk, V), lambda i, c, j: (i, c, j, 0))
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
-    shapes = ((BH, N, C, K), (BH, N, n, K), (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
+    tok = lambda spec: token_spec(spec, heads)
+    shapes = (q.shape, keys.shape, (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
     dq, dk, dw, dG, dG_tok = pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
         grid=(BH, N, nkb),
-        in_specs=[cols(C), cols(n), vec(n), vec(C), rows(n, V), state, state, rows(C, V), rows(n, V)],
-        out_specs=(cols(C), cols(n), cols(n), share(n), share(C)),
+        in_specs=[tok(cols(C)), tok(cols(n)), vec(n), vec(C), rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
+        out_specs=(tok(cols(C)), tok(cols(n)), cols(n), share(n), share(C)),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_output_bwd",
@@ -168,13 +176,14 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
 
 
 def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
-                               block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
+                               heads: int | None = None, block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
                                interpret: bool | None = None):
     """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision (all of ``K`` at once)."""
     del block_k, num_warps, num_stages, interpret
+    q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
         q, keys, G, G[..., rank - 1 :: rank], G[..., -1], corrected.astype(acc), S_in.astype(acc),
         dS_out.astype(acc), do, dv)
-    return dq, dk, dw, dG.at[..., rank - 1 :: rank].add(dG_tok)
+    return token_major(dq, heads), token_major(dk, heads), dw, dG.at[..., rank - 1 :: rank].add(dG_tok)

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels.common import compiler_params, dot, resolve_interpret
+from flowssm.kernels.common import compiler_params, dot, head_major, layout_dims, resolve_interpret, token_spec
 from flowssm.paths import Path
 from flowssm.solvers import Euler, Exact, FlowSolver, Signature
 
@@ -76,24 +76,24 @@ def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
-                          save_transfer: bool = False, num_warps: int = 4, num_stages: int = 1,
-                          interpret: bool | None = None):
-    """Generators of every chunk, one program per (head, chunk).
+                          save_transfer: bool = False, heads: int | None = None, num_warps: int = 4,
+                          num_stages: int = 1, interpret: bool | None = None):
+    """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
-    keys: [BH, N, C, R, K], values: [BH, N, C, R, V], beta, alpha: [BH, N, C, R], log_decay: [BH, N, C]
-    (per token) -> (w: [BH, N, C R, K], u: [BH, N, C R, V]) in the dtype of ``keys`` (the operand dtype),
-    followed by ``T: [BH, N, C R, C R]`` (same dtype) with ``save_transfer`` (exact solver only: the
-    backward's ``T^T``). ``mode``: matmul mode of the ``T`` powers (see ``common.DOT_MODES``).
+    keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
+    ``common``), beta, alpha: [BH, N, n], log_decay: [BH, N, C] (per token) -> (w: [BH, N, n, K],
+    u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
+    dtype) with ``save_transfer`` (exact solver only: the backward's ``T^T``). ``mode``: matmul mode of
+    the ``T`` powers (see ``common.DOT_MODES``).
     """
-    BH, N, C, R, K = keys.shape
+    BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
-    n = C * R
+    R = n // log_decay.shape[-1]
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     plan = transfer_plan(solver, n)
     if save_transfer and not (isinstance(solver, Exact) and plan[0] == "doubling"):
         raise ValueError(f"save_transfer: T is saved for the exact solver with n = C R > 1 only, got {solver!r}, n = {n}")
-    flat = lambda x: x.reshape(BH, N, n, *x.shape[4:])
     G = micro_log_decay(log_decay, R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
@@ -112,20 +112,25 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[rows(K), rows(V), vec, vec, vec],
+        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, vec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_transfer",
-    )(flat(keys), flat(values), flat(beta), flat(alpha), G)
+    )(keys, values, beta, alpha, G)
 
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
-                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                             heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                             interpret: bool | None = None):
     """Same contract as :func:`chunk_transfer_kernel`, through ``chunks.build_system`` and ``solver.solve``."""
     del mode, num_warps, num_stages, interpret
+    keys, values = head_major(keys, heads), head_major(values, heads)
+    BH, N, n, _ = keys.shape
+    C = log_decay.shape[-1]
     f32 = jnp.promote_types(keys.dtype, jnp.float32)
-    path = Path(keys.astype(f32), values.astype(f32), beta.astype(f32), alpha.astype(f32), log_decay.astype(f32))
+    by_token = lambda x: x.astype(f32).reshape(BH, N, C, n // C, *x.shape[3:])
+    path = Path(by_token(keys), by_token(values), by_token(beta), by_token(alpha), log_decay.astype(f32))
     sol = jax.vmap(jax.vmap(lambda c: solver.solve(chunks.build_system(c, "discrete"))))(path)
     return sol.w.astype(keys.dtype), sol.u.astype(keys.dtype)
 
@@ -161,16 +166,17 @@ def _transfer_bwd_block(k, v, beta, alpha, G, T, w, u, dw, du, *, exact: bool, o
 
 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
-                              num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                              heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                              interpret: bool | None = None):
     """Backward of :func:`chunk_transfer_kernel` for ``exact`` (``T`` saved by the forward) and ``euler``
     (``T = None``), one program per (head, chunk).
 
-    Shapes as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V] -> (dkeys, dvalues,
-    dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs).
+    Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
+    -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs).
     """
-    BH, N, C, R, K = keys.shape
+    BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
-    n = C * R
+    R = n // log_decay.shape[-1]
     exact = transfer_plan(solver, n)[0] == "doubling"
     if not isinstance(solver, (Exact, Euler)) or exact != (T is not None):
         raise ValueError(f"T: the transfer backward kernel needs the exact solver with its saved T, or euler with T=None;"
@@ -178,7 +184,6 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
-    flat = lambda x: x.reshape(BH, N, n, *x.shape[4:])
     G = micro_log_decay(log_decay, R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
@@ -192,29 +197,29 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
-    shapes = ((BH, N, n, K), (BH, N, n, V), (BH, N, n), (BH, N, n), (BH, N, n))
+    tk, tv = token_spec(rows(K), heads), token_spec(rows(V), heads)
+    shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), (BH, N, n))
     dk, dv, db, da, dG = pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
         grid=(BH, N),
-        in_specs=[rows(K), rows(V), vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
-        out_specs=(rows(K), rows(V), vec, vec, vec),
+        in_specs=[tk, tv, vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
+        out_specs=(tk, tv, vec, vec, vec),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_chunk_transfer_bwd",
-    )(flat(keys), flat(values), flat(beta), flat(alpha), G, w, u, dw, du, *([T] if exact else []))
-    _, G_vjp = jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)
-    unflat = lambda x, like: x.reshape(like.shape)
-    return unflat(dk, keys), unflat(dv, values), unflat(db, beta), unflat(da, alpha), G_vjp(dG)[0]
+    )(keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
+    return dk, dv, db, da, jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
 
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
-                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                                 heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                                 interpret: bool | None = None):
     """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
     (any solver; ``T``, ``w``, ``u`` unused)."""
     del T, w, u, num_warps, num_stages, interpret
     acc = jnp.promote_types(keys.dtype, jnp.float32)
     up = lambda x: x.astype(acc)
-    ref = lambda *a: chunk_transfer_reference(*a, solver=solver)
+    ref = lambda *a: chunk_transfer_reference(*a, solver=solver, heads=heads)
     _, vjp = jax.vjp(lambda *a: tuple(x.astype(acc) for x in ref(*a)), *map(up, (keys, values, beta, alpha, log_decay)))
     return vjp((up(dw), up(du)))

@@ -38,7 +38,7 @@ from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_k
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay,
                                             transfer_plan)
-from flowssm.kernels.common import DOT_MODES
+from flowssm.kernels.common import DOT_MODES, head_major
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
@@ -117,6 +117,7 @@ class _Static:
     scale: float
     mode: str
     tuning: Tuning
+    heads: int
 
 
 def _kernel_backward_transfer(solver: FlowSolver, n: int) -> bool:
@@ -125,38 +126,39 @@ def _kernel_backward_transfer(solver: FlowSolver, n: int) -> bool:
 
 
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
-    """The forward kernels. qc: [BH, N, C, K], keys: [BH, N, C, R, K], values: [BH, N, C, R, V], beta, alpha:
-    [BH, N, C, R], log_decay: [BH, N, C], S0: [BH, K, V] -> ((o, S_final), (w, u, T, S_in, corrected)); with
-    ``save`` (the kernels' backward), ``corrected = u - w S_in`` and, for the exact solver, ``T``, else None."""
-    BH, N, C, R, K = keys.shape
-    t = st.tuning
-    save_transfer = save and isinstance(st.solver, Exact) and _kernel_backward_transfer(st.solver, C * R)
+    """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
+    (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C], S0: [BH, K, V]
+    -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected)); with ``save`` (the kernels' backward),
+    ``corrected = u - w S_in`` and, for the exact solver, ``T``, else None."""
+    H, t = st.heads, st.tuning
+    C, n = qc.shape[2], keys.shape[2]
+    save_transfer = save and isinstance(st.solver, Exact) and _kernel_backward_transfer(st.solver, n)
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
-                                     save_transfer=save_transfer, num_warps=t.transfer_warps)
-    G = micro_log_decay(log_decay, R)
-    keys = keys.reshape(BH, N, C * R, K)
+                                     save_transfer=save_transfer, heads=H, num_warps=t.transfer_warps)
+    G = micro_log_decay(log_decay, n // C)
     if st.scan == "sequential":
-        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, block_v=min(t.block_v, u.shape[-1]),
+        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=min(t.block_v, u.shape[-1]),
                                           num_warps=t.state_warps, num_stages=t.state_stages)
     elif t.assoc == "xla":
-        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(chunk_flows(keys, G, w, u), S0)
+        flows = chunk_flows(head_major(keys, H), G, w, u)
+        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
         S_in = S_in.astype(keys.dtype)
     else:
-        S_in, S_final = segmented_states(keys, G, w, u, S0, t)
-    o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype,
-                            save_corrected=save, num_warps=t.output_warps)
+        S_in, S_final = segmented_states(head_major(keys, H), G, w, u, S0, t)
+    o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
+                            save_corrected=save, heads=H, num_warps=t.output_warps)
     o, corrected = o if save else (o, None)
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected)
 
 
 def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
     """:func:`_stages` through the jnp references (the sequential scan), for ``Tuning(backward="reference")``."""
-    BH, N, C, R, K = keys.shape
-    w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=st.solver)
+    R = keys.shape[2] // qc.shape[2]
+    w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=st.solver, heads=st.heads)
     G = micro_log_decay(log_decay, R)
-    keys = keys.reshape(BH, N, C * R, K)
-    S_in, S_final = state_pass_reference(keys, G, w, u, S0)
-    return chunk_output_reference(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype), S_final
+    S_in, S_final = state_pass_reference(keys, G, w, u, S0, heads=st.heads)
+    o = chunk_output_reference(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype, heads=st.heads)
+    return o, S_final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -176,21 +178,21 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         return jax.vjp(lambda *a: _reference_stages(st, *a), *args)[1](cotangents)
     qc, keys, values, beta, alpha, log_decay, S0 = args
     do, dS_final = cotangents
-    BH, N, C, R, K = keys.shape
-    t = st.tuning
+    H, t = st.heads, st.tuning
+    n = keys.shape[2]
+    R = n // qc.shape[2]
     G = micro_log_decay(log_decay, R)
-    flat_keys = keys.reshape(BH, N, C * R, K)
-    dS_out, dv, dS0 = state_pass_bwd_kernel(qc, flat_keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
-                                            scale=st.scale, block_v=min(t.block_v, u.shape[-1]),
-                                            num_warps=t.state_warps, num_stages=t.state_stages)
-    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, flat_keys, G, corrected, S_in, dS_out, do, dv, rank=R,
-                                             scale=st.scale, block_k=t.block_k, num_warps=t.backward_warps)
+    dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+                                            heads=H, block_v=min(t.block_v, u.shape[-1]), num_warps=t.state_warps,
+                                            num_stages=t.state_stages)
+    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
+                                             heads=H, block_k=t.block_k, num_warps=t.backward_warps)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
-                    if _kernel_backward_transfer(st.solver, C * R) else chunk_transfer_bwd_reference)
+                    if _kernel_backward_transfer(st.solver, n) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
-                                                             solver=st.solver)
+                                                             solver=st.solver, heads=H)
     dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
-    grads = (dq, dkeys + dk.reshape(keys.shape), dvalues, dbeta, dalpha, dlog_decay, dS0)
+    grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
     return tuple(d.astype(x.dtype) for d, x in zip(grads, args))
 
 
@@ -229,14 +231,15 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     BH = B * H
     od = operand_dtype(q, path)
     path = pad_path(path, N * C)
-    keys = _pad_to(path.keys, {3: Rp, 4: Kp}).astype(od).reshape(BH, N, C, Rp, Kp)
-    values = _pad_to(path.values, {3: Rp, 4: Vp}).astype(od).reshape(BH, N, C, Rp, Vp)
-    beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, C, Rp) for x in (path.beta, path.alpha))
+    # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
+    # make_path's head-major transpose and the round trip through the path dtype
+    token_major = lambda x, d: jnp.moveaxis(_pad_to(x, {3: Rp, 4: d}), 1, 3).astype(od).reshape(B, N, n, H, d)
+    keys, values = token_major(path.keys, Kp), token_major(path.values, Vp)
+    beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
     log_decay = path.log_decay.reshape(BH, N, C)
-    qc = _pad_to(jnp.moveaxis(q, 2, 1), {2: N * C, 3: Kp}).astype(od).reshape(BH, N, C, Kp)
+    qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
     S0p = _pad_to(S0, {2: Kp, 3: Vp}).reshape(BH, Kp, Vp)
-
-    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning)
+    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H)
     o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p)
-    o = jnp.moveaxis(o.reshape(B, H, N * C, Vp)[:, :, :T, :V], 1, 2)
+    o = o.reshape(B, N * C, H, Vp)[:, :T, :, :V]
     return o.astype(path.keys.dtype), S_final.reshape(B, H, Kp, Vp)[..., :K, :V]

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 # Matmul modes inside kernels (operands -> float32 accumulation):
 #   "operand": operands in the kernel's operand dtype (bf16 tensor cores for bf16 inputs; IEEE
@@ -84,3 +85,47 @@ def with_reference_vjp(kernel, reference):
 
     f.defvjp(fwd, bwd)
     return lambda *args, **static: f(tuple(sorted(static.items())), *args)
+
+
+# Token-major operands. Arrays derived from the inputs (queries, keys, values, outputs and their
+# cotangents) can stay in fla's layout, chunked: [B, N, r, H, d] is a free reshape of [B, T, H, d].
+# Kernels take ``heads=H`` for that layout, ``heads=None`` for head-major [B H, N, r, d]; vectors and
+# the kernels' own intermediates are always head-major.
+
+
+def head_major(x, heads: int | None):
+    """[B, N, r, H, d] -> [B H, N, r, d] (a copy); identity for ``heads=None``."""
+    if heads is None:
+        return x
+    B, N, r, H, d = x.shape
+    return jnp.moveaxis(x, 3, 1).reshape(B * H, N, r, d)
+
+
+def token_major(x, heads: int | None):
+    """Inverse of :func:`head_major`: [B H, N, r, d] -> [B, N, r, H, d]."""
+    if heads is None:
+        return x
+    BH, N, r, d = x.shape
+    return jnp.moveaxis(x.reshape(BH // heads, heads, N, r, d), 1, 3)
+
+
+def layout_dims(x, heads: int | None) -> tuple[int, int, int, int]:
+    """(B H, N, r, d) of an operand in either layout."""
+    if heads is None:
+        return tuple(x.shape)
+    B, N, r, H, d = x.shape
+    return B * H, N, r, d
+
+
+def token_spec(spec: pl.BlockSpec, heads: int | None) -> pl.BlockSpec:
+    """A ``BlockSpec`` written for a head-major [B H, N, r, d] operand, moved to the token-major layout."""
+    if heads is None:
+        return spec
+    a, b, r, d = spec.block_shape
+    index = spec.index_map
+
+    def token_index(*grid):
+        bh, c, z, j = index(*grid)
+        return bh // heads, c, z, bh % heads, j
+
+    return pl.BlockSpec((a, b, r, None, d), token_index)

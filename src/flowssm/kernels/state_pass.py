@@ -25,15 +25,17 @@ from jax.experimental import pallas as pl
 
 from flowssm.flows import WYFlow
 from flowssm.kernels.chunk_output import attention_block
-from flowssm.kernels.common import compiler_params, dot, reference_dot, resolve_interpret
+from flowssm.kernels.common import (compiler_params, dot, head_major, layout_dims, reference_dot, resolve_interpret,
+                                    token_spec)
 from flowssm.scan import chunk_states
 
 
-def state_pass_kernel(keys, G, w, u, S0, *, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool | None = None):
-    """keys, w: [BH, N, n, K]; G: [BH, N, n]; u: [BH, N, n, V]; S0: [BH, K, V] (float32/64)
-    -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V] in the dtype of ``S0``)."""
-    BH, N, n, K = keys.shape
+def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, block_v: int = 64, num_warps: int = 4,
+                      num_stages: int = 2, interpret: bool | None = None):
+    """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n]; u: [BH, N, n, V];
+    S0: [BH, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V] in the
+    dtype of ``S0``)."""
+    BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     bv = min(block_v, V)
     interpret = resolve_interpret(interpret)
@@ -57,7 +59,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, block_v: int = 64, num_warps: int = 
         out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, K, V), S0.dtype)),
         grid=(BH, V // bv),
         in_specs=[
-            whole(K),
+            token_spec(whole(K), heads),
             pl.BlockSpec((None, N, n), lambda i, j: (i, 0, 0)),
             whole(K),
             pl.BlockSpec((None, N, n, bv), lambda i, j: (i, 0, 0, j)),
@@ -81,10 +83,11 @@ def chunk_flows(keys, G, w, u) -> WYFlow:
     return WYFlow(G_end, k_end, w.astype(f32), u.astype(f32))
 
 
-def state_pass_reference(keys, G, w, u, S0, *, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                         interpret: bool | None = None):
+def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, block_v: int = 64, num_warps: int = 4,
+                         num_stages: int = 2, interpret: bool | None = None):
     """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential)."""
     del block_v, num_warps, num_stages, interpret
+    keys = head_major(keys, heads)
     S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(chunk_flows(keys, G, w, u), S0)
     return S_in.astype(keys.dtype), S_final.astype(S0.dtype)
 
@@ -102,15 +105,16 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
     return dv, jnp.exp(G_end).astype(acc) * dS + mm(q_decay, do, trans_a=True) - mm(w, dv, trans_a=True)
 
 
-def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, block_v: int = 64,
-                          num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
+                          block_v: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
     """Reverse pass over chunks, one program per (head, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
-    the outputs), dS_final: [BH, K, V] -> (dS_out: [BH, N, K, V] (cotangent of the state leaving each chunk)
-    and dv': [BH, N, n, V], both in the dtype of ``keys``; dS0: [BH, K, V] in the dtype of ``dS_final``).
+    the outputs; q, keys and do token-major with ``heads=H``), dS_final: [BH, K, V] -> (dS_out: [BH, N, K, V]
+    (cotangent of the state leaving each chunk) and dv': [BH, N, n, V], both in the dtype of ``keys``;
+    dS0: [BH, K, V] in the dtype of ``dS_final``).
     """
-    BH, N, C, K = q.shape
+    BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
     V = do.shape[-1]
     bv = min(block_v, V)
@@ -140,7 +144,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype),
                    jax.ShapeDtypeStruct((BH, K, V), dS_final.dtype)),
         grid=(BH, V // bv),
-        in_specs=[whole(C, K), whole(n, K), vec(n), vec(C), whole(n, K), cols(C), state],
+        in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads), vec(n), vec(C), whole(n, K),
+                  token_spec(cols(C), heads), state],
         out_specs=(cols(K), cols(n), state),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
@@ -148,10 +153,11 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     )(q, keys, G, G_tok, w, do, dS_final)
 
 
-def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, block_v: int = 64,
-                             num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
+                             block_v: int = 64, num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
     """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision."""
     del block_v, num_warps, num_stages, interpret
+    q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     acc = dS_final.dtype
 
     def one_head(q, k, G, w, do, dS):
