@@ -1,7 +1,7 @@
 """GPU benchmark of backend="pallas": correctness against the xla backend and fla, then timings.
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
-        [--no-fla | --fla-only]
+        [--no-fla | --fla-only] [--fla-forward-only] [--lean]
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
 copies: outputs, final states and gradients, on 1x1024x4x128x128, ungated and gated; vs fla's chunk_delta_rule /
@@ -81,7 +81,7 @@ def work(B, T, H, K, V, C=CHUNK, factors=6):
     return flops * N * BH, byts * BH, floor_bytes * BH
 
 
-def fla_times(q, k, v, beta, g, do, reps_ms=200):
+def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True):
     import torch
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -99,7 +99,8 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200):
     out["go"], out["gS"] = (x.detach().float().cpu().numpy() for x in (go, gS))
     bench = lambda f: do_bench(f, warmup=50, rep=reps_ms, return_mode="median")
     out["fwd"] = bench(lambda: fwd()[0])
-    out["fwdbwd"] = bench(lambda: fwd()[0].backward(tdo))
+    if backward:
+        out["fwdbwd"] = bench(lambda: fwd()[0].backward(tdo))
     out["gfwd"] = bench(lambda: gfwd()[0])
     del tq, tk, tv, tb, tg, tdo
     torch.cuda.empty_cache()
@@ -181,23 +182,24 @@ def check(say):
     return out
 
 
-def fla_row(row, args, do, say):
+def fla_row(row, args, do, say, backward=True):
     """fla's timings on the same inputs and the relative error of pallas's outputs against fla's."""
-    fl = fla_times(*args, do)
+    fl = fla_times(*args, do, backward=backward)
     o_p, S_p = fns(False, backend="pallas")[0](*args)
     go_p, gS_p = fns(True, backend="pallas")[0](*args)
     row.update(err_o_vs_fla=rel(o_p, fl["o"]), err_S_vs_fla=rel(S_p, fl["S"]),
                err_go_vs_fla=rel(go_p, fl["go"]), err_gS_vs_fla=rel(gS_p, fl["gS"]),
-               fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], fla_gated_fwd=fl["gfwd"])
+               fla_fwd=fl["fwd"], fla_gated_fwd=fl["gfwd"], **({"fla_fwdbwd": fl["fwdbwd"]} if backward else {}))
     say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
 
 
-def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True):
+def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True):
+    """One shape's row; ``lean``: forward+backward of the sequential ungated variant only."""
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {"shape": "x".join(map(str, shape))}
     args = (q, k, v, beta, g)
     if not flowssm_ok:
-        fla_row(row, args, do, say)
+        fla_row(row, args, do, say, fla_backward)
         return row
     variants = [("pallas_seq", dict(backend="pallas", scan="sequential")),
                 ("pallas_assoc", dict(backend="pallas", scan="associative"))]
@@ -205,10 +207,11 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True):
         variants += [("xla_seq", dict(backend="xla", scan="sequential"))]
     for name, opts in variants:
         row[f"{name}_fwd"] = timed(fns(False, **opts)[0], *args, reps=reps)
-        row[f"{name}_fwdbwd"] = timed(fns(False, **opts)[1], *args, do, reps=reps)
+        if not lean or name == "pallas_seq":
+            row[f"{name}_fwdbwd"] = timed(fns(False, **opts)[1], *args, do, reps=reps)
         if name.startswith("pallas"):
             row[f"{name}_gated_fwd"] = timed(fns(True, **opts)[0], *args, reps=reps)
-        if name == "pallas_seq":
+        if name == "pallas_seq" and not lean:
             row[f"{name}_gated_fwdbwd"] = timed(fns(True, **opts)[1], *args, do, reps=reps)
         say(row["shape"], name, {key: round(val, 3) for key, val in row.items() if key.startswith(name)})
     if first:
@@ -222,7 +225,7 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True):
     row.update(tflops=flops / t / 1e9, gbps=byts / t / 1e6, flops=flops, kernel_bytes=byts, floor_bytes=floor,
                floor_ms=max(flops / PEAK_TFLOPS / 1e9, floor / PEAK_TBPS / 1e9))
     if fla_ok:
-        fla_row(row, args, do, say)
+        fla_row(row, args, do, say, fla_backward)
     return row
 
 
@@ -273,6 +276,8 @@ def main():
     parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
+    parser.add_argument("--fla-forward-only", action="store_true", help="skip fla's forward+backward")
+    parser.add_argument("--lean", action="store_true", help="fewer pallas variants (see bench_shape)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()
@@ -295,8 +300,9 @@ def main():
 
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for j, shape in enumerate(shapes):
-        result["rows"].append(bench_shape(shape, args.reps, fla_ok, j == 0, say, xla=not args.no_xla,
-                                          flowssm_ok=not args.fla_only))
+        result["rows"].append(bench_shape(shape, args.reps, fla_ok, j == 0 and not args.lean, say,
+                                          xla=not args.no_xla, flowssm_ok=not args.fla_only, lean=args.lean,
+                                          fla_backward=not args.fla_forward_only))
         save()
         if args.sweep and j == 0:
             result["sweep"] = sweep(shape, args.reps, say)

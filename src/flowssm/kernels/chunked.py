@@ -63,7 +63,7 @@ class Tuning:
     transfer_mode: str | None = None
     transfer_warps: int = 4
     state_warps: int = 4
-    state_stages: int = 2
+    state_stages: int = 3
     block_v: int = 64
     output_warps: int = 4
     assoc: str = "segmented"
