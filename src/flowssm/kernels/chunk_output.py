@@ -111,14 +111,12 @@ def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, ra
     n = k.shape[0]
     acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    do = scale * do.astype(acc)
     seen, decay = _mask_and_decay(G, G_tok, rank)
-    att = jnp.where(seen, mm(q, k, trans_b=True) * decay, 0.0)
-    d_att = mm(do, corrected, trans_b=True)
+    d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
+    through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * decay, 0.0)
     d_qk = jnp.where(seen, d_att * decay, 0.0)
-    dq_state = jnp.exp(G_tok)[:, None] * mm(do, S, trans_b=True)
+    dq_state = (scale * jnp.exp(G_tok))[:, None] * mm(do, S, trans_b=True)
     dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
-    through_att = d_att * att
     through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
     last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
     d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)

@@ -56,8 +56,6 @@ def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
     L = jnp.where(below, beta[:, None] * gram * decay, 0.0).astype(f32)
-    w = (beta * jnp.exp(G))[:, None] * k.astype(f32)
-    u = alpha[:, None] * v.astype(f32)
     kind, count = plan
     mm = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     if kind == "doubling":
@@ -67,8 +65,11 @@ def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
         for _ in range(count - 1):
             power = mm(power, power)
             T = T + mm(T, power)
-        return dot(T, w, operand_dtype=operand_dtype), dot(T, u, operand_dtype=operand_dtype), T
-    rk, rv = w, u
+        # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
+        w = dot(T * (beta * jnp.exp(G))[None, :], k, operand_dtype=operand_dtype)
+        return w, dot(T * alpha[None, :], v, operand_dtype=operand_dtype), T
+    rk = w = (beta * jnp.exp(G))[:, None] * k.astype(f32)
+    rv = u = alpha[:, None] * v.astype(f32)
     for _ in range(count):
         w = rk - mm(L, w)
         u = rv - mm(L, u)
@@ -135,34 +136,41 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
     return sol.w.astype(keys.dtype), sol.u.astype(keys.dtype)
 
 
-def _transfer_bwd_block(k, v, beta, alpha, G, T, w, u, dw, du, *, exact: bool, operand_dtype):
-    """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``) -> (dk, dv, db, da, dG).
+def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
+                        dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc):
+    """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
+    ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
+    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I`` (euler).
 
-    ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)`` below the diagonal,
-    then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I`` (euler).
+    Outputs are written as soon as they are final and operands loaded when first needed: fewer live
+    tiles, fewer registers.
     """
-    n = k.shape[0]
-    f32 = jnp.promote_types(operand_dtype, jnp.float32)
     mm = lambda a, b, **kw: dot(a, b, operand_dtype=operand_dtype, **kw)
-    kf = k.astype(f32)
+    beta, G = b_ref[...].astype(acc), g_ref[...].astype(acc)
     eG = jnp.exp(G)
+    drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
+    dv_ref[...] = (a_ref[...].astype(acc)[:, None] * drv).astype(dv_ref.dtype)
+    da_ref[...] = jnp.sum(drv * v_ref[...].astype(acc), axis=1).astype(da_ref.dtype)
     if exact:
-        drk, drv = mm(T, dw, trans_a=True), mm(T, du, trans_a=True)
-        below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
-        dL = -(mm(drk, w, trans_b=True) + mm(drv, u, trans_b=True))
-        decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
-        gram_decay = jnp.where(below, mm(k, k, trans_b=True) * decay, 0.0)
-        Z = dL * gram_decay  # d/db_i of L_im, per entry
-        dgram = jnp.where(below, dL * decay * beta[:, None], 0.0)
-        dk = mm(dgram, k) + mm(dgram, k, trans_a=True)
-        db = jnp.sum(Z, axis=1)
-        dG = beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)
-    else:
-        drk, drv = dw.astype(f32), du.astype(f32)
-        dk, db, dG = jnp.zeros_like(kf), jnp.zeros_like(beta), jnp.zeros_like(G)
-    through_k = jnp.sum(drk * kf, axis=1) * eG
-    return (dk + (beta * eG)[:, None] * drk, alpha[:, None] * drv, db + through_k,
-            jnp.sum(drv * v.astype(f32), axis=1), dG + beta * through_k)
+        dL = -mm(drv, u_ref[...], trans_b=True)
+    drk = mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
+    k = k_ref[...]
+    through_k = jnp.sum(drk * k.astype(acc), axis=1) * eG
+    dk = (beta * eG)[:, None] * drk
+    if not exact:
+        dk_ref[...] = dk.astype(dk_ref.dtype)
+        db_ref[...] = through_k.astype(db_ref.dtype)
+        dg_ref[...] = (beta * through_k).astype(dg_ref.dtype)
+        return
+    dL = dL - mm(drk, w_ref[...], trans_b=True)
+    n = k.shape[0]
+    below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
+    Z = jnp.where(below, dL * mm(k, k, trans_b=True) * decay, 0.0)  # d/db_i of L_im, per entry
+    db_ref[...] = (jnp.sum(Z, axis=1) + through_k).astype(db_ref.dtype)
+    dg_ref[...] = (beta * (jnp.sum(Z, axis=1) + through_k) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
+    dgram = jnp.where(below, dL * decay * beta[:, None], 0.0)
+    dk_ref[...] = (dk + mm(dgram, k) + mm(dgram, k, trans_a=True)).astype(dk_ref.dtype)
 
 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
@@ -187,13 +195,9 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     G = micro_log_decay(log_decay, R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
-        t_ref, (dk_ref, dv_ref, db_ref, da_ref, dg_ref) = (rest[0], rest[1:]) if exact else (None, rest)
-        grads = _transfer_bwd_block(
-            k_ref[...], v_ref[...], b_ref[...].astype(acc), a_ref[...].astype(acc), g_ref[...].astype(acc),
-            t_ref[...] if exact else None, w_ref[...], u_ref[...], dw_ref[...], du_ref[...], exact=exact,
-            operand_dtype=dtype)
-        for ref, x in zip((dk_ref, dv_ref, db_ref, da_ref, dg_ref), grads):
-            ref[...] = x.astype(ref.dtype)
+        t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
+        _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
+                            exact=exact, operand_dtype=dtype, acc=acc)
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))

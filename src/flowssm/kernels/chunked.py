@@ -4,11 +4,10 @@ Forward:
 
 1. ``chunk_transfer``: per (head, chunk), ``w, u`` from the chunk's system (Gram matrix and ``T``).
 2. the scan, giving the state entering every chunk: ``sequential`` runs the ``state_pass`` kernel over
-   all chunks; ``associative`` runs a two-level (blocked) scan of the same composition law: the
-   ``state_pass`` kernel computes, in parallel over segments of chunks, every chunk's prefix flow
-   ``(P_pre, Q_pre)`` inside its segment (as the state pass of ``[P | Q]`` from ``[I | 0]``); XLA
-   composes the segment flows (sequentially, few steps) and applies ``S_in = P_pre S_seg + Q_pre``.
-   ``Tuning(assoc="xla")`` uses ``jax.lax.associative_scan`` over dense chunk flows instead.
+   all chunks; ``associative`` runs a two-level (blocked) scan of the same composition law
+   (:func:`segmented_states`: segment flows in parallel, composed in XLA, then the state pass inside
+   every segment in parallel). ``Tuning(assoc="xla")`` uses ``jax.lax.associative_scan`` over dense
+   chunk flows instead.
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
 Backward (``Tuning(backward="kernels")``, a ``jax.custom_vjp`` over the three stages; residuals are the
@@ -88,24 +87,30 @@ def operand_dtype(q, path: Path):
 
 def segmented_states(keys, G, w, u, S0, tuning: Tuning):
     """Two-level scan. keys, w: [BH, N, n, K], G: [BH, N, n], u: [BH, N, n, V], S0: [BH, K, V]
-    -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V])."""
+    -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V]).
+
+    Segments of ``M`` chunks: (1) every segment's flow ``[P | Q]`` (the state pass of ``[P | Q]`` from
+    ``[I | 0]``, only its end written), in parallel over (head, segment); (2) XLA composes the segment
+    flows in order, giving the state entering each segment; (3) the state pass again, in parallel over
+    (head, segment), from those states: the states entering the chunks. Depth ``2 M + N / M`` steps
+    instead of ``N``, for twice the state-pass arithmetic.
+    """
     BH, N, n, K = keys.shape
     V = u.shape[-1]
     M = -(-N // max(1, min(N, tuning.segment_programs // BH)))  # chunks a segment
     segs = -(-N // M)
     pad = lambda x: _pad_to(x, {1: segs * M}).reshape(BH * segs, M, *x.shape[2:])  # identity chunks
+    keys, G, w, u = map(pad, (keys, G, w, u))
+    options = dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages)
     u_ext = jnp.concatenate([jnp.zeros_like(w), u], axis=-1)  # the pass of [P | Q] from [I | 0]
     start = jnp.concatenate([jnp.eye(K, dtype=S0.dtype), jnp.zeros((K, V), S0.dtype)], axis=-1)
-    pre, seg = state_pass_kernel(
-        pad(keys), pad(G), pad(w), pad(u_ext), jnp.broadcast_to(start, (BH * segs, K, K + V)),
-        block_v=min(tuning.block_v, K, V), num_warps=tuning.state_warps, num_stages=tuning.state_stages)
+    seg = state_pass_kernel(keys, G, w, u_ext, jnp.broadcast_to(start, (BH * segs, K, K + V)), write_states=False,
+                            block_v=min(tuning.block_v, K, V), **options)
     seg = seg.reshape(BH, segs, K, K + V)
-    segment_flows = DenseFlow(seg[..., :K], seg[..., K:])
-    S_seg, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(segment_flows, S0)
-    pre = pre.reshape(BH, segs, M, K, K + V)
-    S_in = jnp.einsum("bsmkj,bsjv->bsmkv", pre[..., :K], S_seg.astype(pre.dtype), preferred_element_type=S0.dtype)
-    S_in = (S_in + pre[..., K:]).reshape(BH, segs * M, K, V)[:, :N]
-    return S_in.astype(keys.dtype), S_final
+    S_seg, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(DenseFlow(seg[..., :K], seg[..., K:]), S0)
+    S_in, _ = state_pass_kernel(keys, G, w, u, S_seg.reshape(BH * segs, K, V), block_v=min(tuning.block_v, V),
+                                **options)
+    return S_in.reshape(BH, segs * M, K, V)[:, :N], S_final
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,6 @@ GPU parameters; deprecated, with a warning); on CPU they run in interpret mode.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -56,35 +54,14 @@ def dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, tr
 def reference_dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, trans_b: bool = False):
     """The references' matmul: same contract as :func:`dot`, operands upcast, full precision.
 
-    The references do not round operands to bf16, so their autodiff (the kernels' backward) runs in
-    float32 (float64 for float64 inputs).
+    The references do not round operands to bf16: their autodiff (``Tuning(backward="reference")``) runs
+    in float32 (float64 for float64 inputs).
     """
     del mode
     acc = jnp.promote_types(operand_dtype, jnp.float32)
     a = a.astype(acc).T if trans_a else a.astype(acc)
     b = b.astype(acc).T if trans_b else b.astype(acc)
     return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-
-
-def with_reference_vjp(kernel, reference):
-    """``kernel(*args, **static)`` forward, backward by autodiff of ``reference`` (recomputed).
-
-    ``static`` is passed as a tuple of ``(name, value)`` pairs (hashable, not differentiated).
-    """
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def f(static, *args):
-        return kernel(*args, **dict(static))
-
-    def fwd(static, *args):
-        return f(static, *args), args
-
-    def bwd(static, args, cotangent):
-        _, vjp = jax.vjp(lambda *a: reference(*a, **dict(static)), *args)
-        return vjp(cotangent)
-
-    f.defvjp(fwd, bwd)
-    return lambda *args, **static: f(tuple(sorted(static.items())), *args)
 
 
 # Token-major operands. Arrays derived from the inputs (queries, keys, values, outputs and their

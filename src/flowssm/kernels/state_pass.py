@@ -30,49 +30,53 @@ from flowssm.kernels.common import (compiler_params, dot, head_major, layout_dim
 from flowssm.scan import chunk_states
 
 
-def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, block_v: int = 64, num_warps: int = 4,
-                      num_stages: int = 2, interpret: bool | None = None):
+def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, block_v: int = 64,
+                      num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n]; u: [BH, N, n, V];
     S0: [BH, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V] in the
-    dtype of ``S0``)."""
+    dtype of ``S0``); with ``write_states=False`` only S_final."""
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     bv = min(block_v, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
 
-    def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, s_in_ref, s_out_ref):
+    def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *outs):
+        *s_in_ref, s_out_ref = outs
+
         def step(c, S):
-            s_in_ref[c] = S.astype(s_in_ref.dtype)
+            if write_states:
+                s_in_ref[0][c] = S.astype(dtype)
             G = g_ref[c]
             G_end = g_ref[c, n - 1]
             corrected = u_ref[c].astype(S.dtype) - dot(w_ref[c], S, operand_dtype=dtype)
-            k_end = jnp.exp(G_end - G).astype(S.dtype)[:, None] * k_ref[c].astype(S.dtype)
-            return jnp.exp(G_end).astype(S.dtype) * S + dot(k_end, corrected, operand_dtype=dtype, trans_a=True)
+            corrected = jnp.exp(G_end - G).astype(S.dtype)[:, None] * corrected  # k~^T r = k^T (e^{G_end - G} r)
+            return jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
 
         acc = jnp.promote_types(dtype, jnp.promote_types(S0.dtype, g_ref.dtype))
         s_out_ref[...] = lax.fori_loop(0, N, step, s0_ref[...].astype(acc)).astype(s_out_ref.dtype)
 
     whole = lambda d: pl.BlockSpec((None, N, n, d), lambda i, j: (i, 0, 0, 0))
-    return pl.pallas_call(
+    state = pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j))
+    states = pl.BlockSpec((None, N, K, bv), lambda i, j: (i, 0, 0, j))
+    S_final = jax.ShapeDtypeStruct((BH, K, V), S0.dtype)
+    out = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, K, V), S0.dtype)),
+        out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,),
         grid=(BH, V // bv),
         in_specs=[
             token_spec(whole(K), heads),
             pl.BlockSpec((None, N, n), lambda i, j: (i, 0, 0)),
             whole(K),
             pl.BlockSpec((None, N, n, bv), lambda i, j: (i, 0, 0, j)),
-            pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j)),
+            state,
         ],
-        out_specs=(
-            pl.BlockSpec((None, N, K, bv), lambda i, j: (i, 0, 0, j)),
-            pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j)),
-        ),
+        out_specs=(states, state) if write_states else (state,),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages, interpret),
         name="flowssm_state_pass",
     )(keys, G, w, u, S0)
+    return out if write_states else out[0]
 
 
 def chunk_flows(keys, G, w, u) -> WYFlow:
@@ -98,11 +102,10 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
-    do = scale * do.astype(acc)
-    k_end = jnp.exp(G_end - G).astype(acc)[:, None] * k.astype(acc)
-    dv = mm(att, do, trans_a=True) + mm(k_end, dS)
-    q_decay = jnp.exp(G_tok).astype(acc)[:, None] * q.astype(acc)
-    return dv, jnp.exp(G_end).astype(acc) * dS + mm(q_decay, do, trans_a=True) - mm(w, dv, trans_a=True)
+    # decays scale the small [rows, v] tiles, not the [rows, K] operands: fewer live float32 tiles
+    dv = scale * mm(att, do, trans_a=True) + jnp.exp(G_end - G).astype(acc)[:, None] * mm(k, dS)
+    do_decay = (scale * jnp.exp(G_tok)).astype(acc)[:, None] * do.astype(acc)
+    return dv, jnp.exp(G_end).astype(acc) * dS + mm(q, do_decay, trans_a=True) - mm(w, dv, trans_a=True)
 
 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
