@@ -122,47 +122,56 @@ def timed(fn, *args, reps: int, batch: int = 10) -> float:
     return float(np.median(times))
 
 
-def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
-    """Each pallas kernel alone (gated, exact), forward and backward, on token-major bf16 operands (as
-    ``chunked_pallas`` passes them)."""
+def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):
+    """Each pallas kernel (gated, exact) as ``chunked_pallas`` calls it, on token-major bf16 operands:
+    ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
+    (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU)."""
+    run = jax.eval_shape if isinstance(q, jax.ShapeDtypeStruct) else (lambda f, *a: f(*a))
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, BH, C = T // CHUNK, B * H, CHUNK
-    token = lambda x: x.reshape(B, N, C, H, x.shape[-1])
-    head_major = lambda x: jnp.moveaxis(x, 2, 1).reshape(BH, N, C).astype(jnp.float32)
+    token = lambda x: run(lambda y: y.reshape(B, N, C, H, y.shape[-1]), x)
+    head_major = lambda x: run(lambda y: jnp.moveaxis(y, 2, 1).reshape(BH, N, C).astype(jnp.float32), x)
     qc, keys, values, dO = map(token, (q, k, v, do))
     b, ld = head_major(beta), head_major(g)
-    S0 = jnp.zeros((BH, K, V), jnp.float32)
-    solver, scale, bv = get_solver("exact"), K**-0.5, min(tuning.block_v, V)
-    transfer = jax.jit(lambda *a: ct.chunk_transfer_kernel(*a, solver=solver, mode="tf32", save_transfer=True,
-                                                          heads=H, num_warps=tuning.transfer_warps))
-    w, u, Tm = transfer(keys, values, b, b, ld)
-    G = ct.micro_log_decay(ld, 1)
-    state = jax.jit(lambda *a: sp.state_pass_kernel(*a, heads=H, block_v=bv, num_warps=tuning.state_warps,
-                                                   num_stages=tuning.state_stages))
-    S_in, _ = state(keys, G, w, u, S0)
-    output = jax.jit(lambda *a: co.chunk_output_kernel(*a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H,
-                                                         save_corrected=True, num_warps=tuning.output_warps))
-    _, corrected = output(qc, keys, G, w, u, S_in)
+    S0 = run(lambda: jnp.zeros((BH, K, V), jnp.float32))
+    solver, scale, bv, t = get_solver("exact"), K**-0.5, min(tuning.block_v, V), tuning
+    opts = dict(interpret=interpret)
+    calls = {}
+
+    def add(name, fn, *args):
+        calls[name] = (jax.jit(fn), args)
+        return run(calls[name][0], *args)
+
+    w, u, Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
+        *a, solver=solver, mode="tf32", save_transfer=True, heads=H, num_warps=t.transfer_warps, **opts),
+        keys, values, b, b, ld)
+    G = run(lambda x: ct.micro_log_decay(x, 1), ld)
+    S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
+        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **opts), keys, G, w, u, S0)
+    _, corrected = add("output", lambda *a: co.chunk_output_kernel(
+        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, num_warps=t.output_warps,
+        **opts), qc, keys, G, w, u, S_in)
+    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(
+        *a, rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **opts),
+        qc, keys, G, w, dO, S0)
+    _, _, dw, _ = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
+        *a, rank=1, scale=scale, heads=H, block_k=t.block_k, num_warps=t.backward_warps, **opts),
+        qc, keys, G, corrected, S_in, dS_out, dO, dv)
+    add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(
+        *a, solver=solver, heads=H, num_warps=t.backward_warps, **opts), keys, values, b, b, ld, Tm, w, u, dw, dv)
+    return calls
+
+
+def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
+    """Median ms of each kernel of :func:`kernel_calls` alone, and of the segmented associative scan."""
+    calls = kernel_calls(q, k, v, beta, g, do, tuning)
+    times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
+    keys, G, w, u, S0 = calls["state_pass"][1]
+    keys_hm = jnp.moveaxis(keys, 3, 1).reshape(*G.shape, keys.shape[-1])
     segmented = jax.jit(lambda *a: kc.segmented_states(*a, tuning))
-    keys_hm = jnp.moveaxis(keys, 3, 1).reshape(BH, N, C, K)
-    state_bwd = jax.jit(lambda *a: sp.state_pass_bwd_kernel(*a, rank=1, scale=scale, heads=H, block_v=bv,
-                                                           num_warps=tuning.state_warps, num_stages=tuning.state_stages))
-    dS_out, dv, _ = state_bwd(qc, keys, G, w, dO, S0)
-    output_bwd = jax.jit(lambda *a: co.chunk_output_bwd_kernel(*a, rank=1, scale=scale, heads=H, block_k=tuning.block_k,
-                                                               num_warps=tuning.backward_warps))
-    _, _, dw, _ = output_bwd(qc, keys, G, corrected, S_in, dS_out, dO, dv)
-    transfer_bwd = jax.jit(lambda *a: ct.chunk_transfer_bwd_kernel(*a, solver=solver, heads=H,
-                                                                   num_warps=tuning.backward_warps))
-    return {
-        "transfer": timed(transfer, keys, values, b, b, ld, reps=reps),
-        "state_pass": timed(state, keys, G, w, u, S0, reps=reps),
-        "assoc_segmented (head-major keys)": timed(segmented, keys_hm, G, w, u, S0, reps=reps),
-        "output": timed(output, qc, keys, G, w, u, S_in, reps=reps),
-        "state_pass_bwd": timed(state_bwd, qc, keys, G, w, dO, S0, reps=reps),
-        "output_bwd": timed(output_bwd, qc, keys, G, corrected, S_in, dS_out, dO, dv, reps=reps),
-        "transfer_bwd": timed(transfer_bwd, keys, values, b, b, ld, Tm, w, u, dw, dv, reps=reps),
-    }
+    times["assoc_segmented (head-major keys)"] = timed(segmented, keys_hm, G, w, u, S0, reps=reps)
+    return times
 
 
 def check(say):
