@@ -184,3 +184,7 @@ def test_pallas_rejects_what_it_does_not_implement():
         flowssm.delta_rule(q, k, v, beta, backend="pallas", semantics="continuous", chunk_size=16)
     with pytest.raises(ValueError, match="chunk_size"):
         flowssm.delta_rule(q, k, v, beta, backend="pallas", chunk_size=24)
+    with pytest.raises(ValueError, match="Tuning.block_k"):
+        kc.Tuning(block_k=48)
+    with pytest.raises(ValueError, match="Tuning.backward"):
+        kc.Tuning(backward="xla")

@@ -71,6 +71,16 @@ class Tuning:
     block_k: int = 64
     segment_programs: int = 256
 
+    def __post_init__(self):
+        choices = {"transfer_mode": (None,) + DOT_MODES, "assoc": ASSOCIATIVE, "backward": BACKWARDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("block_v", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"Tuning.{name}: expected a power of two >= 16, got {value!r}")
+
 
 def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << (x - 1).bit_length())
@@ -209,6 +219,9 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
+    q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
+    the fla-layout arrays once XLA cancels ``make_path``'s transpose.
+
     Keys, values and queries enter the kernels in :func:`operand_dtype` (exact when ``k, v`` have the
     query's dtype); steps, decays and states stay in the path dtype. Only discrete semantics.
     """
@@ -220,12 +233,6 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size: backend='pallas' needs a power of two, got {chunk_size}")
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
-    if mode not in DOT_MODES:
-        raise ValueError(f"transfer_mode: expected one of {DOT_MODES}, got {mode!r}")
-    if tuning.backward not in BACKWARDS:
-        raise ValueError(f"backward: expected one of {BACKWARDS}, got {tuning.backward!r}")
-    if tuning.assoc not in ASSOCIATIVE:
-        raise ValueError(f"assoc: expected one of {ASSOCIATIVE}, got {tuning.assoc!r}")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]
     C, Rp, Kp, Vp = chunk_size, _pow2(R), _pow2(K, 16), _pow2(V, 16)
