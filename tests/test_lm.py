@@ -43,8 +43,51 @@ def test_num_params_counts_head_only_when_untied():
     assert untied - tied == VOCAB * D
     # embedding + final norm + per layer: 2 norms, mixer, SwiGLU (hidden 64 * ceil(8 * 32 / 3 / 64) = 128)
     model = LanguageModel(config(), rngs=nnx.Rngs(0))
-    mixer = sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks[0].mixer, nnx.Param)))
-    assert tied == VOCAB * D + D + 2 * (2 * D + mixer + 3 * D * 128)
+    mixers = sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks.mixer, nnx.Param)))  # both layers
+    assert tied == VOCAB * D + D + mixers + 2 * (2 * D + 3 * D * 128)
+
+
+def test_bf16_model_feeds_bf16_to_the_ops_keeps_float32_weights_and_logits(monkeypatch):
+    import flowssm
+
+    seen = []
+    delta_rule = flowssm.delta_rule
+    monkeypatch.setattr(flowssm, "delta_rule", lambda *a, **kw: seen.append([x.dtype for x in a]) or delta_rule(*a, **kw))
+    model = LanguageModel(config("gated_deltanet", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    logits = model(tokens())
+    q, k, v, beta, g = seen[0]
+    assert (q, k, v) == (jnp.bfloat16,) * 3 and (beta, g) == (jnp.float32,) * 2
+    assert logits.dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    exact = LanguageModel(config("gated_deltanet"), rngs=nnx.Rngs(0))(tokens())
+    assert float(jnp.max(jnp.abs(logits - exact))) < 0.05 * float(jnp.max(jnp.abs(exact)))
+
+
+def test_losses_match_the_cross_entropy_of_the_logits_and_remat_keeps_gradients():
+    model, toks = LanguageModel(config(), rngs=nnx.Rngs(0)), tokens()
+    nll, correct = model.losses(toks[:, :-1], toks[:, 1:], chunk=7)  # 36 positions: a ragged last chunk
+    logits = model(toks[:, :-1])
+    np.testing.assert_allclose(nll, optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]), atol=1e-5)
+    np.testing.assert_array_equal(correct, jnp.argmax(logits, -1) == toks[:, 1:])
+    remat = LanguageModel(config(remat=True), rngs=nnx.Rngs(0))
+    grad = lambda m: nnx.grad(lambda m: m.losses(toks[:, :-1], toks[:, 1:])[0].mean())(m)
+    for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(remat))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_layers_are_traced_once_whatever_the_depth():
+    size = lambda n: len(jax.make_jaxpr(lambda t: LanguageModel(config(n_layers=n), rngs=nnx.Rngs(0))(t))(tokens()).eqns)
+    assert size(2) == size(6)
+
+
+def test_prefill_then_decode_matches_the_forward():
+    model, toks = LanguageModel(config("gated_deltaproduct"), rngs=nnx.Rngs(0)), tokens()
+    last, cache = model.prefill(toks[:, :11])
+    logits = model(toks)
+    np.testing.assert_allclose(last, logits[:, 10], atol=1e-4)
+    for t in range(11, 14):
+        last, cache = model.decode_step(toks[:, t], cache)
+        np.testing.assert_allclose(last, logits[:, t], atol=1e-4)
 
 
 def test_greedy_generation_continues_with_the_forward_argmax():

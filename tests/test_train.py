@@ -96,10 +96,10 @@ def test_two_device_data_parallel_matches_one_device(tmp_path):
 
 def test_cli_reports_config_errors_by_key(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  dtype: fp8\n")
+    path.write_text("model:\n  dtype: fp8\n")
     assert main(["train", str(path)]) == 2
-    assert "train.dtype: expected one of ['float32', 'bfloat16'], got 'fp8'" in capsys.readouterr().err
-    assert main(["train", str(path), "train.dtype=bfloat16", "mesh.data=64", "train.batch_size=64",
+    assert "model.dtype: expected one of ('float32', 'bfloat16'), got 'fp8'" in capsys.readouterr().err
+    assert main(["train", str(path), "model.dtype=bfloat16", "mesh.data=64", "train.batch_size=64",
                  f"train.out_dir={tmp_path}"]) == 2
     assert "mesh.data: expected <= 8" in capsys.readouterr().err
     assert main(["compare", str(tmp_path)]) == 2

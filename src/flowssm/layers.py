@@ -10,6 +10,10 @@ Per token ``x_t`` (``D``) and head ``h``:
     y           = W_o [RMSNorm(o) * SiLU(x W_gate)]   (the gate only with output_gate)
 
 ``j = 1..R`` (DeltaProduct rank). Every knob comes from :class:`flowssm.models.config.MixerConfig`.
+
+Dtypes (Flax's ``dtype`` / ``param_dtype`` convention): parameters are stored in ``param_dtype``; the
+projections, the convolution and q, k, v run in ``dtype`` (bf16 q, k, v reach the ops, which accumulate
+in float32); the L2 norms, beta, the log-decay g and the norms' statistics are computed in float32.
 """
 
 from __future__ import annotations
@@ -30,20 +34,26 @@ from flowssm.solvers import get_solver
 class ShortConv(nnx.Module):
     """Causal depthwise convolution ``y_t = sum_{i < W} w_i * x_{t - W + 1 + i}``, no bias. x: [B, T, C]."""
 
-    def __init__(self, channels: int, width: int, *, rngs: nnx.Rngs):
-        self.width = width
+    def __init__(self, channels: int, width: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.width, self.dtype = width, dtype
         bound = 1.0 / math.sqrt(width)
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound))
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound))
 
     def __call__(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
         T = x.shape[1]
-        xp = jnp.pad(x, [(0, 0), (self.width - 1, 0), (0, 0)])
-        return sum(xp[:, i : i + T] * self.kernel[i] for i in range(self.width))
+        xp = jnp.pad(x.astype(self.dtype), [(0, 0), (self.width - 1, 0), (0, 0)])
+        kernel = self.kernel[...].astype(self.dtype)
+        return sum(xp[:, i : i + T] * kernel[i] for i in range(self.width))
+
+    def tail(self, x: Float[Array, "B T C"]) -> Float[Array, "B Wm1 C"]:
+        """The decode state after ``x``: its last ``W - 1`` inputs (zeros before the first token)."""
+        return jnp.pad(x, [(0, 0), (self.width - 1, 0), (0, 0)])[:, x.shape[1] :]
 
     def step(self, x_t: Float[Array, "B C"], state: Float[Array, "B Wm1 C"]):
         """One token; ``state`` holds the last ``W - 1`` inputs. Returns (y_t: [B, C], state)."""
-        window = jnp.concatenate([state, x_t[:, None]], axis=1)
-        return jnp.einsum("bwc,wc->bc", window, self.kernel[...]), window[:, 1:]
+        window = jnp.concatenate([state, x_t[:, None].astype(state.dtype)], axis=1)
+        y = jnp.einsum("bwc,wc->bc", window.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y, window[:, 1:]
 
 
 class MixerCache(NamedTuple):
@@ -54,14 +64,17 @@ class MixerCache(NamedTuple):
 
 
 def _l2norm(x: Array, eps: float = 1e-6) -> Array:
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    """``x / |x|`` over the last axis, computed in float32, returned in the dtype of ``x``."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class DeltaMixer(nnx.Module):
     """(Gated) DeltaNet / DeltaProduct / (gated) linear attention token mixer. x: [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, d_model: int, config: MixerConfig, *, rngs: nnx.Rngs):
-        validate_mixer(config, d_model)
+    def __init__(self, d_model: int, config: MixerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        validate_mixer(config, d_model, jnp.dtype(dtype).name)
         if config.family == "attention":
             raise ValueError("mixer.family: expected a DeltaNet or linear-attention family, got 'attention'")
         self.delta = config.family in DELTA_FAMILIES
@@ -72,18 +85,19 @@ class DeltaMixer(nnx.Module):
         self.semantics, self.beta_max = config.semantics, 2.0 if config.allow_neg_eigval else 1.0
         H, R, K = self.H, self.R, self.K
         self.qkv_dims = (H * K, H * R * K, H * R * K)  # q, k, v widths (V = K)
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, rngs=rngs)
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv_proj = lin(d_model, sum(self.qkv_dims))
-        self.conv = ShortConv(sum(self.qkv_dims), config.conv_size, rngs=rngs) if config.conv_size > 0 else None
+        self.conv = (ShortConv(sum(self.qkv_dims), config.conv_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     if config.conv_size > 0 else None)
         self.beta_proj = lin(d_model, H * R) if self.delta else None
         if self.gated:
             self.a_proj = lin(d_model, H)
             k1, k2 = jax.random.split(rngs.params())
-            self.A_log = nnx.Param(jnp.log(jax.random.uniform(k1, (H,), jnp.float32, 1.0, 16.0)))
+            self.A_log = nnx.Param(jnp.log(jax.random.uniform(k1, (H,), jnp.float32, 1.0, 16.0)).astype(param_dtype))
             dt = jnp.exp(jax.random.uniform(k2, (H,), jnp.float32, math.log(1e-3), math.log(1e-1)))
-            self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # softplus(dt_bias) = dt
+            self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))  # softplus(dt_bias) = dt
         self.gate_proj = lin(d_model, H * K) if config.output_gate else None
-        self.o_norm = nnx.RMSNorm(K, rngs=rngs)
+        self.o_norm = nnx.RMSNorm(K, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.o_proj = lin(H * K, d_model)
 
     def _features(self, x: Array, qkv: Array):
@@ -95,8 +109,12 @@ class DeltaMixer(nnx.Module):
         q, k, v = jnp.split(jax.nn.silu(qkv), [self.qkv_dims[0], sum(self.qkv_dims[:2])], axis=-1)
         shape = (*lead, H, R, K) if self.delta else (*lead, H, K)
         q, k, v = _l2norm(q.reshape(*lead, H, K)), _l2norm(k.reshape(shape)), v.reshape(shape)
-        beta = self.beta_max * jax.nn.sigmoid(self.beta_proj(x)).reshape(*lead, H, R) if self.delta else None
-        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(self.a_proj(x) + self.dt_bias[...]) if self.gated else None
+        f32 = lambda a: a.astype(jnp.float32)
+        beta = self.beta_max * jax.nn.sigmoid(f32(self.beta_proj(x))).reshape(*lead, H, R) if self.delta else None
+        if self.gated:
+            g = -jnp.exp(f32(self.A_log[...])) * jax.nn.softplus(f32(self.a_proj(x)) + f32(self.dt_bias[...]))
+        else:
+            g = None
         return q, k, v, beta, g
 
     def _output(self, x: Array, o: Array) -> Array:
@@ -106,17 +124,21 @@ class DeltaMixer(nnx.Module):
             o = o * jax.nn.silu(self.gate_proj(x)).reshape(o.shape)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        qkv = self.qkv_proj(x)
-        if self.conv is not None:
-            qkv = self.conv(qkv)
+    def prefill(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], MixerCache]:
+        """The chunked forward over ``x`` and the decode cache after its last token."""
+        pre = self.qkv_proj(x)
+        qkv = pre if self.conv is None else self.conv(pre)
         q, k, v, beta, g = self._features(x, qkv)
         kw = dict(chunk_size=self.chunk_size, scan=self.scan, backend=self.backend)
         if self.delta:
-            o, _ = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
+            o, state = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
         else:
-            o, _ = flowssm.linear_attention(q, k, v, g, **kw)
-        return self._output(x, o)
+            o, state = flowssm.linear_attention(q, k, v, g, **kw)
+        conv = None if self.conv is None else self.conv.tail(pre).astype(jnp.float32)
+        return self._output(x, o), MixerCache(state.astype(jnp.float32), conv)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.prefill(x)[0]
 
     def init_cache(self, batch: int) -> MixerCache:
         state = jnp.zeros((batch, self.H, self.K, self.K), jnp.float32)

@@ -13,13 +13,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from flowssm import chunks, reference
+from flowssm import backends, chunks, reference
 from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
 from flowssm.solvers import Euler, FlowSolver, get_solver
-
-BACKENDS = ("reference", "xla", "pallas")
-
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
@@ -92,9 +89,16 @@ def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, sema
     return get_solver(solver), _initial_state(initial_state, path), _scale(scale, q.shape[-1])
 
 
+def request(q, path: Path, solver: FlowSolver, chunk_size: int, semantics: str) -> backends.Request:
+    """What this call asks of a backend (the kernels' operand dtype is the query's, float64 paths aside)."""
+    B, H, T, R, K = path.keys.shape
+    dtype = path.keys.dtype if path.keys.dtype == jnp.float64 else q.dtype
+    return backends.Request(solver, semantics, chunk_size, R, K, path.values.shape[-1], dtype)
+
+
 def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
-    _check_choice("backend", backend, BACKENDS)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
+    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
     o, S = _chunked(
         q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
     )
@@ -113,7 +117,7 @@ def delta_rule(
     chunk_size: int = 64,
     solver="exact",
     scan: str = "sequential",
-    backend: str = "xla",
+    backend: str = "auto",
     semantics: str = "discrete",
 ):
     """(Gated) DeltaNet / DeltaProduct: ``S <- e^{g_t} S``, then for each of the ``R`` keys
@@ -121,7 +125,8 @@ def delta_rule(
 
     Returns ``o: [B, T, H, V]`` (dtype of ``q``) and the final state ``[B, H, K, V]`` (float32, or
     float64 for float64 inputs). ``solver``: name, mapping or :class:`flowssm.solvers.FlowSolver`;
-    ``scan``: "sequential" | "associative"; ``backend``: "reference" | "xla" | "pallas";
+    ``scan``: "sequential" | "associative"; ``backend``: "auto" (the kernels on a GPU when they can run
+    the call, else xla) | "reference" | "xla" | "pallas" (see :mod:`flowssm.backends`);
     ``semantics``: "discrete" (the recurrence) | "continuous" (the CDE driven by the piecewise-linear
     token path). Any ``T``: a ragged last chunk is padded with identity tokens, which is exact.
     NaN/Inf inputs are not checked (that needs a host sync): they propagate to every output of their
@@ -143,7 +148,7 @@ def linear_attention(
     scale: float | None = None,
     chunk_size: int = 64,
     scan: str = "sequential",
-    backend: str = "xla",
+    backend: str = "auto",
 ):
     """(Decayed) linear attention: ``S <- e^{g_t} S + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
 

@@ -1,5 +1,6 @@
 """Pallas kernels for ``backend="pallas"``, each beside its pure-jnp reference (same signature)."""
 
-from flowssm.kernels.chunked import Tuning, chunked_pallas
+from flowssm.kernels.chunked import chunked_pallas
+from flowssm.kernels.launch import Tuning
 
 __all__ = ["Tuning", "chunked_pallas"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from flowssm.kernels.common import (compiler_params, dot, head_major, layout_dims, reference_dot, resolve_interpret,
+from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
                                     token_major, token_spec)
 
 
@@ -77,14 +77,14 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     tok = lambda r, d: token_spec(rows(r, d), heads)
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
         grid=(BH, N),
         in_specs=[tok(C, K), tok(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V)],
         out_specs=(tok(C, V), rows(n, V)) if save_corrected else tok(C, V),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
     )(q, keys, G, G_tok, w, u, S_in)
 
@@ -160,14 +160,14 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
     tok = lambda spec: token_spec(spec, heads)
     shapes = (q.shape, keys.shape, (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
-    dq, dk, dw, dG, dG_tok = pl.pallas_call(
+    dq, dk, dw, dG, dG_tok = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
         grid=(BH, N, nkb),
         in_specs=[tok(cols(C)), tok(cols(n)), vec(n), vec(C), rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
         out_specs=(tok(cols(C)), tok(cols(n)), cols(n), share(n), share(C)),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
     )(q, keys, G, G_tok, corrected, S_in, dS_out, do, dv)
     return dq, dk, dw, dG.sum(0).at[..., rank - 1 :: rank].add(dG_tok.sum(0))

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels.common import compiler_params, dot, head_major, layout_dims, resolve_interpret, token_spec
+from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
 from flowssm.paths import Path
 from flowssm.solvers import Euler, Exact, FlowSolver, Signature
 
@@ -109,14 +109,14 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     extra = (n,) if save_transfer else ()
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
         in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, vec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer",
     )(keys, values, beta, alpha, G)
 
@@ -203,14 +203,14 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     tk, tv = token_spec(rows(K), heads), token_spec(rows(V), heads)
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), (BH, N, n))
-    dk, dv, db, da, dG = pl.pallas_call(
+    dk, dv, db, da, dG = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
         grid=(BH, N),
         in_specs=[tk, tv, vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
         out_specs=(tk, tv, vec, vec, vec),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
     )(keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
     return dk, dv, db, da, jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]

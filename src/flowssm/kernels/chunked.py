@@ -37,50 +37,13 @@ from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_k
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay,
                                             transfer_plan)
-from flowssm.kernels.common import DOT_MODES, head_major
+from flowssm.kernels.common import head_major
+from flowssm.kernels.launch import Tuning
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
-from flowssm.scan import SCANS, chunk_states
+from flowssm.scan import chunk_states
 from flowssm.solvers import Euler, Exact, FlowSolver
-
-BACKWARDS = ("kernels", "reference")
-ASSOCIATIVE = ("segmented", "xla")
-
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-    """Launch options: Triton warps/stages per kernel, the state passes' ``V`` block and the output
-    backward's ``K`` block (``backward_warps``: the output and transfer backward kernels).
-
-    transfer_mode: matmul mode of the ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16
-    operands, full precision otherwise). assoc: "segmented" or "xla" (see the module docstring);
-    segment_programs: the segmented scan uses about this many (head, segment) pairs.
-    backward: "kernels" or "reference" (see the module docstring).
-    """
-
-    transfer_mode: str | None = None
-    transfer_warps: int = 4
-    state_warps: int = 4
-    state_stages: int = 3
-    block_v: int = 64
-    output_warps: int = 4
-    assoc: str = "segmented"
-    backward: str = "kernels"
-    backward_warps: int = 4
-    block_k: int = 64
-    segment_programs: int = 256
-
-    def __post_init__(self):
-        choices = {"transfer_mode": (None,) + DOT_MODES, "assoc": ASSOCIATIVE, "backward": BACKWARDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("block_v", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"Tuning.{name}: expected a power of two >= 16, got {value!r}")
-
 
 def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << (x - 1).bit_length())
@@ -223,25 +186,19 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.
 
     Keys, values and queries enter the kernels in :func:`operand_dtype` (exact when ``k, v`` have the
-    query's dtype); steps, decays and states stay in the path dtype. Only discrete semantics.
+    query's dtype); steps, decays and states stay in the path dtype. The arguments are what
+    :func:`flowssm.backends.check` accepts for "pallas" (the ops check before calling).
     """
-    if semantics != "discrete":
-        raise NotImplementedError(
-            f"semantics: backend='pallas' implements 'discrete' only, got {semantics!r}; use backend='xla'")
-    if scan not in SCANS:
-        raise ValueError(f"scan: expected one of {SCANS}, got {scan!r}")
-    if chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: backend='pallas' needs a power of two, got {chunk_size}")
+    del semantics  # discrete: backends.check refused anything else before the call
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]
     C, Rp, Kp, Vp = chunk_size, _pow2(R), _pow2(K, 16), _pow2(V, 16)
     n = C * Rp
-    if n < 16:
-        raise ValueError(f"chunk_size: backend='pallas' needs chunk_size * R >= 16, got {chunk_size} * {R}")
     N = -(-T // C)
     BH = B * H
     od = operand_dtype(q, path)
+    tuning = tuning.resolve(od, Kp, Vp)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
     # make_path's head-major transpose and the round trip through the path dtype

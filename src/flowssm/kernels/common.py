@@ -7,6 +7,9 @@ GPU parameters; deprecated, with a warning); on CPU they run in interpret mode.
 
 from __future__ import annotations
 
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -15,7 +18,7 @@ from jax.experimental import pallas as pl
 # Matmul modes inside kernels (operands -> float32 accumulation):
 #   "operand": operands in the kernel's operand dtype (bf16 tensor cores for bf16 inputs; IEEE
 #              float32/float64 otherwise), "tf32": float32 operands at TF32 precision,
-#   "f32": float32 operands at full precision.
+#   "f32": float32 operands at full precision (3xTF32 in compiled kernels, see ``_COMPILED``).
 DOT_MODES = ("operand", "tf32", "f32")
 
 
@@ -33,22 +36,44 @@ def compiler_params(num_warps: int, num_stages: int, interpret: bool):
     return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+# Whether the kernel being traced is compiled for the GPU (set by :func:`pallas_call` while it traces the
+# kernel body): float32 matmuls then run as 3xTF32 on the tensor cores (about float32 accuracy); Triton's
+# IEEE float32 dot is a scalar FMA loop, slow and register-hungry. Interpret mode (CPU) keeps IEEE float32.
+_COMPILED = contextvars.ContextVar("flowssm_kernel_compiled", default=False)
+
+
+def pallas_call(kernel, *, interpret: bool, num_warps: int, num_stages: int, **kwargs):
+    """``pl.pallas_call`` with Triton launch options, and :func:`dot` told whether the kernel is compiled."""
+
+    @functools.wraps(kernel)
+    def traced(*refs):
+        token = _COMPILED.set(not interpret)
+        try:
+            return kernel(*refs)
+        finally:
+            _COMPILED.reset(token)
+
+    return pl.pallas_call(traced, interpret=interpret, compiler_params=compiler_params(num_warps, num_stages, interpret),
+                          **kwargs)
+
+
 def dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, trans_b: bool = False):
     """``op(a) @ op(b)`` accumulated in float32 (float64 for float64 operands).
 
     a: [M, Kc] (or [Kc, M] with ``trans_a``); b: [Kc, N] (or [N, Kc] with ``trans_b``) -> [M, N].
     """
-    if mode == "operand" or operand_dtype == jnp.float64:
-        dtype = operand_dtype
-        precision = lax.Precision.HIGHEST
+    full = mode == "operand" or operand_dtype == jnp.float64
+    dtype = operand_dtype if full else jnp.float32
+    if mode == "tf32" and not full:
+        precision = lax.Precision.DEFAULT
+    elif _COMPILED.get() and jnp.dtype(dtype) == jnp.float32:
+        precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
     else:
-        dtype = jnp.float32
-        precision = lax.Precision.DEFAULT if mode == "tf32" else lax.Precision.HIGHEST
+        precision = lax.Precision.HIGHEST
     acc = jnp.promote_types(dtype, jnp.float32)
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(
-        a.astype(dtype), b.astype(dtype), dims, precision=(precision, precision), preferred_element_type=acc
-    )
+    precision = precision if isinstance(precision, lax.DotAlgorithmPreset) else (precision, precision)
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision, preferred_element_type=acc)
 
 
 def reference_dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, trans_b: bool = False):

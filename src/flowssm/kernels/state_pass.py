@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from flowssm.flows import WYFlow
 from flowssm.kernels.chunk_output import attention_block
-from flowssm.kernels.common import (compiler_params, dot, head_major, layout_dims, reference_dot, resolve_interpret,
+from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
                                     token_spec)
 from flowssm.scan import chunk_states
 
@@ -60,7 +60,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     state = pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j))
     states = pl.BlockSpec((None, N, K, bv), lambda i, j: (i, 0, 0, j))
     S_final = jax.ShapeDtypeStruct((BH, K, V), S0.dtype)
-    out = pl.pallas_call(
+    out = pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,),
         grid=(BH, V // bv),
@@ -73,7 +73,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         ],
         out_specs=(states, state) if write_states else (state,),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass",
     )(keys, G, w, u, S0)
     return out if write_states else out[0]
@@ -142,7 +142,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     cols = lambda r: pl.BlockSpec((None, N, r, bv), lambda i, j: (i, 0, 0, j))
     vec = lambda r: pl.BlockSpec((None, N, r), lambda i, j: (i, 0, 0))
     state = pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j))
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype),
                    jax.ShapeDtypeStruct((BH, K, V), dS_final.dtype)),
@@ -151,7 +151,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                   token_spec(cols(C), heads), state],
         out_specs=(cols(K), cols(n), state),
         interpret=interpret,
-        compiler_params=compiler_params(num_warps, num_stages, interpret),
+        num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
     )(q, keys, G, G_tok, w, do, dS_final)
 

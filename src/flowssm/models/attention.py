@@ -37,23 +37,30 @@ def rope(x: Float[Array, "... T H K"], positions: Array, theta: float = 10000.0)
 class Attention(nnx.Module):
     """Causal softmax attention (``jax.nn.dot_product_attention``). x: [B, T, D] -> [B, T, D], T <= max_len."""
 
-    def __init__(self, d_model: int, config: MixerConfig, *, max_len: int, rngs: nnx.Rngs):
-        validate_mixer(config, d_model)
+    def __init__(self, d_model: int, config: MixerConfig, *, max_len: int, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        validate_mixer(config, d_model, jnp.dtype(dtype).name)
         self.H, self.K, self.max_len = config.num_heads, head_dim(config, d_model), max_len
-        self.qkv_proj = nnx.Linear(d_model, 3 * self.H * self.K, use_bias=False, rngs=rngs)
-        self.o_proj = nnx.Linear(self.H * self.K, d_model, use_bias=False, rngs=rngs)
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_proj = lin(d_model, 3 * self.H * self.K)
+        self.o_proj = lin(self.H * self.K, d_model)
 
     def _qkv(self, x: Array, positions: Array):
         q, k, v = jnp.split(self.qkv_proj(x).reshape(*x.shape[:-1], 3 * self.H, self.K), 3, axis=-2)
         return rope(q, positions), rope(k, positions), v
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        T = x.shape[1]
+    def prefill(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], KVCache]:
+        """Causal attention over ``x`` (softmax in float32) and the KV cache holding its ``T`` positions."""
+        B, T = x.shape[:2]
         if T > self.max_len:
             raise ValueError(f"x: expected at most max_len = {self.max_len} tokens, got T = {T}")
         q, k, v = self._qkv(x, jnp.arange(T))
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.reshape(*o.shape[:2], -1))
+        pad = lambda a: jnp.pad(a.astype(jnp.float32), [(0, 0), (0, self.max_len - T), (0, 0), (0, 0)])
+        return self.o_proj(o.reshape(B, T, -1)), KVCache(pad(k), pad(v), jnp.asarray(T, jnp.int32))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.prefill(x)[0]
 
     def init_cache(self, batch: int) -> KVCache:
         kv = jnp.zeros((batch, self.max_len, self.H, self.K), jnp.float32)

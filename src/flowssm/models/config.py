@@ -22,7 +22,8 @@ class MixerConfig:
 
     family: one of FAMILIES; num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
     rank: R keys per token (DeltaProduct); solver: name or mapping (``{"name": "signature", "depth": 3}``);
-    scan: "sequential" | "associative"; backend: "reference" | "xla" | "pallas"; chunk_size: C;
+    scan: "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
+    :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
     semantics: "discrete" | "continuous"; allow_neg_eigval: beta in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
     """
@@ -33,7 +34,7 @@ class MixerConfig:
     rank: int = 1
     solver: Any = "exact"
     scan: str = "sequential"
-    backend: str = "xla"
+    backend: str = "auto"
     chunk_size: int = 64
     semantics: str = "discrete"
     allow_neg_eigval: bool = False
@@ -48,6 +49,10 @@ class ModelConfig:
     vocab_size: V_tok; d_model: width; n_layers; mlp_hidden: SwiGLU width (None: 8/3 d_model rounded
     to 64); tie_embeddings: share the embedding with the output head; max_len: longest sequence
     (positions are implicit for SSM mixers; used by the attention baseline only for checks).
+    dtype: compute dtype ("float32" | "bfloat16"): activations, matmul operands and the ops' inputs;
+    param_dtype: the master weights' dtype (float32); norm statistics, logits and the loss stay float32,
+    the residual stream in ``param_dtype``. remat: recompute each layer in the backward pass instead of
+    saving its activations (less memory, about one more forward of compute).
     """
 
     vocab_size: int = 256
@@ -56,6 +61,9 @@ class ModelConfig:
     mlp_hidden: int | None = None
     tie_embeddings: bool = True
     max_len: int = 2048
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
     mixer: MixerConfig = dataclasses.field(default_factory=MixerConfig)
 
 
@@ -63,6 +71,7 @@ DELTA_FAMILIES = ("deltanet", "gated_deltanet", "deltaproduct", "gated_deltaprod
 LINEAR_FAMILIES = ("linear_attention", "gated_linear_attention")
 GATED_FAMILIES = ("gated_deltanet", "gated_deltaproduct", "gated_linear_attention")
 PRODUCT_FAMILIES = ("deltaproduct", "gated_deltaproduct")
+DTYPES = ("float32", "bfloat16")
 
 
 def _int_at_least(field: str, value, low: int) -> None:
@@ -75,50 +84,84 @@ def head_dim(mixer: MixerConfig, d_model: int) -> int:
     return mixer.head_dim if mixer.head_dim is not None else d_model // mixer.num_heads
 
 
-def validate_mixer(mixer: MixerConfig, d_model: int) -> MixerConfig:
-    """Raise ValueError naming the field, what was expected and what was given; return ``mixer``."""
+def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", prefix: str = "mixer.") -> MixerConfig:
+    """Raise ValueError naming the field (``prefix`` + name), what was expected and what was given;
+    return ``mixer``. ``dtype``: the compute dtype the ops receive (for the backend's capabilities)."""
+    from flowssm import backends
     from flowssm.chunks import SEMANTICS
-    from flowssm.ops import BACKENDS
     from flowssm.scan import SCANS
     from flowssm.solvers import get_solver
 
+    key = lambda field: prefix + field
     if mixer.family not in FAMILIES:
-        raise ValueError(f"mixer.family: expected one of {FAMILIES}, got {mixer.family!r}")
-    _int_at_least("mixer.num_heads", mixer.num_heads, 1)
+        raise ValueError(f"{key('family')}: expected one of {FAMILIES}, got {mixer.family!r}")
+    _int_at_least(key("num_heads"), mixer.num_heads, 1)
     if mixer.head_dim is None:
         if d_model % mixer.num_heads:
             raise ValueError(
-                f"mixer.num_heads: expected a divisor of d_model = {d_model} (or set mixer.head_dim), "
+                f"{key('num_heads')}: expected a divisor of d_model = {d_model} (or set {key('head_dim')}), "
                 f"got {mixer.num_heads}"
             )
     else:
-        _int_at_least("mixer.head_dim", mixer.head_dim, 1)
-    _int_at_least("mixer.rank", mixer.rank, 1)
+        _int_at_least(key("head_dim"), mixer.head_dim, 1)
+    _int_at_least(key("rank"), mixer.rank, 1)
     if mixer.rank > 1 and mixer.family not in PRODUCT_FAMILIES:
         raise ValueError(
-            f"mixer.rank: expected 1 for family {mixer.family!r} (rank > 1 needs one of {PRODUCT_FAMILIES}), "
+            f"{key('rank')}: expected 1 for family {mixer.family!r} (rank > 1 needs one of {PRODUCT_FAMILIES}), "
             f"got {mixer.rank}"
         )
     if mixer.allow_neg_eigval and mixer.family not in DELTA_FAMILIES:
         raise ValueError(
-            f"mixer.allow_neg_eigval: expected False for family {mixer.family!r} (it has no beta), got True"
+            f"{key('allow_neg_eigval')}: expected False for family {mixer.family!r} (it has no beta), got True"
         )
-    _int_at_least("mixer.chunk_size", mixer.chunk_size, 1)
-    _int_at_least("mixer.conv_size", mixer.conv_size, 0)
-    for field, allowed in (("scan", SCANS), ("backend", BACKENDS), ("semantics", SEMANTICS)):
+    _int_at_least(key("chunk_size"), mixer.chunk_size, 1)
+    _int_at_least(key("conv_size"), mixer.conv_size, 0)
+    for field, allowed in (("scan", SCANS), ("backend", backends.BACKENDS), ("semantics", SEMANTICS)):
         if getattr(mixer, field) not in allowed:
-            raise ValueError(f"mixer.{field}: expected one of {allowed}, got {getattr(mixer, field)!r}")
+            raise ValueError(f"{key(field)}: expected one of {allowed}, got {getattr(mixer, field)!r}")
     if not isinstance(mixer.output_gate, bool) or not isinstance(mixer.allow_neg_eigval, bool):
         raise ValueError(
-            f"mixer.output_gate, mixer.allow_neg_eigval: expected bools, got "
+            f"{key('output_gate')}, {key('allow_neg_eigval')}: expected bools, got "
             f"{mixer.output_gate!r}, {mixer.allow_neg_eigval!r}"
         )
     try:
-        get_solver(mixer.solver)
+        solver = get_solver(mixer.solver)
     except (TypeError, ValueError) as e:
         msg = str(e)
-        raise ValueError("mixer." + msg if msg.startswith("solver:") else f"mixer.solver: {msg}") from None
+        raise ValueError(prefix + msg if msg.startswith("solver:") else f"{key('solver')}: {msg}") from None
+    if mixer.family == "attention":
+        return mixer
+    bound = solver.max_discrete_step() if mixer.family in DELTA_FAMILIES else None
+    if bound is not None and mixer.semantics == "discrete" and mixer.allow_neg_eigval:
+        raise ValueError(
+            f"{key('solver')}, {key('allow_neg_eigval')}: solver {solver!r} needs beta |k|^2 < {bound} under "
+            f"discrete semantics, but allow_neg_eigval=true gives beta |k|^2 up to 2; set allow_neg_eigval: false, "
+            f"semantics: continuous, or another solver"
+        )
+    names = {"backend": key("backend"), "solver": key("solver"), "semantics": key("semantics"),
+             "chunk_size": key("chunk_size"), "rank": key("rank"), "key_dim": key("head_dim"),
+             "value_dim": key("head_dim"), "dtype": "model.dtype" if prefix.startswith("model.") else "dtype"}
+    backends.check(mixer.backend, backend_request(mixer, d_model, dtype), names)
     return mixer
+
+
+def backend_request(mixer: MixerConfig, d_model: int, dtype: str):
+    """What a DeltaNet-family mixer asks of its backend (:class:`flowssm.backends.Request`)."""
+    from flowssm import backends
+    from flowssm.solvers import get_solver
+
+    K = head_dim(mixer, d_model)
+    solver = get_solver(mixer.solver if mixer.family in DELTA_FAMILIES else "euler")  # linear attention: L = 0
+    return backends.Request(solver, mixer.semantics, mixer.chunk_size, mixer.rank, K, K, dtype)
+
+
+def resolved_backend(config: ModelConfig) -> str:
+    """The backend the model's mixers run on this machine ("auto" resolved; "-" for attention)."""
+    from flowssm import backends
+
+    if config.mixer.family == "attention":
+        return "-"
+    return backends.resolve(config.mixer.backend, backend_request(config.mixer, config.d_model, config.dtype))
 
 
 def validate(config: ModelConfig) -> ModelConfig:
@@ -131,7 +174,12 @@ def validate(config: ModelConfig) -> ModelConfig:
         _int_at_least("model.mlp_hidden", config.mlp_hidden, 1)
     if not isinstance(config.tie_embeddings, bool):
         raise ValueError(f"model.tie_embeddings: expected a bool, got {config.tie_embeddings!r}")
+    for field in ("dtype", "param_dtype"):
+        if getattr(config, field) not in DTYPES:
+            raise ValueError(f"model.{field}: expected one of {DTYPES}, got {getattr(config, field)!r}")
+    if not isinstance(config.remat, bool):
+        raise ValueError(f"model.remat: expected a bool, got {config.remat!r}")
     if not isinstance(config.mixer, MixerConfig):
         raise ValueError(f"model.mixer: expected a MixerConfig, got {type(config.mixer).__name__}")
-    validate_mixer(config.mixer, config.d_model)
+    validate_mixer(config.mixer, config.d_model, config.dtype, prefix="model.mixer.")
     return config

@@ -3,7 +3,11 @@
     h_0 = E[tokens];  h <- h + mixer(RMSNorm(h));  h <- h + SwiGLU(RMSNorm(h))   (n_layers times)
     logits = RMSNorm(h) E^T   (tied) or  RMSNorm(h) W_head   (float32)
 
-Recurrent decoding carries one cache per layer (constant memory for the SSM mixers).
+The ``n_layers`` identical blocks are stored stacked (a leading layer axis on every parameter) and run
+by one ``nnx.scan``, so compile time does not grow with depth; ``remat`` recomputes each block in the
+backward pass. Dtypes follow Flax: ``dtype`` for activations and matmuls, ``param_dtype`` for the master
+weights and the residual stream; norm statistics, logits and the loss in float32.
+Recurrent decoding carries one cache per layer (stacked; constant memory for the SSM mixers).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 # Module import (not ``from flowssm.layers import ...``): flowssm.layers imports flowssm.models.config,
 # which runs this package's __init__, so the names are looked up at call time.
@@ -23,19 +27,21 @@ from flowssm.models.attention import Attention
 from flowssm.models.config import MixerConfig, ModelConfig, validate
 
 
-def make_mixer(d_model: int, config: MixerConfig, *, max_len: int, rngs: nnx.Rngs) -> nnx.Module:
+def make_mixer(d_model: int, config: MixerConfig, *, max_len: int, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs) -> nnx.Module:
     """The token mixer a config names: :class:`Attention` for "attention", else :class:`DeltaMixer`."""
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if config.family == "attention":
-        return Attention(d_model, config, max_len=max_len, rngs=rngs)
-    return layers.DeltaMixer(d_model, config, rngs=rngs)
+        return Attention(d_model, config, max_len=max_len, **kw)
+    return layers.DeltaMixer(d_model, config, **kw)
 
 
 class SwiGLU(nnx.Module):
     """``W_2 (SiLU(x W_1) * x W_3)``. x: [.., D] -> [.., D]."""
 
-    def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs):
-        self.w13 = nnx.Linear(d_model, 2 * hidden, use_bias=False, rngs=rngs)
-        self.w2 = nnx.Linear(hidden, d_model, use_bias=False, rngs=rngs)
+    def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w13, self.w2 = lin(d_model, 2 * hidden), lin(hidden, d_model)
 
     def __call__(self, x: Array) -> Array:
         a, b = jnp.split(self.w13(x), 2, axis=-1)
@@ -47,13 +53,19 @@ class Block(nnx.Module):
 
     def __init__(self, config: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
         d = config.d_model
-        self.norm1, self.norm2 = nnx.RMSNorm(d, rngs=rngs), nnx.RMSNorm(d, rngs=rngs)
-        self.mixer = make_mixer(d, config.mixer, max_len=config.max_len, rngs=rngs)
-        self.mlp = SwiGLU(d, hidden, rngs=rngs)
+        kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs)
+        self.norm1, self.norm2 = nnx.RMSNorm(d, **kw), nnx.RMSNorm(d, **kw)
+        self.mixer = make_mixer(d, config.mixer, max_len=config.max_len, **kw)
+        self.mlp = SwiGLU(d, hidden, **kw)
+
+    def prefill(self, h: Float[Array, "B T D"]):
+        """The block over a sequence, and the mixer's decode cache after it."""
+        y, cache = self.mixer.prefill(self.norm1(h))
+        h = h + y
+        return h + self.mlp(self.norm2(h)), cache
 
     def __call__(self, h: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        h = h + self.mixer(self.norm1(h))
-        return h + self.mlp(self.norm2(h))
+        return self.prefill(h)[0]
 
     def step(self, h: Float[Array, "B D"], cache):
         y, cache = self.mixer.step(self.norm1(h), cache)
@@ -62,23 +74,53 @@ class Block(nnx.Module):
 
 
 class LanguageModel(nnx.Module):
-    """Token LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]``; ``decode_step`` / ``generate`` recur."""
+    """Token LM. ``__call__(tokens [B, T]) -> logits [B, T, vocab]``; ``losses`` scores without full logits;
+    ``prefill`` / ``decode_step`` / ``generate`` recur."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         validate(config)
-        self.vocab_size, self.max_len = config.vocab_size, config.max_len
+        self.vocab_size, self.max_len, self.remat = config.vocab_size, config.max_len, config.remat
+        self.n_layers = config.n_layers
+        self.dtype, self.param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         d = config.d_model
         hidden = config.mlp_hidden or 64 * math.ceil(8 * d / 3 / 64)
         init = nnx.initializers.normal(0.02)
-        self.embed = nnx.Embed(config.vocab_size, d, embedding_init=init, rngs=rngs)
-        self.blocks = nnx.List([Block(config, hidden, rngs=rngs) for _ in range(config.n_layers)])
-        self.norm = nnx.RMSNorm(d, rngs=rngs)
-        self.head = None if config.tie_embeddings else nnx.Linear(d, config.vocab_size, use_bias=False, rngs=rngs)
+        self.embed = nnx.Embed(config.vocab_size, d, embedding_init=init, dtype=self.param_dtype,
+                               param_dtype=self.param_dtype, rngs=rngs)
 
-    def _logits(self, h: Array) -> Array:
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, hidden, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = nnx.RMSNorm(d, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+        self.head = None if config.tie_embeddings else nnx.Linear(
+            d, config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            preferred_element_type=jnp.float32, rngs=rngs)
+
+    def _logits(self, h: Array) -> Float[Array, "... vocab"]:
+        """Final norm and output head; float32 logits from ``dtype`` operands."""
         h = self.norm(h)
-        logits = self.embed.attend(h) if self.head is None else self.head(h)
-        return logits.astype(jnp.float32)
+        if self.head is not None:
+            return self.head(h).astype(jnp.float32)
+        table = self.embed.embedding[...].astype(self.dtype)
+        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), table, preferred_element_type=jnp.float32)
+
+    def _over_layers(self, apply, h, xs=None, remat: bool = False):
+        """``lax.scan`` of ``apply(block, h, x) -> (h, y)`` over the stacked blocks (and ``xs``, stacked
+        per layer); works inside any outer jax transform (the blocks are merged from their state)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(h, layer):
+            layer_state, x = layer
+            return apply(nnx.merge(graphdef, layer_state), h, x)
+
+        return jax.lax.scan(jax.checkpoint(body) if remat else body, h, (state, xs))
+
+    def _hidden(self, tokens: Int[Array, "B T"]):
+        """Final hidden states [B, T, D] and the stacked decode caches."""
+        return self._over_layers(lambda block, h, _: block.prefill(h), self.embed(tokens), remat=self.remat)
 
     def _check_tokens(self, tokens, ndim: int, names: str) -> None:
         if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -88,32 +130,62 @@ class LanguageModel(nnx.Module):
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T vocab"]:
         self._check_tokens(tokens, 2, "[B, T]")
-        h = self.embed(tokens)
-        for block in self.blocks:
-            h = block(h)
-        return self._logits(h)
+        return self._logits(self._hidden(tokens)[0])
+
+    def losses(self, tokens: Int[Array, "B T"], targets: Int[Array, "B T"], chunk: int = 4096
+               ) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
+        """Per-position cross-entropy (nats, float32) and whether the argmax is the target, without the
+        full ``[B, T, vocab]`` logits: the head and the loss run over ``chunk`` positions at a time and are
+        recomputed in the backward pass (peak memory ``chunk x vocab`` instead of ``B T x vocab``)."""
+        self._check_tokens(tokens, 2, "[B, T]")
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets: expected shape {tuple(tokens.shape)} (from tokens), got {tuple(targets.shape)}")
+        h = self._hidden(tokens)[0]
+        B, T, D = h.shape
+        rows = B * T
+        size = min(chunk, rows)
+        pad = -rows % size
+        h = jnp.pad(h.reshape(rows, D), [(0, pad), (0, 0)]).reshape(-1, size, D)
+        t = jnp.pad(targets.reshape(rows), [(0, pad)]).reshape(-1, size)
+
+        @jax.checkpoint
+        def score(x):
+            h, t = x
+            logits = self._logits(h)
+            nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+            return nll, jnp.argmax(logits, axis=-1) == t
+
+        nll, correct = jax.lax.map(score, (h, t))
+        return nll.reshape(-1)[:rows].reshape(B, T), correct.reshape(-1)[:rows].reshape(B, T)
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
-    def init_cache(self, batch: int) -> tuple:
-        """One cache per layer (:class:`flowssm.layers.MixerCache` or :class:`KVCache`)."""
-        return tuple(block.mixer.init_cache(batch) for block in self.blocks)
+    def init_cache(self, batch: int):
+        """The stacked decode caches (a leading layer axis on :class:`flowssm.layers.MixerCache` or
+        :class:`KVCache`), empty."""
+        one = self.blocks.mixer.init_cache(batch)  # reads static sizes only
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_layers, *x.shape)), one)
 
-    def decode_step(self, token: Int[Array, " B"], cache: tuple) -> tuple[Float[Array, "B vocab"], tuple]:
-        """Feed one token per sequence; returns the next-token logits (float32) and the new cache."""
+    def prefill(self, prompt: Int[Array, "B T0"]):
+        """The prompt through the chunked ops in one pass: (next-token logits [B, vocab], stacked caches)."""
+        self._check_tokens(prompt, 2, "[B, T0]")
+        h, cache = self._hidden(prompt)
+        return self._logits(h[:, -1]), cache
+
+    def decode_step(self, token: Int[Array, " B"], cache) -> tuple[Float[Array, "B vocab"], object]:
+        """Feed one token per sequence; returns the next-token logits (float32) and the new caches."""
         self._check_tokens(token, 1, "[B]")
-        h, new = self.embed(token), []
-        for block, c in zip(self.blocks, cache, strict=True):
-            h, c = block.step(h, c)
-            new.append(c)
-        return self._logits(h), tuple(new)
+
+        h, cache = self._over_layers(lambda block, h, c: block.step(h, c), self.embed(token), cache)
+        return self._logits(h), cache
 
     def generate(
         self, prompt: Int[Array, "B T0"], n: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
     ) -> Int[Array, "B T0+n"]:
-        """Feed ``prompt`` token by token, then sample ``n`` tokens (``temperature = 0``: greedy;
-        ``top_k``: sample among the k most likely). Returns ``[B, T0 + n]`` (prompt included)."""
+        """:meth:`prefill` the prompt, then sample ``n`` tokens with :meth:`decode_step` inside one jitted
+        ``lax.scan`` (state on the device; ``temperature = 0``: greedy; ``top_k``: sample among the k most
+        likely). Returns ``[B, T0 + n]`` (prompt included)."""
         self._check_tokens(prompt, 2, "[B, T0]")
         if prompt.shape[1] < 1:
             raise ValueError(f"prompt: expected at least one token per sequence, got shape {tuple(prompt.shape)}")
@@ -124,7 +196,7 @@ class LanguageModel(nnx.Module):
         if top_k is not None and not 1 <= top_k <= self.vocab_size:
             raise ValueError(f"top_k: expected None or 1..{self.vocab_size}, got {top_k!r}")
         total = prompt.shape[1] + n
-        if any(isinstance(b.mixer, Attention) for b in self.blocks) and total > self.max_len:
+        if isinstance(self.blocks.mixer, Attention) and total > self.max_len:
             raise ValueError(f"n: expected T0 + n <= max_len = {self.max_len} (attention KV cache), got {total}")
         graphdef, state = nnx.split(self)
         temperature, greedy = jnp.float32(temperature), temperature == 0
@@ -143,8 +215,7 @@ def _sample(logits: Array, key, temperature, top_k: int | None, greedy: bool) ->
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "top_k", "greedy"))
 def _generate(graphdef, state, prompt, key, temperature, *, n: int, top_k: int | None, greedy: bool):
     model = nnx.merge(graphdef, state)
-    step = lambda c, tok: model.decode_step(tok, c)[::-1]
-    cache, logits = jax.lax.scan(step, model.init_cache(prompt.shape[0]), prompt.T)
+    last, cache = model.prefill(prompt)
 
     def sample(carry, key):
         cache, last = carry
@@ -152,5 +223,5 @@ def _generate(graphdef, state, prompt, key, temperature, *, n: int, top_k: int |
         logits, cache = model.decode_step(tok, cache)
         return (cache, logits), tok
 
-    _, new = jax.lax.scan(sample, (cache, logits[-1]), jax.random.split(key, n))
+    _, new = jax.lax.scan(sample, (cache, last), jax.random.split(key, n))
     return jnp.concatenate([prompt, new.T.reshape(prompt.shape[0], n)], axis=1)

@@ -43,6 +43,10 @@ class FlowSolver(abc.ABC):
     def solve(self, system: ChunkSystem) -> ChunkSolution:
         """Solve one chunk (unbatched: ``n = C R`` micro-steps)."""
 
+    def max_discrete_step(self) -> float | None:
+        """Bound ``beta |k|^2 <`` this value that discrete semantics needs (None: any step works)."""
+        return None
+
 
 class TransferSolver(FlowSolver):
     """A solver defined by an approximation of ``T = (I + L)^{-1}`` applied to the right-hand sides."""

@@ -117,6 +117,9 @@ class LogODE(FlowSolver):
     def order(self) -> float:
         return float(self.depth)
 
+    def max_discrete_step(self) -> float | None:
+        return 1.0
+
     def solve(self, system: ChunkSystem) -> ChunkSolution:
         w, u, _ = Signature(self.depth - 1).solve(system)
         b, A, before = log_increments(system)

@@ -20,7 +20,8 @@ from flowssm.models.config import validate as validate_model
 
 TASKS = ("lm", "mqar", "parity", "s3", "s5")
 CORPORA = ("shakespeare", "pydoc")
-DTYPES = ("float32", "bfloat16")
+# Keys that moved: a config that still uses one is told where it went.
+MOVED = {"train.dtype": "model.dtype"}
 
 
 class ConfigError(ValueError):
@@ -68,7 +69,6 @@ class OptimConfig:
 class TrainConfig:
     """Loop lengths, evaluation, checkpoints, precision and where the run folder goes.
 
-    dtype: compute dtype of the forward pass ("bfloat16" casts the float32 master params);
     run folder: ``out_dir/<name>``; resume: continue from the folder's last checkpoint.
     """
 
@@ -79,7 +79,6 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     seed: int = 0
-    dtype: str = "float32"
     out_dir: str = "runs"
     resume: bool = True
 
@@ -139,6 +138,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     dotted = lambda key: f"{prefix}.{key}" if prefix else key
     for key in data:
+        if dotted(key) in MOVED:
+            raise ConfigError(f"{dotted(key)}: moved to {MOVED[dotted(key)]}; set it there")
         if key not in names:
             raise ConfigError(f"{dotted(key)}: unknown key; allowed keys: {names}")
     return cls(**{k: _coerce(dotted(k), hints[k], v) for k, v in data.items()})
@@ -210,7 +211,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _in_range("data.val_fraction", d.val_fraction, 0.0, 0.5, "(]")
     _choice("data.task", d.task, TASKS)
     _choice("data.corpus", d.corpus, CORPORA)
-    _choice("train.dtype", t.dtype, DTYPES)
     if d.task == "mqar":
         if d.num_kv_pairs > d.num_keys:
             raise ConfigError(f"data.num_kv_pairs: expected <= data.num_keys={d.num_keys} (keys are distinct), got {d.num_kv_pairs}")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from flowssm.data import GROUP_ORDER, Batch, Task
 from flowssm.models import LanguageModel
+from flowssm.models.config import resolved_backend
 from flowssm.train import config as config_lib
 from flowssm.train.checkpoint import Checkpoints, Interrupted, StopSignals
 from flowssm.train.config import ConfigError, OptimConfig, RunConfig
@@ -128,7 +129,6 @@ def train(cfg: RunConfig) -> Path:
     # model (float32 master params) and optimiser
     num_params, graphdef, rest, state, tx, schedule = build(cfg)
     state = jax.device_put(state, replicated)
-    compute_dtype = jnp.dtype(t.dtype)
 
     # resume from the last checkpoint, dropping metrics logged after it
     checkpoints = Checkpoints(run_dir / "checkpoints")
@@ -141,14 +141,14 @@ def train(cfg: RunConfig) -> Path:
     else:
         log.truncate(-1)
         log.write({"split": "info", "step": 0, "num_params": num_params, "devices": cfg.mesh.data,
-                   "platform": jax.devices()[0].platform, **task.baselines()})
+                   "platform": jax.devices()[0].platform, "backend": resolved_backend(cfg.model),
+                   **task.baselines()})
 
     def loss_fn(params, batch: Batch):
-        """Masked mean cross-entropy (nats) and accuracies over the scored positions."""
-        params = jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        logits = nnx.merge(graphdef, params, rest)(batch.inputs)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
-        correct = (jnp.argmax(logits, -1) == batch.targets).astype(jnp.float32)
+        """Masked mean cross-entropy (nats) and accuracies over the scored positions. The model computes in
+        ``model.dtype`` from the float32 master params (its own dtype policy; logits and loss in float32)."""
+        nll, correct = nnx.merge(graphdef, params, rest).losses(batch.inputs, batch.targets)
+        correct = correct.astype(jnp.float32)
         n = jnp.sum(batch.mask)
         aux = {"accuracy": jnp.sum(correct * batch.mask) / n}
         if word_problem:

@@ -1,0 +1,85 @@
+"""Launch options of the Pallas kernels, chosen from the operand dtype and the head sizes.
+
+Shared memory and registers grow with the tiles' bytes: ``[n, K]`` keys and ``w``, ``[n, V]`` values,
+``n x n`` transfer matrices, times the pipeline stages of the state passes. On Hopper (227 KiB of
+shared memory a block, 255 registers a thread) the bf16 defaults of the benchmarks (4 warps, a
+3-stage state pass) ask for 232 KiB at float32, K = V = 128 and spill kilobytes a thread. Float32
+operands therefore get 8 warps and fewer stages; head sizes above 128 get narrower column blocks.
+The figures behind each rule come from ``benchmarks/kernel_resources.py --op`` (offline Triton for
+sm_90) and are listed in ``benchmarks/NOTES.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from flowssm.kernels.common import DOT_MODES
+
+BACKWARDS = ("kernels", "reference")
+ASSOCIATIVE = ("segmented", "xla")
+MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch options. ``None`` means: chosen by :meth:`resolve` from the dtype and head sizes.
+
+    Warps per kernel (``backward_warps``: the output and transfer backward kernels), the state passes'
+    pipeline stages and ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
+    ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
+    assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
+    many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``).
+    """
+
+    transfer_mode: str | None = None
+    transfer_warps: int | None = None
+    state_warps: int | None = None
+    state_stages: int | None = None
+    block_v: int | None = None
+    output_warps: int | None = None
+    assoc: str = "segmented"
+    backward: str = "kernels"
+    backward_warps: int | None = None
+    block_k: int | None = None
+    segment_programs: int = 256
+
+    def __post_init__(self):
+        choices = {"transfer_mode": (None,) + DOT_MODES, "assoc": ASSOCIATIVE, "backward": BACKWARDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("block_v", "block_k"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"Tuning.{name}: expected None or a power of two >= 16, got {value!r}")
+        for name in ("transfer_warps", "state_warps", "output_warps", "backward_warps"):
+            value = getattr(self, name)
+            if value is not None and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
+        if self.state_stages is not None and self.state_stages not in (1, 2, 3, 4):
+            raise ValueError(f"Tuning.state_stages: expected None or 1..4, got {self.state_stages!r}")
+
+    def resolve(self, dtype, key_dim: int, value_dim: int) -> Tuning:
+        """Every ``None`` replaced by the choice for this operand dtype and (padded) head sizes."""
+        wide = jnp.dtype(dtype).itemsize >= 4
+        big = max(key_dim, value_dim) > 128
+        auto = dict(
+            transfer_mode=None,
+            transfer_warps=8 if wide or big else 4,
+            state_warps=8 if wide else 4,
+            state_stages=(1 if big else 2) if wide else (2 if big else 3),
+            block_v=32 if wide and big else 64,
+            output_warps=8 if wide or big else 4,
+            backward_warps=8 if wide or big else 4,
+            block_k=32 if wide else 64,
+        )
+        return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None and v is not None})
+
+
+def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> str | None:
+    """Why the kernels cannot run ``n = C R`` micro-steps a chunk at these sizes, or None."""
+    if n > MAX_MICRO_STEPS:
+        return f"hold at most {MAX_MICRO_STEPS} micro-steps a chunk (chunk_size * R), got {n}"
+    return None
