@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import flowssm
+from flowssm import backends
 from flowssm.kernels import chunked as kc
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_bwd_reference
 from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference
@@ -178,13 +179,30 @@ def test_pallas_gradient_reaches_initial_state():
     assert rel(jax.grad(loss, 1)("pallas", S0), jax.grad(loss, 1)("xla", S0)) < 1e-5
 
 
-def test_pallas_rejects_what_it_does_not_implement():
+@pytest.mark.parametrize("options, option", [
+    (dict(semantics="continuous"), "semantics"),
+    (dict(chunk_size=24), "chunk_size"),
+    (dict(chunk_size=8), "chunk_size"),  # C R >= 16
+    (dict(solver="logode"), "solver"),
+])
+def test_pallas_rejects_what_it_does_not_implement_naming_the_option(options, option):
     q, k, v, beta, g, _ = make_inputs(4, 1, 16, 1, 16, 16)
-    with pytest.raises(NotImplementedError, match="semantics"):
-        flowssm.delta_rule(q, k, v, beta, backend="pallas", semantics="continuous", chunk_size=16)
-    with pytest.raises(ValueError, match="chunk_size"):
-        flowssm.delta_rule(q, k, v, beta, backend="pallas", chunk_size=24)
+    beta = 0.4 * beta  # beta |k|^2 < 1, as logode needs
+    with pytest.raises(ValueError, match=f"^{option}: not supported by backend='pallas'"):
+        flowssm.delta_rule(q, k, v, beta, backend="pallas", **({"chunk_size": 16} | options))
+    o, _ = flowssm.delta_rule(q, k, v, beta, **({"chunk_size": 16} | options))  # "auto": xla on the CPU
+    assert bool(jnp.all(jnp.isfinite(o)))
+
+
+def test_auto_backend_is_xla_on_cpu_and_tuning_is_validated():
+    request = backends.Request(flowssm.Exact(), "discrete", 64, 1, 128, 128, jnp.bfloat16)
+    assert backends.resolve("auto", request) == "xla" and backends.check("pallas", request) == "pallas"
     with pytest.raises(ValueError, match="Tuning.block_k"):
         kc.Tuning(block_k=48)
     with pytest.raises(ValueError, match="Tuning.backward"):
         kc.Tuning(backward="xla")
+    with pytest.raises(ValueError, match="Tuning.state_warps"):
+        kc.Tuning(state_warps=3)
+    wide, narrow = kc.Tuning().resolve(jnp.float32, 128, 128), kc.Tuning().resolve(jnp.bfloat16, 128, 128)
+    assert wide.state_warps == 8 and narrow.state_stages == 3 and kc.Tuning(state_stages=1).resolve(
+        jnp.bfloat16, 128, 128).state_stages == 1

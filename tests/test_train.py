@@ -68,7 +68,7 @@ def test_two_device_data_parallel_matches_one_device(tmp_path):
     losses = {}
     for n in (1, 2):
         cfg = C.load(None, [*TINY, f"name=dp{n}", f"mesh.data={n}", "train.steps=8", "train.eval_every=4",
-                            f"train.out_dir={tmp_path}", "train.dtype=float32"])
+                            f"train.out_dir={tmp_path}"])
         run = train(cfg)
         losses[n] = _records(run, "train") + _records(run, "val")
         assert (run / "loss.png").exists() and (run / "accuracy.png").exists() and (run / "config.yaml").exists()
