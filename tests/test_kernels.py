@@ -203,6 +203,8 @@ def test_auto_backend_is_xla_on_cpu_and_tuning_is_validated():
         kc.Tuning(backward="xla")
     with pytest.raises(ValueError, match="Tuning.state_warps"):
         kc.Tuning(state_warps=3)
-    wide, narrow = kc.Tuning().resolve(jnp.float32, 128, 128), kc.Tuning().resolve(jnp.bfloat16, 128, 128)
-    assert wide.state_warps == 8 and narrow.state_stages == 3 and kc.Tuning(state_stages=1).resolve(
-        jnp.bfloat16, 128, 128).state_stages == 1
+    resolve = lambda dtype, K, C=64, **kw: kc.Tuning(**kw).resolve(dtype, K, K, C, C)
+    assert resolve(jnp.bfloat16, 128).state_stages == 3 and resolve(jnp.bfloat16, 128, state_stages=2).state_stages == 2
+    assert resolve(jnp.float32, 128).state_warps == 8 and resolve(jnp.bfloat16, 256).output_block_v == 128
+    with pytest.raises(ValueError, match="chunk_size: .*float32"):  # float32 operands: n <= 64
+        flowssm.delta_rule(*make_inputs(4, 1, 16, 1, 16, 16)[:4], backend="pallas", chunk_size=128)

@@ -74,7 +74,7 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
     if not out:
         problem = launch_problem(dtype, request.key_dim, request.value_dim, n)
         if problem:
-            out.append(("chunk_size", problem))
+            out.append(problem)
     return out
 
 

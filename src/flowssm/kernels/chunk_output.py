@@ -52,14 +52,17 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
-                        save_corrected: bool = False, heads: int | None = None, num_warps: int = 4,
-                        num_stages: int = 1, interpret: bool | None = None):
+                        save_corrected: bool = False, heads: int | None = None, block_v: int | None = None,
+                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``).
-    With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``)."""
+    With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
+    (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
+    block is recomputed per column block, the state tile is ``[K, block_v]``."""
     BH, N, C, K = layout_dims(q, heads)
     n, V = u.shape[2:]
+    bv = min(block_v or V, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     out_dtype = out_dtype or G.dtype
@@ -73,16 +76,17 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         if save_corrected:
             r_ref[0][...] = corrected.astype(dtype)
 
-    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
-    tok = lambda r, d: token_spec(rows(r, d), heads)
-    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c: (i, c, 0))
+    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
+    cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
+    tok = lambda spec: token_spec(spec, heads)
+    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
     return pallas_call(
         kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
-        grid=(BH, N),
-        in_specs=[tok(C, K), tok(n, K), vec(n), vec(C), rows(n, K), rows(n, V), rows(K, V)],
-        out_specs=(tok(C, V), rows(n, V)) if save_corrected else tok(C, V),
+        grid=(BH, N, V // bv),
+        in_specs=[tok(rows(C, K)), tok(rows(n, K)), vec(n), vec(C), rows(n, K), cols(n), cols(K)],
+        out_specs=(tok(cols(C)), cols(n)) if save_corrected else tok(cols(C)),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
@@ -90,10 +94,10 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
-                           heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                           interpret: bool | None = None):
+                           heads: int | None = None, block_v: int | None = None, num_warps: int = 4,
+                           num_stages: int = 1, interpret: bool | None = None):
     """Same contract as :func:`chunk_output_kernel` (without ``save_corrected``), in plain jnp at full precision."""
-    del num_warps, num_stages, interpret
+    del block_v, num_warps, num_stages, interpret
     q, keys = head_major(q, heads), head_major(keys, heads)
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
     o = jax.vmap(jax.vmap(block))(q, keys, G, G[..., rank - 1 :: rank], w, u, S_in.astype(G.dtype))

@@ -124,7 +124,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: 
     else:
         S_in, S_final = segmented_states(head_major(keys, H), G, w, u, S0, t)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
-                            save_corrected=save, heads=H, num_warps=t.output_warps)
+                            save_corrected=save, heads=H, block_v=t.output_block_v, num_warps=t.output_warps)
     o, corrected = o if save else (o, None)
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected)
 
@@ -198,7 +198,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     N = -(-T // C)
     BH = B * H
     od = operand_dtype(q, path)
-    tuning = tuning.resolve(od, Kp, Vp)
+    tuning = tuning.resolve(od, Kp, Vp, C, n)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
     # make_path's head-major transpose and the round trip through the path dtype

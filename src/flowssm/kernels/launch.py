@@ -20,6 +20,9 @@ from flowssm.kernels.common import DOT_MODES
 BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
+MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
+STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
+OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Tuning:
     """Launch options. ``None`` means: chosen by :meth:`resolve` from the dtype and head sizes.
 
     Warps per kernel (``backward_warps``: the output and transfer backward kernels), the state passes'
-    pipeline stages and ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
+    pipeline stages and ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
     ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``).
@@ -39,6 +42,7 @@ class Tuning:
     state_stages: int | None = None
     block_v: int | None = None
     output_warps: int | None = None
+    output_block_v: int | None = None
     assoc: str = "segmented"
     backward: str = "kernels"
     backward_warps: int | None = None
@@ -50,7 +54,7 @@ class Tuning:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("block_v", "block_k"):
+        for name in ("block_v", "block_k", "output_block_v"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"Tuning.{name}: expected None or a power of two >= 16, got {value!r}")
@@ -61,25 +65,43 @@ class Tuning:
         if self.state_stages is not None and self.state_stages not in (1, 2, 3, 4):
             raise ValueError(f"Tuning.state_stages: expected None or 1..4, got {self.state_stages!r}")
 
-    def resolve(self, dtype, key_dim: int, value_dim: int) -> Tuning:
-        """Every ``None`` replaced by the choice for this operand dtype and (padded) head sizes."""
-        wide = jnp.dtype(dtype).itemsize >= 4
-        big = max(key_dim, value_dim) > 128
+    def resolve(self, dtype, key_dim: int, value_dim: int, chunk: int, micro_steps: int) -> Tuning:
+        """Every ``None`` replaced by the choice for this operand dtype, (padded) head sizes ``K, V``,
+        chunk ``C`` and ``n = C R`` micro-steps: the largest pipeline depth whose tiles fit
+        :data:`STAGE_BYTES`, narrower column blocks for float32 and for head sizes above 128."""
+        size = jnp.dtype(dtype).itemsize
+        wide, big = size >= 4, max(key_dim, value_dim) > 128
+        K, V, C, n = key_dim, value_dim, chunk, micro_steps
+        block_v = min(self.block_v or (32 if wide and big else 64), V)
+        forward_tile = (2 * n * K + n * block_v) * size  # keys, w, u of one chunk
+        backward_tile = (C * K + 2 * n * K + C * block_v) * size  # q, keys, w, do of one chunk
+        fits = lambda s: s * max(forward_tile, backward_tile) <= STAGE_BYTES
+        output_block_v = V if K * V * size <= OUTPUT_STATE_BYTES else (64 if wide else 128)
         auto = dict(
-            transfer_mode=None,
             transfer_warps=8 if wide or big else 4,
             state_warps=8 if wide else 4,
-            state_stages=(1 if big else 2) if wide else (2 if big else 3),
-            block_v=32 if wide and big else 64,
+            state_stages=next((s for s in (3, 2) if fits(s)), 1),
+            block_v=block_v,
             output_warps=8 if wide or big else 4,
+            output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
             block_k=32 if wide else 64,
         )
-        return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None and v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
 
-def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> str | None:
-    """Why the kernels cannot run ``n = C R`` micro-steps a chunk at these sizes, or None."""
+def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> tuple[str, str] | None:
+    """``(option, why)`` when the kernels cannot run ``n = C R`` micro-steps a chunk at these sizes
+    (options as in :class:`flowssm.backends.Request`), else None."""
+    wide = jnp.dtype(dtype).itemsize >= 4
     if n > MAX_MICRO_STEPS:
-        return f"hold at most {MAX_MICRO_STEPS} micro-steps a chunk (chunk_size * R), got {n}"
+        return "chunk_size", f"hold at most {MAX_MICRO_STEPS} micro-steps a chunk (chunk_size * R), got {n}"
+    if wide and n > MAX_MICRO_STEPS_F32:
+        return "chunk_size", (f"hold at most {MAX_MICRO_STEPS_F32} micro-steps a chunk (chunk_size * R) with "
+                              f"{jnp.dtype(dtype)} operands (shared memory), got {n}; use bfloat16 inputs or a "
+                              f"smaller chunk_size")
+    if wide and max(key_dim, value_dim) > 128:
+        option = "key_dim" if key_dim > 128 else "value_dim"
+        return option, (f"run head sizes up to 128 with {jnp.dtype(dtype)} operands (shared memory), got "
+                        f"K = {key_dim}, V = {value_dim}; use bfloat16 inputs")
     return None
