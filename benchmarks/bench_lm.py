@@ -1,0 +1,220 @@
+"""Training-step benchmark of the DeltaNet LM: flowssm (pallas and xla backends) against fla's model.
+
+    python benchmarks/bench_lm.py --out /tmp/lm                        # GPU: every row of the table
+    python benchmarks/bench_lm.py --rows flowssm-pallas-4,fla-4 --steps 10
+    python benchmarks/bench_lm.py --tiny                               # CPU smoke test (tiny model)
+
+The same model on both sides: d_model 1024, 8 heads (K = V = 128), SwiGLU hidden 2816, vocab 32000,
+short convolution 4, output gate, untied embeddings; batch 8 x 2048 tokens; AdamW; float32 master
+weights, bf16 compute (flowssm ``model.dtype=bfloat16``; fla under ``torch.autocast``). Each row runs
+in its own process (fresh compile, clean peak-memory counter) and appends one JSON line to
+``OUT/rows.jsonl``; the table is printed last. Per row: parameters, first step (compile + run), median
+ms/step over back-to-back steps, tokens/s, model FLOPs utilisation ``6 P tokens / time / 790 TFLOP/s``,
+peak device memory, and the loss at the first and last step (both sides train on the same 4 cycled
+batches, so the loss must fall). ``decode`` rows time :meth:`LanguageModel.generate` (prefill 128
+tokens through the chunked op, then 128 decode steps in one jitted scan) at batch 1 and 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on the H200 (device README)
+ROWS = ["fla-4", "flowssm-pallas-4", "flowssm-xla-4", "flowssm-pallas-remat-4", "fla-12", "flowssm-pallas-12",
+        "flowssm-xla-12", "flowssm-pallas-gated-4", "decode-1", "decode-64"]
+
+
+def shape(tiny: bool) -> dict:
+    if tiny:
+        return dict(d_model=64, heads=2, hidden=128, vocab=256, batch=2, seq=64, chunk=16)
+    return dict(d_model=1024, heads=8, hidden=2816, vocab=32000, batch=8, seq=2048, chunk=64)
+
+
+def batches(s: dict, n: int = 4):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, s["vocab"], (s["batch"], s["seq"] + 1), dtype=np.int32) for _ in range(n)]
+
+
+def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from flowssm.models import LanguageModel, MixerConfig, ModelConfig
+
+    s = shape(tiny)
+    backend = "xla" if "xla" in name else "pallas"
+    family = "gated_deltanet" if "gated" in name else "deltanet"
+    mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend,
+                        solver={"name": "exact", "method": "doubling"})
+    config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=layers, mlp_hidden=s["hidden"],
+                         tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", remat="remat" in name, mixer=mixer)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adamw(3e-4, weight_decay=0.1)
+    state = (params, tx.init(params))
+
+    @jax.jit
+    def step(state, tokens):
+        params, opt = state
+
+        def loss_fn(params):
+            nll, _ = nnx.merge(graphdef, params, rest).losses(tokens[:, :-1], tokens[:, 1:])
+            return nll.mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+    data = [jnp.asarray(b) for b in batches(s)]
+    t0 = time.perf_counter()
+    state, loss = step(state, data[0])
+    first_loss = float(loss)
+    first_step = time.perf_counter() - t0
+    state, loss = step(state, data[1])
+    jax.block_until_ready(loss)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, loss = step(state, data[i % 4])
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return dict(params=model.num_params(), first_step_s=first_step, ms=1e3 * statistics.median(times),
+                first_loss=first_loss, last_loss=float(loss), peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
+                backend=backend, device=jax.devices()[0].device_kind)
+
+
+def fla_row(layers: int, steps: int, tiny: bool) -> dict:
+    import torch
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    s = shape(tiny)
+    config = DeltaNetConfig(hidden_size=s["d_model"], num_heads=s["heads"], num_hidden_layers=layers,
+                            vocab_size=s["vocab"], intermediate_size=s["hidden"], use_gate=True,
+                            tie_word_embeddings=False)
+    model = DeltaNetForCausalLM(config).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    data = [torch.from_numpy(b).long().cuda() for b in batches(s)]
+
+    def step(tokens):
+        inputs = tokens[:, :-1].contiguous()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=inputs, labels=inputs).loss  # fla shifts the labels itself (fused loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    first_loss = float(step(data[0]))
+    first_step = time.perf_counter() - t0
+    step(data[1])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        loss = step(data[i % 4])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return dict(params=sum(p.numel() for p in model.parameters()), first_step_s=first_step,
+                ms=1e3 * statistics.median(times), first_loss=first_loss, last_loss=float(loss),
+                peak_gb=torch.cuda.max_memory_allocated() / 1e9, device=torch.cuda.get_device_name())
+
+
+def decode_row(batch: int, tiny: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flowssm.models import LanguageModel, MixerConfig, ModelConfig
+
+    s = shape(tiny)
+    mixer = MixerConfig(family="deltanet", num_heads=s["heads"], chunk_size=s["chunk"],
+                        solver={"name": "exact", "method": "doubling"})
+    config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=4, mlp_hidden=s["hidden"],
+                         tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", mixer=mixer)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(0), (batch, 128), 0, s["vocab"], jnp.int32)
+    n = 128
+    out = model.generate(prompt, n, temperature=0.0)  # compile
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(model.generate(prompt, n, temperature=0.0))
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return dict(batch=prompt.shape[0], prompt=128, new=n, ms=1e3 * t, decode_tok_s=prompt.shape[0] * n / t,
+                device=jax.devices()[0].device_kind)
+
+
+def run_row(name: str, steps: int, tiny: bool) -> dict:
+    if name.startswith("decode-"):
+        return decode_row(int(name.split("-")[1]), tiny)
+    layers = int(name.rsplit("-", 1)[1])
+    row = fla_row(layers, steps, tiny) if name.startswith("fla") else flowssm_row(name, layers, steps, tiny)
+    s = shape(tiny)
+    tokens = s["batch"] * s["seq"]
+    row.update(tok_s=tokens / (row["ms"] / 1e3), mfu=6 * row["params"] * tokens / (row["ms"] / 1e3) / PEAK_FLOPS)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| row | params | first step s | ms/step | tokens/s | MFU | peak GB | loss first -> last |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['row']} | failed: {r['error'][:120]} |||||||")
+        elif r["row"].startswith("decode"):
+            out.append(f"| {r['row']} | batch {r['batch']}, prompt {r['prompt']} + {r['new']} new | | {r['ms']:.1f} "
+                       f"(whole generate) | {r['decode_tok_s']:,.0f} decoded/s | | | |")
+        else:
+            out.append(f"| {r['row']} | {r['params']:,} | {r['first_step_s']:.1f} | {r['ms']:.1f} | {r['tok_s']:,.0f} "
+                       f"| {100 * r['mfu']:.1f}% | {r['peak_gb']:.2f} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
+    p.add_argument("--out", default="/tmp/bench_lm")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(run_row(a.one, a.steps, a.tiny)))
+        return
+    os.makedirs(a.out, exist_ok=True)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    rows = []
+    for name in a.rows.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            row = {"row": name, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+            print(done.stderr[-3000:], file=sys.stderr)
+        else:
+            row = {"row": name, **json.loads(lines[-1])}
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(a.out, "rows.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
