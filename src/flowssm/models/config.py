@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from flowssm.solvers import Exact, FlowSolver, get_solver
 
 FAMILIES = (
     "deltanet",
@@ -21,7 +22,8 @@ class MixerConfig:
     """Token mixer: which recurrence, and every knob of how it is computed.
 
     family: one of FAMILIES; num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
-    rank: R keys per token (DeltaProduct); solver: name or mapping (``{"name": "signature", "depth": 3}``);
+    rank: R keys per token (DeltaProduct); solver: a FlowSolver, or its name or mapping
+    (``{"name": "signature", "depth": 3}``), built (and validated) once, here;
     scan: "sequential" | "associative"; backend: "reference" | "xla" | "pallas"; chunk_size: C;
     semantics: "discrete" | "continuous"; allow_neg_eigval: beta in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
@@ -31,7 +33,7 @@ class MixerConfig:
     num_heads: int = 4
     head_dim: int | None = None
     rank: int = 1
-    solver: Any = "exact"
+    solver: FlowSolver = Exact()
     scan: str = "sequential"
     backend: str = "xla"
     chunk_size: int = 64
@@ -39,6 +41,9 @@ class MixerConfig:
     allow_neg_eigval: bool = False
     conv_size: int = 4
     output_gate: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "solver", get_solver(self.solver, key="mixer.solver"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +85,6 @@ def validate_mixer(mixer: MixerConfig, d_model: int) -> MixerConfig:
     from flowssm.chunks import SEMANTICS
     from flowssm.ops import BACKENDS
     from flowssm.scan import SCANS
-    from flowssm.solvers import get_solver
 
     if mixer.family not in FAMILIES:
         raise ValueError(f"mixer.family: expected one of {FAMILIES}, got {mixer.family!r}")
@@ -113,11 +117,6 @@ def validate_mixer(mixer: MixerConfig, d_model: int) -> MixerConfig:
             f"mixer.output_gate, mixer.allow_neg_eigval: expected bools, got "
             f"{mixer.output_gate!r}, {mixer.allow_neg_eigval!r}"
         )
-    try:
-        get_solver(mixer.solver)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise ValueError("mixer." + msg if msg.startswith("solver:") else f"mixer.solver: {msg}") from None
     return mixer
 
 
