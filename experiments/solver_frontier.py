@@ -4,6 +4,7 @@ LM trained with four solvers for the same time budget.
     python experiments/solver_frontier.py --out DIR [--part frontier|training|all] [--shapes 0,1]
         [--solvers exact-doubling,euler,...] [--reps 5] [--train-solvers exact,euler,...] [--budget 120]
     python experiments/solver_frontier.py --out DIR --tiny      # tiny shapes, steps and budget (CPU)
+    python experiments/solver_frontier.py --out DIR --part render   # tables and plots from DIR's JSON files
 
 Part 1 (``frontier``): on bf16 inputs (``benchmarks/bench_kernels.inputs``: unit keys, beta in (0.5, 0.73),
 gated) at 4x4096x16x128x128 and 1x65536x16x128x128 (B x T x H x K x V, chunk 64), each solver on
@@ -66,6 +67,14 @@ def backend_of(solver: FlowSolver) -> str:
     return "xla" if solver.program().pallas_unsupported else "pallas"
 
 
+def frontier_key(row: dict) -> tuple:
+    return row["shape"], row["solver"]
+
+
+def training_key(row: dict) -> str:
+    return row["solver"]
+
+
 def _merge(path: Path, rows: list[dict], key) -> list[dict]:
     """Rows of ``path`` (if any) with those of the same ``key`` replaced by ``rows``; written back as JSON."""
     old = json.loads(path.read_text()) if path.exists() else []
@@ -73,6 +82,21 @@ def _merge(path: Path, rows: list[dict], key) -> list[dict]:
     merged = [r for r in old if key(r) not in new_keys] + rows
     path.write_text(json.dumps(merged, indent=1))
     return merged
+
+
+def render(out: Path) -> None:
+    """Tables and plots from every ``frontier*.json`` / ``training*.json`` in ``out`` (merged in name order:
+    results of separate commands copied side by side), written to frontier.json / training.json first."""
+    for stem, key, table, plot in (("frontier", frontier_key, frontier_table, plot_frontier),
+                                   ("training", training_key, training_table, plot_training)):
+        rows = []
+        for path in sorted(out.glob(f"{stem}*.json")):
+            rows = [r for r in rows if key(r) not in {key(x) for x in json.loads(path.read_text())}]
+            rows += json.loads(path.read_text())
+        if rows:
+            (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+            (out / f"{stem}.md").write_text(table(rows))
+            plot(rows, out / f"{stem}.png")
 
 
 # --- part 1: time against error ---------------------------------------------------------------------
@@ -128,7 +152,7 @@ def plot_frontier(rows: list[dict], path: Path, floor: float = 1e-8) -> None:
 def run_frontier(out: Path, shapes, labels, reps: int) -> list[dict]:
     rows = []
     for shape in shapes:
-        rows = _merge(out / "frontier.json", frontier_rows(shape, labels, reps), key=lambda r: (r["shape"], r["solver"]))
+        rows = _merge(out / "frontier.json", frontier_rows(shape, labels, reps), frontier_key)
     (out / "frontier.md").write_text(frontier_table(rows))
     plot_frontier(rows, out / "frontier.png")
     return rows
@@ -193,7 +217,7 @@ def run_training(out: Path, labels, budget: float, overrides) -> list[dict]:
     runs = []
     for label in labels:
         runs = _merge(out / "training.json", [train_for(TRAIN_SOLVERS[label], label, budget, out, overrides)],
-                      key=lambda r: r["solver"])
+                      training_key)
     (out / "training.md").write_text(training_table(runs))
     plot_training(runs, out / "training.png")
     return runs
@@ -202,7 +226,8 @@ def run_training(out: Path, labels, budget: float, overrides) -> list[dict]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--part", choices=("frontier", "training", "all"), default="all")
+    p.add_argument("--part", choices=("frontier", "training", "all", "render"), default="all",
+                   help="render: tables and plots from the JSON files already in --out")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, model and budget (runs on CPU)")
     p.add_argument("--shapes", default=None, help=f"indices into {SHAPES} (default: all)")
     p.add_argument("--solvers", default=",".join(SOLVERS), help="part 1 solvers, of: " + ",".join(SOLVERS))
@@ -224,6 +249,8 @@ def main(argv=None) -> None:
     shapes = TINY_SHAPES if args.tiny else [SHAPES[int(i)] for i in (args.shapes or "0,1").split(",")]
     reps, budget, eval_every = (1, 2.0, 2) if args.tiny else (args.reps, args.budget, args.eval_every)
     overrides = (TINY_TRAIN if args.tiny else []) + [f"train.eval_every={eval_every}", f"model.mixer.backend={args.backend}"]
+    if args.part == "render":
+        render(args.out)
     if args.part in ("frontier", "all"):
         run_frontier(args.out, shapes, choose(args.solvers, SOLVERS), reps)
     if args.part in ("training", "all"):

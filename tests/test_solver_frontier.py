@@ -23,3 +23,7 @@ def test_frontier_and_training_run_tiny(tmp_path):
     assert "| signature1 | pallas |" in (tmp_path / "frontier.md").read_text()
     assert "| euler |" in (tmp_path / "training.md").read_text()
     assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "training.png").stat().st_size > 0
+    (tmp_path / "frontier_gpu2.json").write_text(json.dumps([{**rows[0], "shape": "2x2"}]))  # a second command's rows
+    frontier.main(["--out", str(tmp_path), "--part", "render"])
+    assert len(json.loads((tmp_path / "frontier.json").read_text())) == 3
+    assert "| 2x2 | signature1 |" in (tmp_path / "frontier.md").read_text()
