@@ -189,7 +189,7 @@ def test_pallas_rejects_what_it_does_not_implement():
     with pytest.raises(NotImplementedError, match="semantics"):
         flowssm.delta_rule(q, k, v, beta, backend="pallas", semantics="continuous", chunk_size=16)
     with pytest.raises(NotImplementedError, match=r"solver: LogODE\(depth=2\) does not run on backend='pallas'"):
-        flowssm.delta_rule(q, k, v, beta, backend="pallas", solver="logode", chunk_size=16)
+        flowssm.delta_rule(q, k, v, beta, backend="pallas", solver=LogODE(), chunk_size=16)
     with pytest.raises(ValueError, match="chunk_size"):
         flowssm.delta_rule(q, k, v, beta, backend="pallas", chunk_size=24)
     with pytest.raises(ValueError, match="Tuning.block_k"):

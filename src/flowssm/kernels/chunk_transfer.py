@@ -5,8 +5,8 @@ For one chunk of ``n = C R`` micro-steps (keys ``k``, values ``v``, steps ``b, a
 
     L_im = b_i (k_i . k_m) exp(G_i - G_m)  (m < i),    w = T (b e^G k),    u = T (a v)
 
-with ``T`` the solver's transfer program (:mod:`flowssm.solvers.program`) applied to the identity inside
-the kernel (``T`` is one ``n x n`` tile; ``T = I`` is not formed). The kernel runs whatever program the
+with ``T`` formed inside the kernel by the solver's transfer program (:mod:`flowssm.solvers.program`,
+``program.matrix``: one ``n x n`` tile; ``T = I`` is not formed). The kernel runs whatever program the
 solver returns: it never looks at solver classes.
 """
 
@@ -38,13 +38,12 @@ def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_d
     scale_k = beta * jnp.exp(G)
     if program.structure == IDENTITY:
         return scale_k[:, None] * k.astype(f32), alpha[:, None] * v.astype(f32), None
-    row, col = lax.broadcasted_iota(jnp.int32, (n, n), 0), lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    below = row > col
+    below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
     L = jnp.where(below, beta[:, None] * gram * decay, 0.0).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
-    T = program.apply(L, jnp.where(row == col, 1.0, 0.0).astype(f32), matmul)
+    T = program.matrix(L, matmul)
     # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
     w = dot(T * scale_k[None, :], k, operand_dtype=operand_dtype)
     return w, dot(T * alpha[None, :], v, operand_dtype=operand_dtype), T

@@ -4,8 +4,8 @@ A solver returns one program (:meth:`flowssm.solvers.FlowSolver.program`); no ba
 classes. ``L: [n, n]`` is the chunk's strictly lower matrix (:class:`flowssm.chunks.ChunkSystem`).
 
 * The xla path (:func:`solve_system`) applies the program to the right-hand sides ``[rhs_k | rhs_v]``.
-* The Pallas transfer kernel applies it to the identity inside the kernel (``T`` as one tile), then
-  ``w = T rhs_k``, ``u = T rhs_v``.
+* The Pallas transfer kernel forms ``T`` as one tile inside the kernel (:meth:`TransferProgram.matrix`:
+  the program applied to the identity, unless it forms ``T`` directly), then ``w = T rhs_k``, ``u = T rhs_v``.
 
 ``apply`` uses only ``matmul``, elementwise ops, ``iota`` masks, static Python loops and
 ``lax.fori_loop``, so one definition runs in XLA and in a Triton kernel; ``matmul`` is the backend's
@@ -47,10 +47,14 @@ def _iotas(n: int):
     return lax.broadcasted_iota(jnp.int32, (n, n), 0), lax.broadcasted_iota(jnp.int32, (n, n), 1)
 
 
+def _eye(n: int, dtype):
+    row, col = _iotas(n)
+    return jnp.where(row == col, 1.0, 0.0).astype(dtype)
+
+
 def neumann_product(L, factors: int, matmul: Matmul):
     """``prod_{i < factors} (I + (-L)^(2^i)) = sum_{m < 2^factors} (-L)^m`` (the powers commute); ``I`` for 0."""
-    row, col = _iotas(L.shape[-1])
-    T = jnp.where(row == col, 1.0, 0.0).astype(L.dtype)
+    T = _eye(L.shape[-1], L.dtype)
     power = -L
     for i in range(factors):
         if i:
@@ -69,6 +73,10 @@ class TransferProgram(abc.ABC):
     @abc.abstractmethod
     def apply(self, L: Float[Array, "n n"], rhs: Float[Array, "n D"], matmul: Matmul) -> Float[Array, "n D"]:
         """``T rhs``."""
+
+    def matrix(self, L: Float[Array, "n n"], matmul: Matmul) -> Float[Array, "n n"]:
+        """``T`` itself (the kernels' form): ``apply`` to the identity, unless a program forms ``T`` directly."""
+        return self.apply(L, _eye(L.shape[-1], L.dtype), matmul)
 
     def flow(self, system: ChunkSystem, w: Float[Array, "n K"], u: Float[Array, "n V"]) -> WYFlow:
         """The chunk flow; by default read off the generators (``P = e^G I - K~^T w``, ``Q = K~^T u``)."""
@@ -96,10 +104,22 @@ class Neumann(TransferProgram):
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"Neumann(depth=...): expected an int >= 0, got {self.depth!r}")
 
-    def apply(self, L, rhs, matmul):
+    def _factors(self) -> int | None:
         terms = self.depth + 1
-        if terms & (terms - 1) == 0:
-            return matmul(neumann_product(L, int(math.log2(terms)), matmul), rhs)
+        return int(math.log2(terms)) if terms & (terms - 1) == 0 else None
+
+    def matrix(self, L, matmul):
+        if self._factors() is not None:
+            return neumann_product(L, self._factors(), matmul)
+        eye = _eye(L.shape[-1], L.dtype)
+        T = eye
+        for i in range(self.depth):
+            T = eye - (L if i == 0 else matmul(L, T))
+        return T
+
+    def apply(self, L, rhs, matmul):
+        if self._factors() is not None:
+            return matmul(self.matrix(L, matmul), rhs)
         out = rhs
         for _ in range(self.depth):
             out = rhs - matmul(L, out)
@@ -112,9 +132,12 @@ class Doubling(TransferProgram):
 
     structure = INVERSE
 
-    def apply(self, L, rhs, matmul):
+    def matrix(self, L, matmul):
         n = L.shape[-1]
-        return matmul(neumann_product(L, math.ceil(math.log2(n)) if n > 1 else 0, matmul), rhs)
+        return neumann_product(L, math.ceil(math.log2(n)) if n > 1 else 0, matmul)
+
+    def apply(self, L, rhs, matmul):
+        return matmul(self.matrix(L, matmul), rhs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +201,9 @@ class MatrixFunction(TransferProgram):
 
     def apply(self, L, rhs, matmul):
         return self.prefix.apply(L, rhs, matmul)
+
+    def matrix(self, L, matmul):
+        return self.prefix.matrix(L, matmul)
 
     def flow(self, system, w, u):
         return self.chunk_flow(system)
