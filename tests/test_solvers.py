@@ -21,7 +21,8 @@ from jax.test_util import check_grads
 import flowssm
 from flowssm import chunks, flows
 from flowssm.models.config import MixerConfig
-from flowssm.solvers import SOLVERS, Euler, Exact, FlowSolver, LogODE, Signature, TransferProgram, get_solver
+from flowssm.solvers import (SOLVERS, Euler, Exact, FlowSolver, LogODE, Requirements, Signature, TransferProgram,
+                             get_solver)
 from flowssm.solvers.exact import METHODS
 from flowssm.solvers.program import Substitution
 from flowssm.testing import random_inputs, rel_err
@@ -348,6 +349,18 @@ def test_a_solver_defined_outside_flowssm_runs_on_every_backend(backend):
     assert MixerConfig(solver=JacobiSolver(3)).solver == JacobiSolver(3)
 
 
+@dataclasses.dataclass(frozen=True)
+class DiscreteOnly(JacobiSolver):
+    def requirements(self) -> Requirements:
+        return Requirements(semantics=("discrete",))
+
+
+def test_a_solver_is_refused_semantics_it_does_not_declare(op_case):
+    (q, k, v, beta, g, s0), _ = op_case
+    with pytest.raises(ValueError, match=r"semantics: DiscreteOnly\(sweeps=None\) implements \('discrete',\), got 'continuous'"):
+        flowssm.delta_rule(q, k, v, beta, g, solver=DiscreteOnly(), semantics="continuous")
+
+
 # --- study -------------------------------------------------------------------------------------
 
 
@@ -358,7 +371,9 @@ def test_study_runs_and_plots_on_a_tiny_grid(tmp_path):
     rows = study.run_study(config, log=lambda *_: None)
     assert len(rows) == 3 * len(study.study_solvers(config.depths))
     slopes = {line["solver"]: line["slope_discrete"] for line in study.summary(rows)}
-    assert abs(slopes["euler"] - 2) < 0.3 and abs(slopes["signature(1)"] - 3) < 0.3
+    solvers = study.study_solvers(config.depths)
+    for label in ("euler", "signature(1)"):
+        assert abs(slopes[label] - (solvers[label].order() + 1)) < 0.3, label
     assert "| logode | 4 |" in study.markdown_table(study.summary(rows), config.semantics)
     study.write_csv(rows, tmp_path / "rows.csv")
     study.plot_orders(rows, tmp_path / "orders.png")

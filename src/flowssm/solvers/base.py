@@ -60,7 +60,7 @@ class FlowSolver(abc.ABC):
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
-def check_runnable(solver: FlowSolver, *, backend: str, semantics: str) -> None:
+def check_runnable(solver: FlowSolver, *, semantics: str, backend: str = "xla") -> None:
     """Reject, before any work, a solver that ``backend`` cannot run or that does not implement ``semantics``."""
     if semantics not in solver.requirements().semantics:
         raise ValueError(f"semantics: {solver!r} implements {solver.requirements().semantics}, got {semantics!r}")
