@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flowssm.solvers import Signature
 from flowssm.train import config as C
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -20,7 +21,8 @@ def test_defaults_and_overrides_are_typed():
     cfg = C.load(None, ["train.steps=7", "optim.lr=1e-3", "model.mixer.solver=signature", "model.mixer.solver.depth=3",
                         "model.mixer.allow_neg_eigval=true", "model.mlp_hidden=null"])
     assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.model.mixer.solver == {"name": "signature", "depth": 3}
+    assert cfg.model.mixer.solver == Signature(depth=3)  # built (and validated) once, at load
+    assert C.to_dict(cfg)["model"]["mixer"]["solver"] == {"name": "signature", "depth": 3}
     assert cfg.model.mixer.allow_neg_eigval is True and cfg.model.mlp_hidden is None
     assert cfg.train.batch_size == C.TrainConfig().batch_size  # untouched fields keep defaults
 

@@ -13,7 +13,11 @@ from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_tran
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                         state_pass_reference)
 from flowssm.paths import make_path
-from flowssm.solvers import Euler, Exact, Signature
+from flowssm.solvers import Euler, Exact, LogODE, Signature
+from flowssm.solvers.exact import METHODS
+from flowssm.solvers.program import INVERSE
+
+EXACT = [Exact(method=m) for m in METHODS]
 
 F32 = jnp.float32
 
@@ -48,11 +52,16 @@ def chunk_blocks(seed=0, BH=2, N=3, C=16, R=2, K=16, V=32):
     return keys, values, beta, alpha, log_decay
 
 
-@pytest.mark.parametrize("solver", [Exact(), Euler(), Signature(depth=3), Signature(depth=2)], ids=repr)
+@pytest.mark.parametrize("solver", EXACT + [Euler(), Signature(depth=3), Signature(depth=2)], ids=repr)
 def test_chunk_transfer_kernel_matches_reference(solver):
+    """The kernel runs the solver's own program; every exact method also equals the default's reference."""
     args = chunk_blocks()
-    for a, b in zip(kc.chunk_transfer_kernel(*args, solver=solver), kc.chunk_transfer_reference(*args, solver=solver)):
+    kernel = kc.chunk_transfer_kernel(*args, solver=solver)
+    for a, b in zip(kernel, kc.chunk_transfer_reference(*args, solver=solver)):
         assert rel(a, b) < 1e-5
+    if solver in EXACT:
+        for a, b in zip(kernel, kc.chunk_transfer_reference(*args, solver=Exact())):
+            assert rel(a, b) < 1e-5
 
 
 def test_state_pass_and_output_kernels_match_references():
@@ -71,10 +80,10 @@ def test_state_pass_and_output_kernels_match_references():
     assert rel(o, kc.chunk_output_reference(q, keys, G, w, u, states[0], rank=R, scale=0.3)) < 1e-5
 
 
-@pytest.mark.parametrize("solver", [Exact(), Euler()], ids=repr)
+@pytest.mark.parametrize("solver", EXACT + [Euler()], ids=repr)
 def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
     args = chunk_blocks(seed=5)
-    w, u, *T = kc.chunk_transfer_kernel(*args, solver=solver, save_transfer=isinstance(solver, Exact))
+    w, u, *T = kc.chunk_transfer_kernel(*args, solver=solver, save_transfer=solver.program().structure == INVERSE)
     T = T[0] if T else None
     ks = jax.random.split(jax.random.PRNGKey(7), 2)
     dw, du = jax.random.normal(ks[0], w.shape, F32), jax.random.normal(ks[1], u.shape, F32)
@@ -135,25 +144,20 @@ def test_pallas_matches_token_loop(R, gated, scan, dtype, T, tol):
     assert rel(o, o_ref) < tol and rel(S, S_ref) < tol
 
 
-@pytest.mark.parametrize("solver", ["euler", {"name": "signature", "depth": 2}, {"name": "signature", "depth": 3}], ids=str)
-def test_pallas_approximate_solvers_match_xla(solver):
-    q, k, v, beta, g, S0 = make_inputs(1, 1, 40, 2, 16, 16, None)
-    run = lambda backend: flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, chunk_size=16, solver=solver, backend=backend)
-    for a, b in zip(run("pallas"), run("xla")):
-        assert rel(a, b) < 1e-5
+GRADIENT_CASES = [("kernels", solver, "sequential", True) for solver in EXACT] + [
+    ("kernels", Exact(), "associative", False),
+    ("kernels", Euler(), "sequential", True),
+    ("kernels", Signature(depth=2), "sequential", True),  # transfer backward by the reference's vjp
+    ("kernels", Signature(depth=3), "sequential", True),  # (doubling form of the series)
+    ("reference", Exact(), "sequential", True),
+]
 
 
-@pytest.mark.parametrize(
-    "backward, solver, scan, gated",
-    [
-        ("kernels", Exact(), "sequential", True),
-        ("kernels", Exact(), "associative", False),
-        ("kernels", Euler(), "sequential", True),
-        ("kernels", Signature(depth=2), "sequential", True),  # transfer backward by the reference's vjp
-        ("reference", Exact(), "sequential", True),
-    ],
-)
-def test_pallas_gradients_match_xla(backward, solver, scan, gated):
+@pytest.mark.parametrize("backward, solver, scan, gated", GRADIENT_CASES, ids=lambda x: repr(x))
+def test_pallas_forward_and_gradients_match_xla(backward, solver, scan, gated):
+    """Every solver the kernels run, as itself (every exact method included): outputs, final state and
+    gradients equal the xla backend's in float32 (the transfer backward is the kernel for programs with
+    ``T = (I + L)^{-1}`` or ``T = I``, the reference's vjp otherwise)."""
     q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2, gated=gated)
     tuning = kc.Tuning(backward=backward)
 
@@ -165,12 +169,14 @@ def test_pallas_gradients_match_xla(backward, solver, scan, gated):
         else:
             o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, solver=solver,
                                       backend="xla")
-        return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S**2), (o, S)
 
     argnums = (1, 2, 3, 4, 5, 6) if gated else (1, 2, 3, 4, 6)
-    grads = [jax.grad(loss, argnums=argnums)(b, q, k, v, beta, g, S0) for b in ("pallas", "xla")]
-    for a, b in zip(*grads):
-        assert rel(a, b) < 1e-4
+    (_, (o, S)), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)("pallas", q, k, v, beta, g, S0)
+    (_, (o_x, S_x)), grads_x = jax.value_and_grad(loss, argnums=argnums, has_aux=True)("xla", q, k, v, beta, g, S0)
+    assert rel(o, o_x) < 1e-5 and rel(S, S_x) < 1e-5
+    for a, b in zip(grads, grads_x):
+        assert rel(a, b) < 1e-5
 
 
 def test_pallas_gradient_reaches_initial_state():

@@ -65,10 +65,10 @@ def test_gradients_reach_every_parameter_and_are_finite(family):
 
 def test_jit_and_vmap_over_batch_match_eager():
     mixer, x = build(mixer_config("gated_deltanet")), inputs()
-    y = mixer(x)
-    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(mixer, x), y, atol=1e-5, rtol=1e-5)
+    y = mixer(x)  # |y| ~ 3: jit's fusions and vmap's batched matmuls round differently, ~1e-6 in float32
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(mixer, x), y, atol=1e-5)
     per_example = jax.vmap(lambda xi: mixer(xi[None])[0])(x)
-    np.testing.assert_allclose(per_example, y, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(per_example, y, atol=1e-5)
 
 
 @pytest.mark.parametrize(

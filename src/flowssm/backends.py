@@ -47,7 +47,6 @@ def on_gpu() -> bool:
 def pallas_limits(request: Request) -> list[tuple[str, str]]:
     """``(option, reason)`` for every part of ``request`` the Pallas kernels cannot run (empty: all of it)."""
     from flowssm.kernels.launch import launch_problem
-    from flowssm.kernels.chunk_transfer import transfer_plan
 
     out = []
     if request.semantics != "discrete":
@@ -58,10 +57,10 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
         out.append(("chunk_size", f"needs a power-of-two chunk size, got {C}"))
     elif n < 16:
         out.append(("chunk_size", f"needs chunk_size * R (R rounded up to a power of two) >= 16, got {C} * {R}"))
-    try:
-        transfer_plan(request.solver, max(n, 2))
-    except NotImplementedError as e:
-        out.append(("solver", str(e).removeprefix("solver: ")))
+    unsupported = request.solver.program().pallas_unsupported
+    if unsupported:
+        out.append(("solver", f"cannot run {request.solver!r}: its program {type(request.solver.program()).__name__} "
+                              f"{unsupported}"))
     dtype = jnp.dtype(request.dtype)
     if dtype == jnp.float64:
         if on_gpu():

@@ -28,7 +28,6 @@ from jaxtyping import Array, Float
 
 import flowssm
 from flowssm.models.config import DELTA_FAMILIES, GATED_FAMILIES, MixerConfig, head_dim, validate_mixer
-from flowssm.solvers import get_solver
 
 
 class ShortConv(nnx.Module):
@@ -80,7 +79,7 @@ class DeltaMixer(nnx.Module):
         self.delta = config.family in DELTA_FAMILIES
         self.gated = config.family in GATED_FAMILIES
         self.H, self.R, self.K = config.num_heads, config.rank, head_dim(config, d_model)
-        self.solver = get_solver(config.solver)
+        self.solver = config.solver
         self.chunk_size, self.scan, self.backend = config.chunk_size, config.scan, config.backend
         self.semantics, self.beta_max = config.semantics, 2.0 if config.allow_neg_eigval else 1.0
         H, R, K = self.H, self.R, self.K

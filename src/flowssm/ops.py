@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from flowssm import backends, chunks, reference
 from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import Euler, FlowSolver, get_solver
+from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
@@ -86,7 +86,9 @@ def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, sema
     _check_chunk_size(chunk_size)
     _check_choice("scan", scan, SCANS)
     _check_choice("semantics", semantics, chunks.SEMANTICS)
-    return get_solver(solver), _initial_state(initial_state, path), _scale(scale, q.shape[-1])
+    solver = get_solver(solver)
+    check_runnable(solver, semantics=semantics)
+    return solver, _initial_state(initial_state, path), _scale(scale, q.shape[-1])
 
 
 def request(q, path: Path, solver: FlowSolver, chunk_size: int, semantics: str) -> backends.Request:

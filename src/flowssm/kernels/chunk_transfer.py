@@ -5,14 +5,12 @@ For one chunk of ``n = C R`` micro-steps (keys ``k``, values ``v``, steps ``b, a
 
     L_im = b_i (k_i . k_m) exp(G_i - G_m)  (m < i),    w = T (b e^G k),    u = T (a v)
 
-with ``T`` from the solver: ``exact`` (any ``method``) uses the doubling product ``prod_{i<ceil(log2 n)} (I + (-L)^(2^i))``
-(exact since ``L`` is nilpotent; matmuls only), ``signature(depth)`` the truncated Neumann series
-(doubling when ``depth + 1`` is a power of two, Horner otherwise), ``euler`` ``T = I``.
+with ``T`` formed inside the kernel by the solver's transfer program (:mod:`flowssm.solvers.program`,
+``program.matrix``: one ``n x n`` tile; ``T = I`` is not formed). The kernel runs whatever program the
+solver returns: it never looks at solver classes.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -22,23 +20,8 @@ from jax.experimental import pallas as pl
 from flowssm import chunks
 from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
 from flowssm.paths import Path
-from flowssm.solvers import Euler, Exact, FlowSolver, Signature
-
-
-def transfer_plan(solver: FlowSolver, n: int) -> tuple[str, int]:
-    """How the kernel applies ``T``: ``("doubling", factors)`` or ``("horner", depth)`` (depth 0: ``T = I``)."""
-    if isinstance(solver, Exact):
-        return ("doubling", math.ceil(math.log2(n))) if n > 1 else ("horner", 0)
-    if isinstance(solver, Euler):
-        return ("horner", 0)
-    if isinstance(solver, Signature):
-        terms = solver.depth + 1
-        if terms > 1 and terms & (terms - 1) == 0:
-            return ("doubling", int(math.log2(terms)))
-        return ("horner", solver.depth)
-    raise NotImplementedError(
-        f"solver: backend='pallas' supports the exact, euler and signature solvers, got {solver!r}; use backend='xla'"
-    )
+from flowssm.solvers import FlowSolver
+from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 
 
 def micro_log_decay(log_decay, rank: int):
@@ -47,33 +30,23 @@ def micro_log_decay(log_decay, rank: int):
     return jnp.repeat(jnp.cumsum(log_decay.astype(dtype), axis=-1), rank, axis=-1)
 
 
-def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
-    """One chunk. k: [n, K], v: [n, V], beta, alpha, G: [n] -> (w: [n, K], u: [n, V], T: [n, n] or None)
-    in float32; ``T`` is returned by the doubling plan only."""
+def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode):
+    """One chunk. k: [n, K], v: [n, V], beta, alpha, G: [n] -> (w: [n, K], u: [n, V], T: [n, n] or None
+    for ``T = I``) in float32."""
     n = k.shape[0]
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
+    scale_k = beta * jnp.exp(G)
+    if program.structure == IDENTITY:
+        return scale_k[:, None] * k.astype(f32), alpha[:, None] * v.astype(f32), None
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
     L = jnp.where(below, beta[:, None] * gram * decay, 0.0).astype(f32)
-    kind, count = plan
-    mm = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
-    if kind == "doubling":
-        diagonal = lax.broadcasted_iota(jnp.int32, (n, n), 0) == lax.broadcasted_iota(jnp.int32, (n, n), 1)
-        power = -L
-        T = jnp.where(diagonal, 1.0, 0.0).astype(f32) + power
-        for _ in range(count - 1):
-            power = mm(power, power)
-            T = T + mm(T, power)
-        # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
-        w = dot(T * (beta * jnp.exp(G))[None, :], k, operand_dtype=operand_dtype)
-        return w, dot(T * alpha[None, :], v, operand_dtype=operand_dtype), T
-    rk = w = (beta * jnp.exp(G))[:, None] * k.astype(f32)
-    rv = u = alpha[:, None] * v.astype(f32)
-    for _ in range(count):
-        w = rk - mm(L, w)
-        u = rv - mm(L, u)
-    return w, u, None
+    matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
+    T = program.matrix(L, matmul)
+    # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
+    w = dot(T * scale_k[None, :], k, operand_dtype=operand_dtype)
+    return w, dot(T * alpha[None, :], v, operand_dtype=operand_dtype), T
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
@@ -84,23 +57,24 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
     ``common``), beta, alpha: [BH, N, n], log_decay: [BH, N, C] (per token) -> (w: [BH, N, n, K],
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
-    dtype) with ``save_transfer`` (exact solver only: the backward's ``T^T``). ``mode``: matmul mode of
-    the ``T`` powers (see ``common.DOT_MODES``).
+    dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
+    ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
     R = n // log_decay.shape[-1]
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
-    plan = transfer_plan(solver, n)
-    if save_transfer and not (isinstance(solver, Exact) and plan[0] == "doubling"):
-        raise ValueError(f"save_transfer: T is saved for the exact solver with n = C R > 1 only, got {solver!r}, n = {n}")
+    program = solver.program()
+    if save_transfer and program.structure != INVERSE:
+        raise ValueError(f"save_transfer: T is saved for programs computing (I + L)^{{-1}} only, got {program!r} "
+                         f"(solver {solver!r})")
     G = micro_log_decay(log_decay, R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
-                                  plan=plan, operand_dtype=dtype, mode=mode)
+                                  program=program, operand_dtype=dtype, mode=mode)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         if save_transfer:
@@ -140,7 +114,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
                         dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
     ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
-    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I`` (euler).
+    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I``.
 
     Outputs are written as soon as they are final and operands loaded when first needed: fewer live
     tiles, fewer registers.
@@ -176,8 +150,8 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
                               interpret: bool | None = None):
-    """Backward of :func:`chunk_transfer_kernel` for ``exact`` (``T`` saved by the forward) and ``euler``
-    (``T = None``), one program per (head, chunk).
+    """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
+    forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
     Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
     -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs).
@@ -185,10 +159,11 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
     R = n // log_decay.shape[-1]
-    exact = transfer_plan(solver, n)[0] == "doubling"
-    if not isinstance(solver, (Exact, Euler)) or exact != (T is not None):
-        raise ValueError(f"T: the transfer backward kernel needs the exact solver with its saved T, or euler with T=None;"
-                         f" got {solver!r} with T {'given' if T is not None else 'None'}")
+    structure = solver.program().structure
+    exact = structure == INVERSE
+    if structure not in (IDENTITY, INVERSE) or exact != (T is not None):
+        raise ValueError(f"T: the transfer backward kernel needs a program computing (I + L)^{{-1}} with its saved T, "
+                         f"or T = I with T=None; got {solver!r} with T {'given' if T is not None else 'None'}")
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)

@@ -11,14 +11,14 @@ Forward:
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
 Backward (``Tuning(backward="kernels")``, a ``jax.custom_vjp`` over the three stages; residuals are the
-inputs, ``w, u``, the states entering the chunks and, for ``exact``, the chunks' ``T``):
+inputs, ``w, u``, the states entering the chunks and, for exact programs, the chunks' ``T``):
 
 1. ``state_pass_bwd``: the reverse pass of the state cotangent (sequential over chunks, whichever scan
    ran forward), giving ``dv'`` and the cotangent of the state leaving every chunk.
 2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
 3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
-   ``T`` (``exact``) or ``T = I`` (``euler``); the ``signature`` solvers take this step by autodiff of
-   the jnp reference (XLA).
+   ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler); other programs
+   (the truncated series of ``signature``) take this step by autodiff of the jnp reference (XLA).
 
 ``Tuning(backward="reference")`` differentiates the jnp references of the three stages instead (XLA).
 Inputs are padded exactly: ``T`` to whole chunks and ``R`` to a power of two with identity micro-steps,
@@ -35,15 +35,15 @@ import jax.numpy as jnp
 
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
-                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay,
-                                            transfer_plan)
+                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
 from flowssm.kernels.common import head_major
 from flowssm.kernels.launch import Tuning
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
 from flowssm.scan import chunk_states
-from flowssm.solvers import Euler, Exact, FlowSolver
+from flowssm.solvers import FlowSolver
+from flowssm.solvers.program import IDENTITY, INVERSE
 
 def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << (x - 1).bit_length())
@@ -98,19 +98,20 @@ class _Static:
     heads: int
 
 
-def _kernel_backward_transfer(solver: FlowSolver, n: int) -> bool:
-    """Whether ``chunk_transfer_bwd_kernel`` covers the solver (exact, euler), else the reference's vjp."""
-    return isinstance(solver, (Exact, Euler)) and (transfer_plan(solver, n)[0] == "doubling") == isinstance(solver, Exact)
+def _kernel_backward_transfer(solver: FlowSolver) -> bool:
+    """Whether ``chunk_transfer_bwd_kernel`` covers the solver's program (``T = (I + L)^{-1}`` or ``T = I``),
+    else the reference's vjp."""
+    return solver.program().structure in (IDENTITY, INVERSE)
 
 
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C], S0: [BH, K, V]
     -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected)); with ``save`` (the kernels' backward),
-    ``corrected = u - w S_in`` and, for the exact solver, ``T``, else None."""
+    ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None."""
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
-    save_transfer = save and isinstance(st.solver, Exact) and _kernel_backward_transfer(st.solver, n)
+    save_transfer = save and st.solver.program().structure == INVERSE
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                      save_transfer=save_transfer, heads=H, num_warps=t.transfer_warps)
     G = micro_log_decay(log_decay, n // C)
@@ -166,7 +167,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
                                              heads=H, block_k=t.block_k, num_warps=t.backward_warps)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
-                    if _kernel_backward_transfer(st.solver, n) else chunk_transfer_bwd_reference)
+                    if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
                                                              solver=st.solver, heads=H)
     dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
@@ -189,7 +190,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     query's dtype); steps, decays and states stay in the path dtype. The arguments are what
     :func:`flowssm.backends.check` accepts for "pallas" (the ops check before calling).
     """
-    del semantics  # discrete: backends.check refused anything else before the call
+    del semantics  # discrete: backends.check refused anything else (and unrunnable solvers) before the call
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]

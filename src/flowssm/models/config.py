@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from flowssm.solvers import Exact, FlowSolver, get_solver
 
 FAMILIES = (
     "deltanet",
@@ -21,7 +22,8 @@ class MixerConfig:
     """Token mixer: which recurrence, and every knob of how it is computed.
 
     family: one of FAMILIES; num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
-    rank: R keys per token (DeltaProduct); solver: name or mapping (``{"name": "signature", "depth": 3}``);
+    rank: R keys per token (DeltaProduct); solver: a FlowSolver, or its name or mapping
+    (``{"name": "signature", "depth": 3}``), built (and validated) once, here;
     scan: "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
     :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
     semantics: "discrete" | "continuous"; allow_neg_eigval: beta in (0, 2) instead of (0, 1);
@@ -32,7 +34,7 @@ class MixerConfig:
     num_heads: int = 4
     head_dim: int | None = None
     rank: int = 1
-    solver: Any = "exact"
+    solver: FlowSolver = Exact()
     scan: str = "sequential"
     backend: str = "auto"
     chunk_size: int = 64
@@ -40,6 +42,9 @@ class MixerConfig:
     allow_neg_eigval: bool = False
     conv_size: int = 4
     output_gate: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "solver", get_solver(self.solver, key="mixer.solver"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +95,6 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
     from flowssm import backends
     from flowssm.chunks import SEMANTICS
     from flowssm.scan import SCANS
-    from flowssm.solvers import get_solver
 
     key = lambda field: prefix + field
     if mixer.family not in FAMILIES:
@@ -124,14 +128,13 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
             f"{key('output_gate')}, {key('allow_neg_eigval')}: expected bools, got "
             f"{mixer.output_gate!r}, {mixer.allow_neg_eigval!r}"
         )
-    try:
-        solver = get_solver(mixer.solver)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise ValueError(prefix + msg if msg.startswith("solver:") else f"{key('solver')}: {msg}") from None
+    solver = mixer.solver
     if mixer.family == "attention":
         return mixer
-    bound = solver.max_discrete_step() if mixer.family in DELTA_FAMILIES else None
+    if mixer.family in DELTA_FAMILIES and mixer.semantics not in solver.requirements().semantics:
+        raise ValueError(f"{key('solver')}, {key('semantics')}: {solver!r} implements semantics "
+                         f"{solver.requirements().semantics}, got {mixer.semantics!r}")
+    bound = solver.requirements().max_discrete_step if mixer.family in DELTA_FAMILIES else None
     if bound is not None and mixer.semantics == "discrete" and mixer.allow_neg_eigval:
         raise ValueError(
             f"{key('solver')}, {key('allow_neg_eigval')}: solver {solver!r} needs beta |k|^2 < {bound} under "

@@ -1,62 +1,70 @@
 """The one interface every flow solver implements.
 
-A solver maps a chunk's lower-triangular system (:class:`flowssm.chunks.ChunkSystem`) to
+A solver is three declarations about one chunk (:class:`flowssm.chunks.ChunkSystem`):
 
-* ``w: [n, K]``, ``u: [n, V]``: generators of the corrected values ``u - w S_in``, from which every
-  prefix state inside the chunk (and so every output) is read, and
-* ``flow``: the chunk flow ``S_in -> P S_in + Q`` that the scan propagates.
+* :meth:`FlowSolver.program`: how ``T ~ (I + L)^{-1}`` is computed, as a
+  :class:`~flowssm.solvers.program.TransferProgram` that every backend runs (the xla path through
+  :meth:`FlowSolver.solve`, the Pallas transfer kernel inside the kernel). ``T`` gives the corrected
+  values ``u - w S_in`` (every prefix state) and, by default, the chunk flow read off ``(w, u)``.
+* :meth:`FlowSolver.order`: the accuracy, in one convention for every solver: global order ``p`` in
+  the path increment ``omega``, i.e. a chunk flow with local error ``O(|omega|^(p + 1))``; ``inf`` for
+  exact solvers.
+* :meth:`FlowSolver.requirements`: the semantics it implements and the conditions it needs of its inputs.
 
-Most solvers only choose how to apply ``T = (I + L)^{-1}`` (:class:`TransferSolver`); the flow is then
-read off ``(w, u)``. A solver may instead compute its own chunk flow (``logode``).
+A new solver subclasses :class:`FlowSolver` as a frozen dataclass (its options are its fields) and
+runs on every backend that runs its program, without editing flowssm.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import NamedTuple
+import dataclasses
 
-import jax.numpy as jnp
-from jaxtyping import Array, Float
-
-from flowssm.chunks import ChunkSystem
-from flowssm.flows import WYFlow
+from flowssm.chunks import SEMANTICS, ChunkSystem
+from flowssm.solvers.program import ChunkSolution, TransferProgram, solve_system
 
 
-class ChunkSolution(NamedTuple):
-    """w: [n, K], u: [n, V] (corrected values ``u - w S_in``); flow: the chunk's flow."""
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """semantics: the semantics a solver implements; conditions: what it needs of its inputs (checked at
+    run time by the solver's program, stated here for users and documentation); max_discrete_step: the
+    bound ``beta |k|^2 <`` this value that discrete semantics needs (None: any step), checked when a
+    config or layer is built (e.g. refused with ``allow_neg_eigval``)."""
 
-    w: Float[Array, "n K"]
-    u: Float[Array, "n V"]
-    flow: WYFlow
+    semantics: tuple[str, ...] = SEMANTICS
+    conditions: tuple[str, ...] = ()
+    max_discrete_step: float | None = None
 
 
 class FlowSolver(abc.ABC):
-    """Computes one chunk's prefix generators and flow. Subclasses are frozen dataclasses (hashable)."""
+    """A chunk solver. Subclasses are frozen dataclasses (hashable: they are static arguments of ``jit``)
+    with a class attribute ``name`` (the registry / YAML name)."""
 
     name: str = ""
 
     @abc.abstractmethod
     def order(self) -> float:
-        """Global order in the path increment (local error ``O(|omega|^(order+1))``); ``inf`` if exact."""
+        """Global order ``p``: the chunk flow's local error is ``O(|omega|^(p + 1))``; ``inf`` if exact."""
 
     @abc.abstractmethod
-    def solve(self, system: ChunkSystem) -> ChunkSolution:
-        """Solve one chunk (unbatched: ``n = C R`` micro-steps)."""
+    def program(self) -> TransferProgram:
+        """How every backend computes the chunk's transfer (and flow)."""
 
-    def max_discrete_step(self) -> float | None:
-        """Bound ``beta |k|^2 <`` this value that discrete semantics needs (None: any step works)."""
-        return None
-
-
-class TransferSolver(FlowSolver):
-    """A solver defined by an approximation of ``T = (I + L)^{-1}`` applied to the right-hand sides."""
-
-    @abc.abstractmethod
-    def transfer(self, L: Float[Array, "n n"], rhs: Float[Array, "n D"]) -> Float[Array, "n D"]:
-        """``T rhs`` for the strictly lower ``L``."""
+    def requirements(self) -> Requirements:
+        """Semantics implemented and input conditions; by default both semantics, no conditions."""
+        return Requirements()
 
     def solve(self, system: ChunkSystem) -> ChunkSolution:
-        K = system.rhs_k.shape[-1]
-        out = self.transfer(system.L, jnp.concatenate([system.rhs_k, system.rhs_v], axis=-1))
-        w, u = out[:, :K], out[:, K:]
-        return ChunkSolution(w, u, system.end_flow(w, u))
+        """One chunk (unbatched: ``n = C R`` micro-steps) on the xla path: the program, interpreted in jnp."""
+        return solve_system(self.program(), system)
+
+    def spec(self) -> dict:
+        """The mapping :func:`flowssm.solvers.get_solver` builds this solver from (``{"name": ..., **fields}``)."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+def check_runnable(solver: FlowSolver, *, semantics: str) -> None:
+    """Reject, before any work, a solver that does not implement ``semantics`` (what each backend can run
+    is :mod:`flowssm.backends`' business: it reads ``solver.program().pallas_unsupported``)."""
+    if semantics not in solver.requirements().semantics:
+        raise ValueError(f"semantics: {solver!r} implements {solver.requirements().semantics}, got {semantics!r}")

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from flowssm.chunks import ChunkSystem, block_diagonal, continuous_cores, phi1
 from flowssm.flows import WYFlow
-from flowssm.solvers.base import ChunkSolution, FlowSolver
+from flowssm.solvers.base import FlowSolver, Requirements
+from flowssm.solvers.program import MatrixFunction
 from flowssm.solvers.signature import Signature
 
 DISCRETE_BETA_ERROR = (
@@ -98,9 +99,10 @@ def magnus_cores(gram, b, A, before):
 class LogODE(FlowSolver):
     """Log-ODE (Magnus) step: chunk flow ``exp(Omega)``, ``Omega`` the level-``depth`` log-signature.
 
-    ``depth=2``: ``Omega = sum_m Y_m + 1/2 sum_{m'<m} [Y_m, Y_m']``, local error ``O(|omega|^3)`` (order
-    2); ``depth=1`` drops the commutators (order 1). Exact when the chunk is one generator (one token
-    under continuous semantics, one rank-1 step under discrete). ``M``'s symmetric part is
+    Its program is a :class:`~flowssm.solvers.program.MatrixFunction` (xla only). ``depth=2``:
+    ``Omega = sum_m Y_m + 1/2 sum_{m'<m} [Y_m, Y_m']``, order 2; ``depth=1`` drops the commutators
+    (order 1). Exact when the chunk is one generator (one token under continuous semantics, one rank-1
+    step under discrete). ``M``'s symmetric part is
     ``diag(b) >= 0``, so ``||P||_2 <= e^G <= 1``: flows stay bounded over long sequences. Prefix
     states inside the chunk use the matching truncated signature ``Signature(depth - 1)``
     (``T = I - L`` at depth 2). Discrete semantics requires ``beta |k|^2 < 1`` (checked at run time
@@ -117,11 +119,15 @@ class LogODE(FlowSolver):
     def order(self) -> float:
         return float(self.depth)
 
-    def max_discrete_step(self) -> float | None:
-        return 1.0
+    def requirements(self) -> Requirements:
+        return Requirements(conditions=("discrete semantics: beta |k|^2 < 1 (checked at run time)",),
+                            max_discrete_step=1.0)
 
-    def solve(self, system: ChunkSystem) -> ChunkSolution:
-        w, u, _ = Signature(self.depth - 1).solve(system)
+    def program(self) -> MatrixFunction:
+        return MatrixFunction(prefix=Signature(self.depth - 1).program(), chunk_flow=self.magnus_flow)
+
+    def magnus_flow(self, system: ChunkSystem) -> WYFlow:
+        """The chunk flow ``exp(Omega)`` in WY form (module docstring)."""
         b, A, before = log_increments(system)
         if self.depth == 1:
             before = jnp.zeros_like(before)
@@ -131,4 +137,4 @@ class LogODE(FlowSolver):
         phi = phi1(-M @ gram)
         G = system.log_decay[-1]
         values = system.path.values.reshape(keys.shape[0], -1)
-        return ChunkSolution(w, u, WYFlow(G, keys, jnp.exp(G) * phi @ M @ keys, phi @ N @ values))
+        return WYFlow(G, keys, jnp.exp(G) * phi @ M @ keys, phi @ N @ values)

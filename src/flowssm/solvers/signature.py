@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
-from flowssm.solvers.base import TransferSolver
-from flowssm.solvers.exact import neumann_doubling
+from flowssm.solvers.base import FlowSolver
+from flowssm.solvers.program import Identity, Neumann, TransferProgram
 
 
 @dataclasses.dataclass(frozen=True)
-class Signature(TransferSolver):
+class Signature(FlowSolver):
     """``T_N = sum_{m <= N} (-L)^m``: the ``m``-th power collects the order-``(m+1)`` iterated sums.
 
-    Local error ``O(|L|^(N+1))`` (order ``N + 1``); equals ``exact`` once ``N >= n - 1`` (``L`` is
-    nilpotent) and ``euler`` at ``N = 0``. Matmuls only: the doubling product
-    ``prod_i (I + (-L)^(2^i))`` when ``N + 1`` is a power of two, Horner's rule otherwise.
+    Order ``N + 1`` (the truncation leaves ``O(|L|^(N+1))`` in ``T``, one more increment reaches the flow);
+    equals ``exact`` once ``N >= n - 1`` (``L`` is nilpotent) and ``euler`` at ``N = 0``. Matmuls only
+    (:class:`~flowssm.solvers.program.Neumann`).
     """
 
     depth: int = 3
     name = "signature"
 
     def __post_init__(self):
-        if not isinstance(self.depth, int) or self.depth < 0:
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"Signature(depth=...): expected an integer >= 0, got {self.depth!r}")
 
     def order(self) -> float:
         return float(self.depth + 1)
 
-    def transfer(self, L, rhs):
-        terms = self.depth + 1
-        if terms > 1 and terms & (terms - 1) == 0:
-            return neumann_doubling(L, int(math.log2(terms))) @ rhs
-        out = rhs
-        for _ in range(self.depth):
-            out = rhs - L @ out
-        return out
+    def program(self) -> TransferProgram:
+        return Neumann(self.depth) if self.depth else Identity()

@@ -17,6 +17,7 @@ import yaml
 
 from flowssm.models.config import MixerConfig, ModelConfig
 from flowssm.models.config import validate as validate_model
+from flowssm.solvers import FlowSolver, get_solver
 
 TASKS = ("lm", "mqar", "parity", "s3", "s5")
 CORPORA = ("shakespeare", "pydoc")
@@ -109,6 +110,11 @@ class RunConfig:
 def _coerce(key: str, tp, value):
     if tp is Any:
         return value
+    if tp is FlowSolver:  # a name or mapping, built once
+        try:
+            return get_solver(value, key=key)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         if value is None and type(None) in typing.get_args(tp):
             return None
@@ -146,8 +152,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def to_dict(cfg) -> dict:
-    """The nested plain-dict form (what ``config.yaml`` in the run folder holds)."""
-    return dataclasses.asdict(cfg)
+    """The nested plain-dict form (what ``config.yaml`` in the run folder holds); a solver as its mapping."""
+    plain = lambda x: x.spec() if isinstance(x, FlowSolver) else to_dict(x) if dataclasses.is_dataclass(x) else x
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +240,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``).
+
+    A name descended into becomes a mapping with that name (``solver=signature`` then ``solver.depth=3``).
+    """
     if "=" not in item:
         raise ConfigError(f"{item}: expected an override dotted.key=value")
     key, text = item.split("=", 1)
@@ -241,7 +251,7 @@ def apply_override(raw: dict, item: str) -> None:
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part, {})
-        if part == "solver" and isinstance(child, str):  # solver=signature then solver.depth=3
+        if isinstance(child, str):
             child = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value ({child!r}), cannot set {key}")

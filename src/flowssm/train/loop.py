@@ -99,7 +99,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in keys:
         x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict) and k != "solver":
+        if isinstance(x, dict) and isinstance(y, dict):
             out += _diff(x, y, f"{prefix}{k}.")
         elif x != y:
             out.append(f"{prefix}{k}")

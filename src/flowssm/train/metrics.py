@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from flowssm.solvers import get_solver  # noqa: E402
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; ``truncate(step)`` drops records past a resumed checkpoint."""
@@ -101,15 +103,11 @@ def summarize(run_dir: Path) -> dict:
     train = [r for r in records if r.get("split") == "train"]
     last = val[-1] if val else {}
     mixer = cfg["model"]["mixer"]
-    solver = mixer["solver"]
-    if isinstance(solver, dict):
-        opts = ", ".join(f"{k}={v}" for k, v in solver.items() if k != "name")
-        solver = f"{solver.get('name')}({opts})"
     return {
         "run": run_dir.name,
         "task": cfg["data"]["task"],
         "family": mixer["family"],
-        "solver": solver,
+        "solver": repr(get_solver(mixer["solver"])),
         "params": info.get("num_params"),
         "step": last.get("step"),
         "train_loss": train[-1]["loss"] if train else None,
