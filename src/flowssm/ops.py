@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from flowssm import chunks, reference
 from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import Euler, FlowSolver, get_solver
+from flowssm.solvers import Euler, FlowSolver, get_solver, logode
 
 BACKENDS = ("reference", "xla", "pallas")
 
@@ -92,9 +92,20 @@ def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, sema
     return get_solver(solver), _initial_state(initial_state, path), _scale(scale, q.shape[-1])
 
 
+def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
+    """LogODE under discrete semantics needs ``beta |k|^2 < 1``: a ValueError here when the inputs are
+    concrete (eager calls). Under ``jit`` the solver's in-graph ``equinox.error_if`` raises at run time
+    instead (on CPU a ``JaxRuntimeError`` whose text contains the same message)."""
+    if solver.name != "logode" or semantics != "discrete" or isinstance(path.beta, jax.core.Tracer):
+        return
+    if bool(jnp.any(path.beta * jnp.sum(path.keys**2, axis=-1) >= 1)):
+        raise ValueError(f"beta: {logode.DISCRETE_BETA_ERROR}")
+
+
 def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
     _check_choice("backend", backend, BACKENDS)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
+    _check_logode_beta(solver, path, semantics)
     o, S = _chunked(
         q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
     )

@@ -32,10 +32,10 @@ def transfer_plan(solver: FlowSolver, n: int) -> tuple[str, int]:
     if isinstance(solver, Euler):
         return ("horner", 0)
     if isinstance(solver, Signature):
-        terms = solver.depth + 1
+        terms = solver.effective_depth(n) + 1
         if terms > 1 and terms & (terms - 1) == 0:
             return ("doubling", int(math.log2(terms)))
-        return ("horner", solver.depth)
+        return ("horner", terms - 1)
     raise NotImplementedError(
         f"solver: backend='pallas' supports the exact, euler and signature solvers, got {solver!r}; use backend='xla'"
     )
@@ -44,7 +44,7 @@ def transfer_plan(solver: FlowSolver, n: int) -> tuple[str, int]:
 def micro_log_decay(log_decay, rank: int):
     """Per-token log-decays ``[..., C]`` -> cumulative decay of each micro-step ``[..., C R]``."""
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
-    return jnp.repeat(jnp.cumsum(log_decay.astype(dtype), axis=-1), rank, axis=-1)
+    return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype)), rank, axis=-1)
 
 
 def _transfer_block(k, v, beta, alpha, G, *, plan, operand_dtype, mode):
