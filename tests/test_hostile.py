@@ -42,13 +42,13 @@ def _cfg(tmp_path, *overrides):
 
 def _poison_train_batch(monkeypatch, index: int):
     """Train batch ``index`` scores no position: its loss is 0/0 = NaN (a stand-in for a blow-up)."""
-    make = Task._make
+    make = Task.batch
 
     def poisoned(self, seed, split, i, batch_size):
         b = make(self, seed, split, i, batch_size)
         return b._replace(mask=np.zeros_like(b.mask)) if (split, i) == ("train", index) else b
 
-    monkeypatch.setattr(Task, "_make", poisoned)
+    monkeypatch.setattr(Task, "batch", poisoned)
 
 
 # -- 1. divergence -------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_case4_starting_over_keeps_the_previous_run_until_the_new_one_completes_
     def broken(self, *args):
         raise RuntimeError("the new run dies before its first step")
 
-    monkeypatch.setattr(Task, "_make", broken)
+    monkeypatch.setattr(Task, "batch", broken)
     start_over = _cfg(tmp_path, "name=over", "train.steps=2", "train.resume=false")
     with pytest.raises(RuntimeError, match="dies before its first step"):
         train(start_over)
