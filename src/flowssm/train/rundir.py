@@ -69,8 +69,9 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and not self._committed:
             self._abort()
-        else:
-            self._release()
+            return
+        self.commit()  # a run that ended normally replaces the previous one even if no step was finite
+        self._release()
 
     def commit(self) -> None:
         """The new run has completed a step: drop the previous run it replaces."""
