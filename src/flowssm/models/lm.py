@@ -93,7 +93,9 @@ class LanguageModel(nnx.Module):
         if tokens.size and not isinstance(tokens, jax.core.Tracer):
             low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
             if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"tokens: expected ids in [0, vocab_size={self.vocab_size}), got ids in [{low}, {high}]")
+                raise ValueError(
+                    f"tokens: expected ids in [0, vocab_size={self.vocab_size}), got ids in [{low}, {high}]"
+                )
 
     def _check_cache(self, cache, batch: int) -> None:
         """``cache`` must have the structure, shapes and dtypes of ``init_cache(batch)``."""
@@ -103,9 +105,10 @@ class LanguageModel(nnx.Module):
         same_tree = jax.tree.structure(expected) == jax.tree.structure(cache)
         if not same_tree or spec(expected) != spec(cache):
             got = f"{len(cache)} layer caches" if isinstance(cache, tuple) else type(cache).__name__
+            shapes = lambda tree: [s for s, _ in spec(tree)]
             raise ValueError(
                 f"cache: expected this model's init_cache(batch={batch}) ({len(self.blocks)} layer caches, "
-                f"leaf shapes {[s for s, _ in spec(expected)]}), got {got} with leaf shapes {[s for s, _ in spec(cache)]}"
+                f"leaf shapes {shapes(expected)}), got {got} with leaf shapes {shapes(cache)}"
             )
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T vocab"]:

@@ -14,7 +14,8 @@ class Signature(TransferSolver):
     """``T_N = sum_{m <= N} (-L)^m``: the ``m``-th power collects the order-``(m+1)`` iterated sums.
 
     Local error ``O(|L|^(N+1))`` (order ``N + 1``); equals ``exact`` once ``N >= n - 1`` (``L`` is
-    nilpotent; deeper series are cut to ``n - 1``, see :meth:`effective_depth`) and ``euler`` at ``N = 0``. Matmuls only: the doubling product
+    nilpotent: deeper series are cut to ``n - 1``, see :meth:`effective_depth`) and ``euler`` at
+    ``N = 0``. Matmuls only: the doubling product
     ``prod_i (I + (-L)^(2^i))`` when ``N + 1`` is a power of two, Horner's rule otherwise.
     """
 
