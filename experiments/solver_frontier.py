@@ -59,7 +59,7 @@ SHAPES = [(4, 4096, 16, 128, 128), (1, 65536, 16, 128, 128)]
 TINY_SHAPES = [(1, 128, 2, 16, 16)]
 TRAIN_CONFIG = ROOT / "configs" / "lm_small_gpu.yaml"
 TINY_TRAIN = ["model.d_model=32", "model.n_layers=1", "model.mixer.chunk_size=8", "data.seq_len=32",
-              "train.batch_size=2", "train.eval_batches=1", "train.log_every=1", "train.dtype=float32"]
+              "train.batch_size=2", "train.eval_batches=1", "train.log_every=1", "model.dtype=float32"]
 
 
 def backend_of(solver: FlowSolver) -> str:

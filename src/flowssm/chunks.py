@@ -18,6 +18,8 @@ where the corrected values ``u: [n, V]`` solve ``(I + L) u = rhs_v - rhs_k S_in`
 
 from __future__ import annotations
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,20 @@ from flowssm.flows import WYFlow
 from flowssm.paths import Path
 
 SEMANTICS = ("discrete", "continuous")
+
+
+def cumulative_log_decay(log_decay: Float[Array, "... C"]) -> Float[Array, "... C"]:
+    """``G_t = sum_{s <= t} g_s`` along the last axis, finite where a ``g_s = -inf`` (a hard reset) occurs.
+
+    Each reset contributes ``-reset_gap`` (``exp(-reset_gap) = 0`` in the dtype) instead of ``-inf``, added
+    after the finite cumsum: ``exp(G_i - G_m)`` is exactly 0 across a reset (for ``g <= 0``) and equals
+    ``exp(g_{m+1} + ... + g_i)`` up to one rounding at magnitude ``reset_gap`` otherwise, where
+    ``-inf - (-inf)`` would give NaN. Gradients through reset positions are 0.
+    """
+    reset = jnp.isneginf(log_decay)
+    reset_gap = math.ceil(-math.log(jnp.finfo(log_decay.dtype).smallest_subnormal)) + 1
+    finite = jnp.cumsum(jnp.where(reset, 0.0, log_decay), axis=-1)
+    return finite - reset_gap * jnp.cumsum(reset, axis=-1).astype(log_decay.dtype)
 
 
 class ChunkSystem(eqx.Module):
@@ -87,7 +103,7 @@ def build_system(chunk: Path, semantics: str) -> ChunkSystem:
     n = C * R
     keys = chunk.keys.reshape(n, K)
     values = chunk.values.reshape(n, -1)
-    token_log_decay = jnp.cumsum(chunk.log_decay)
+    token_log_decay = cumulative_log_decay(chunk.log_decay)
     G = jnp.repeat(token_log_decay, R)
     item = jnp.arange(n)
     token = item // R

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from flowssm import backends, chunks, reference
 from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver
+from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver, logode
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
@@ -98,9 +98,20 @@ def request(q, path: Path, solver: FlowSolver, chunk_size: int, semantics: str) 
     return backends.Request(solver, semantics, chunk_size, R, K, path.values.shape[-1], dtype)
 
 
+def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
+    """LogODE under discrete semantics needs ``beta |k|^2 < 1``: a ValueError here when the inputs are
+    concrete (eager calls). Under ``jit`` the solver's in-graph ``equinox.error_if`` raises at run time
+    instead (on CPU a ``JaxRuntimeError`` whose text contains the same message)."""
+    if solver.name != "logode" or semantics != "discrete" or isinstance(path.beta, jax.core.Tracer):
+        return
+    if bool(jnp.any(path.beta * jnp.sum(path.keys**2, axis=-1) >= 1)):
+        raise ValueError(f"beta: {logode.DISCRETE_BETA_ERROR}")
+
+
 def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
+    _check_logode_beta(solver, path, semantics)
     o, S = _chunked(
         q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
     )

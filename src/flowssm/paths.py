@@ -86,8 +86,8 @@ def make_path(k, v, beta=None, g=None, *, alpha=None, dtype=None) -> Path:
     if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
         what = "[B, T, H]" if rank1 else "[B, T, H, R]"
         raise ValueError(f"v: expected leading dims {what} = {tuple(k.shape[:-1])} (from k), got {_shape(v)}")
-    if K == 0 or v.shape[-1] == 0 or T == 0:
-        raise ValueError(f"k, v: expected non-empty T, K and V, got k {_shape(k)}, v {_shape(v)}")
+    if 0 in k.shape or v.shape[-1] == 0:
+        raise ValueError(f"k, v: expected non-empty B, T, H, R, K and V, got k {_shape(k)}, v {_shape(v)}")
     step_shape = (B, T, H) if rank1 else (B, T, H, R)
     step_names = "[B, T, H]" if rank1 else "[B, T, H, R]"
     for name, s in (("beta", beta), ("alpha", alpha)):

@@ -34,7 +34,19 @@ class Task:
         self._text = corpus.split(cfg.corpus, cfg.val_fraction) if cfg.task == "lm" else None
 
     def batch(self, seed: int, split: str, index: int, batch_size: int) -> Batch:
-        """Batch number ``index`` of ``split`` ("train" | "val") for run seed ``seed``."""
+        """Batch number ``index`` of ``split`` ("train" | "val") for run seed ``seed``; token ids checked to
+        lie in ``[0, vocab_size)`` (the model cannot check them under ``jit``)."""
+        batch = self._make(seed, split, index, batch_size)
+        for name in ("inputs", "targets"):
+            ids = getattr(batch, name)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise ValueError(
+                    f"{name}: expected token ids in [0, {self.vocab_size}) for task {self.cfg.task!r}, "
+                    f"got ids in [{ids.min()}, {ids.max()}] ({split} batch {index})"
+                )
+        return batch
+
+    def _make(self, seed: int, split: str, index: int, batch_size: int) -> Batch:
         rng = np.random.default_rng((seed, SPLITS[split], index))
         c = self.cfg
         if c.task == "lm":

@@ -27,7 +27,7 @@ from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 def micro_log_decay(log_decay, rank: int):
     """Per-token log-decays ``[..., C]`` -> cumulative decay of each micro-step ``[..., C R]``."""
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
-    return jnp.repeat(jnp.cumsum(log_decay.astype(dtype), axis=-1), rank, axis=-1)
+    return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype)), rank, axis=-1)
 
 
 def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode):

@@ -123,9 +123,33 @@ class LanguageModel(nnx.Module):
         return self._over_layers(lambda block, h, _: block.prefill(h), self.embed(tokens), remat=self.remat)
 
     def _check_tokens(self, tokens, ndim: int, names: str) -> None:
+        """Shape and dtype always; ids in ``[0, vocab_size)`` when ``tokens`` is concrete (eager calls).
+
+        Under ``jit`` the ids cannot be checked: an id >= vocab_size embeds as NaN (so do the logits) and a
+        negative id wraps around; the runner checks every batch on the host instead.
+        """
         if tokens.ndim != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"tokens: expected an int array {names}, got shape {tuple(tokens.shape)} dtype {tokens.dtype}"
+            )
+        if tokens.size and not isinstance(tokens, jax.core.Tracer):
+            low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"tokens: expected ids in [0, vocab_size={self.vocab_size}), got ids in [{low}, {high}]"
+                )
+
+    def _check_cache(self, cache, batch: int) -> None:
+        """``cache`` must have the structure, shapes and dtypes of ``init_cache(batch)``."""
+        expected = jax.eval_shape(functools.partial(self.init_cache, batch))
+        spec = lambda tree: [(tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)))
+                             for x in jax.tree.leaves(tree)]
+        same_tree = jax.tree.structure(expected) == jax.tree.structure(cache)
+        if not same_tree or spec(expected) != spec(cache):
+            shapes = lambda tree: [s for s, _ in spec(tree)]
+            raise ValueError(
+                f"cache: expected this model's init_cache(batch={batch}) (stacked over {self.n_layers} layers, "
+                f"leaf shapes {shapes(expected)}), got {type(cache).__name__} with leaf shapes {shapes(cache)}"
             )
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T vocab"]:
@@ -176,7 +200,7 @@ class LanguageModel(nnx.Module):
     def decode_step(self, token: Int[Array, " B"], cache) -> tuple[Float[Array, "B vocab"], object]:
         """Feed one token per sequence; returns the next-token logits (float32) and the new caches."""
         self._check_tokens(token, 1, "[B]")
-
+        self._check_cache(cache, token.shape[0])
         h, cache = self._over_layers(lambda block, h, c: block.step(h, c), self.embed(token), cache)
         return self._logits(h), cache
 

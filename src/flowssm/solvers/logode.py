@@ -28,7 +28,7 @@ import dataclasses
 import equinox as eqx
 import jax.numpy as jnp
 
-from flowssm.chunks import ChunkSystem, block_diagonal, continuous_cores, phi1
+from flowssm.chunks import ChunkSystem, block_diagonal, continuous_cores, cumulative_log_decay, phi1
 from flowssm.flows import WYFlow
 from flowssm.solvers.base import FlowSolver, Requirements
 from flowssm.solvers.program import MatrixFunction
@@ -59,7 +59,7 @@ def log_increments(system: ChunkSystem):
     chunk = system.path
     C, R, _ = chunk.keys.shape
     n = C * R
-    G = jnp.cumsum(chunk.log_decay)
+    G = cumulative_log_decay(chunk.log_decay)
     to_end = jnp.exp(G[-1] - G)  # [C]
     item = jnp.arange(n)
     if system.semantics == "continuous":

@@ -104,24 +104,30 @@ class Neumann(TransferProgram):
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"Neumann(depth=...): expected an int >= 0, got {self.depth!r}")
 
-    def _factors(self) -> int | None:
-        terms = self.depth + 1
+    def depth_for(self, n: int) -> int:
+        """``min(depth, n - 1)``: ``L`` is ``n x n`` nilpotent, so higher powers vanish (the series is exact)."""
+        return min(self.depth, max(n - 1, 0))
+
+    def _factors(self, depth: int) -> int | None:
+        terms = depth + 1
         return int(math.log2(terms)) if terms & (terms - 1) == 0 else None
 
     def matrix(self, L, matmul):
-        if self._factors() is not None:
-            return neumann_product(L, self._factors(), matmul)
+        depth = self.depth_for(L.shape[-1])
+        if self._factors(depth) is not None:
+            return neumann_product(L, self._factors(depth), matmul)
         eye = _eye(L.shape[-1], L.dtype)
         T = eye
-        for i in range(self.depth):
+        for i in range(depth):
             T = eye - (L if i == 0 else matmul(L, T))
         return T
 
     def apply(self, L, rhs, matmul):
-        if self._factors() is not None:
+        depth = self.depth_for(L.shape[-1])
+        if self._factors(depth) is not None:
             return matmul(self.matrix(L, matmul), rhs)
         out = rhs
-        for _ in range(self.depth):
+        for _ in range(depth):
             out = rhs - matmul(L, out)
         return out
 

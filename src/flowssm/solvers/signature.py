@@ -13,7 +13,7 @@ class Signature(FlowSolver):
     """``T_N = sum_{m <= N} (-L)^m``: the ``m``-th power collects the order-``(m+1)`` iterated sums.
 
     Order ``N + 1`` (the truncation leaves ``O(|L|^(N+1))`` in ``T``, one more increment reaches the flow);
-    equals ``exact`` once ``N >= n - 1`` (``L`` is nilpotent) and ``euler`` at ``N = 0``. Matmuls only
+    equals ``exact`` once ``N >= n - 1`` (``L`` is nilpotent: deeper series are cut to ``n - 1``) and ``euler`` at ``N = 0``. Matmuls only
     (:class:`~flowssm.solvers.program.Neumann`).
     """
 

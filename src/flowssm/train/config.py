@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,8 @@ TASKS = ("lm", "mqar", "parity", "s3", "s5")
 CORPORA = ("shakespeare", "pydoc")
 # Keys that moved: a config that still uses one is told where it went.
 MOVED = {"train.dtype": "model.dtype"}
+ON_NONFINITE = ("stop", "skip")
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -70,7 +73,9 @@ class OptimConfig:
 class TrainConfig:
     """Loop lengths, evaluation, checkpoints, precision and where the run folder goes.
 
-    run folder: ``out_dir/<name>``; resume: continue from the folder's last checkpoint.
+    run folder: ``out_dir/<name>``; resume: continue from the folder's last checkpoint;
+    on_nonfinite: a step with a non-finite loss or gradient is never applied; "stop" ends the run there
+    (exit 3, the last checkpoint is kept), "skip" drops that update and goes on (counted in the log).
     """
 
     steps: int = 1000
@@ -82,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs"
     resume: bool = True
+    on_nonfinite: str = "stop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +195,23 @@ def task_vocab_size(data: DataConfig) -> int:
     }[data.task]
 
 
+def _check_corpus_length(d: DataConfig) -> None:
+    """Both splits of the corpus must hold a window of ``seq_len + 1`` bytes with at least two start points."""
+    from flowssm.data import corpus  # flowssm.data imports this module
+
+    try:
+        splits = corpus.split(d.corpus, d.val_fraction)
+    except ValueError as e:
+        raise ConfigError(f"data.{e}") from None
+    shortest = min(splits, key=lambda name: len(splits[name]))
+    longest_seq = len(splits[shortest]) - 2
+    if d.seq_len > longest_seq:
+        raise ConfigError(
+            f"data.seq_len: expected <= {longest_seq} (the {shortest} split of corpus {d.corpus!r} with "
+            f"data.val_fraction={d.val_fraction} has {len(splits[shortest])} bytes), got {d.seq_len}"
+        )
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and cross-field checks; returns ``cfg`` unchanged."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -218,6 +241,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _in_range("data.val_fraction", d.val_fraction, 0.0, 0.5, "(]")
     _choice("data.task", d.task, TASKS)
     _choice("data.corpus", d.corpus, CORPORA)
+    _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    if t.seed > MAX_SEED:
+        raise ConfigError(f"train.seed: expected <= 2**32 - 1 = {MAX_SEED}, got {t.seed}")
+    if d.task == "lm":
+        _check_corpus_length(d)
     if d.task == "mqar":
         if d.num_kv_pairs > d.num_keys:
             raise ConfigError(f"data.num_kv_pairs: expected <= data.num_keys={d.num_keys} (keys are distinct), got {d.num_kv_pairs}")
@@ -257,7 +285,18 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value ({child!r}), cannot set {key}")
         node[part] = child
         node = child
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = _parse_yaml(text, f"{key.strip()} (override)")
+
+
+def _parse_yaml(text: str, where: str):
+    """``yaml.safe_load`` with syntax errors and refused tags as a one-line :class:`ConfigError`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
 
 
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -266,13 +305,31 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: no such config file")
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+        raw = _parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return validate(from_dict(RunConfig, raw))
+
+
+def check_out_dir(cfg: RunConfig) -> Path:
+    """The run folder ``train.out_dir/name``, checked without creating anything: an existing folder or a
+    creatable one (its nearest existing ancestor a writable directory). Returns its path."""
+    run_dir = Path(cfg.train.out_dir) / cfg.name
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    key = "name" if existing == run_dir else "train.out_dir"
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is not a directory (run folder {run_dir})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {existing} is not writable (run folder {run_dir})")
+    return run_dir
 
 
 def dump(cfg: RunConfig) -> str:
@@ -282,5 +339,6 @@ def dump(cfg: RunConfig) -> str:
 
 __all__ = [
     "ConfigError", "DataConfig", "MeshConfig", "MixerConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "TrainConfig", "apply_override", "dump", "from_dict", "load", "task_vocab_size", "to_dict", "validate",
+    "TrainConfig", "apply_override", "check_out_dir", "dump", "from_dict", "load", "task_vocab_size", "to_dict",
+    "validate",
 ]

@@ -8,10 +8,9 @@ config runs on one CPU, forced host devices or several GPUs.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -27,9 +26,10 @@ from flowssm.data import GROUP_ORDER, Batch, Task
 from flowssm.models import LanguageModel
 from flowssm.models.config import resolved_backend
 from flowssm.train import config as config_lib
-from flowssm.train.checkpoint import Checkpoints, Interrupted, StopSignals
+from flowssm.train.checkpoint import Checkpoints, Diverged, Interrupted, StopSignals
 from flowssm.train.config import ConfigError, OptimConfig, RunConfig
 from flowssm.train.metrics import MetricsLog, plot_run
+from flowssm.train.rundir import RunFolder
 
 
 def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -65,54 +65,28 @@ def load_model(run_dir: str | Path) -> LanguageModel:
     checkpoints = Checkpoints(run_dir / "checkpoints")
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"run_dir: expected a run folder with checkpoints, got {run_dir} (none saved)")
-    state, _ = checkpoints.restore(like)
+    state, _ = checkpoints.restore(like, repair=False)
     checkpoints.close()
     return nnx.merge(graphdef, state["params"], rest)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create ``out_dir/name`` and its ``config.yaml``. Resuming needs the saved config to match
-    (``train.out_dir`` and ``train.resume`` aside); ``train.resume=false`` drops old checkpoints and metrics."""
-    run_dir = Path(cfg.train.out_dir) / cfg.name
-    saved = run_dir / "config.yaml"
-    if saved.exists() and cfg.train.resume:
-        old = config_lib.load(saved)
-        same_place = dataclasses.replace(old.train, out_dir=cfg.train.out_dir, resume=cfg.train.resume)
-        diff = _diff(config_lib.to_dict(dataclasses.replace(old, train=same_place)), config_lib.to_dict(cfg))
-        if diff:
-            raise ConfigError(
-                f"{diff[0]}: differs from the config saved in {run_dir} ({', '.join(diff)}); "
-                "choose another name=..., or pass train.resume=false to start over"
-            )
-    elif saved.exists():
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"name: {run_dir} exists and is not a run folder (no config.yaml); choose another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config_lib.dump(cfg))
-    return run_dir
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def train(cfg: RunConfig) -> Path:
-    """Train (or resume) the run ``cfg`` describes; returns the run folder.
+    """Train (or resume) the run ``cfg`` describes, holding its run folder's lock; returns the run folder.
 
-    Raises :class:`Interrupted` after saving a checkpoint when SIGINT/SIGTERM arrives.
+    Raises :class:`ConfigError` before touching the file system for a bad out_dir or mesh,
+    :class:`RunFolderBusy` when another run holds the folder, :class:`Diverged` at a non-finite step
+    (``train.on_nonfinite=stop``) and :class:`Interrupted` after saving a checkpoint when SIGINT/SIGTERM arrives.
     """
+    config_lib.check_out_dir(cfg)
+    make_mesh(cfg.mesh.data)
+    with RunFolder(cfg) as folder:
+        return _train(cfg, folder)
+
+
+def _train(cfg: RunConfig, folder: RunFolder) -> Path:
+    """The loop of :func:`train` inside the locked run folder; the first verified step commits a start-over."""
     t = cfg.train
-    run_dir = prepare_run_dir(cfg)
+    run_dir = folder.path
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     # data: batch i of a split is a pure function of (seed, split, i)
@@ -157,11 +131,14 @@ def train(cfg: RunConfig) -> Path:
 
     @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=replicated, donate_argnums=0)
     def train_step(state, batch: Batch):
+        """One AdamW step; a non-finite loss or gradient leaves ``state`` unchanged (``metrics["finite"]``)."""
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-        return {"params": params, "opt_state": opt_state}, metrics
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), {"params": params, "opt_state": opt_state}, state)
+        return new, {**metrics, "finite": finite}
 
     @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=replicated)
     def eval_step(params, batch: Batch):
@@ -180,20 +157,44 @@ def train(cfg: RunConfig) -> Path:
         meta = {"step": step, "seed": t.seed, "elapsed": elapsed + time.perf_counter() - start}
         checkpoints.save(step, state, meta)
 
+    skipped = 0
+
+    def check_finite(at: int, metrics: dict) -> None:
+        """``train.on_nonfinite`` for step ``at`` (its update was not applied if it was not finite)."""
+        nonlocal skipped
+        if bool(metrics["finite"]):
+            folder.commit()
+            return
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if t.on_nonfinite == "stop":
+            raise Diverged(at, loss, grad_norm, checkpoints.latest_step())
+        skipped += 1
+        tqdm.write(f"flowssm: step {at}: loss {loss}, grad norm {grad_norm}; update skipped ({skipped} so far)")
+
     start = time.perf_counter()
     if step == 0:
         evaluate()
     bar = tqdm(total=t.steps, initial=step, desc=cfg.name, dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
-    with StopSignals() as stop:
+    pending = None  # (step, metrics) not yet checked: checked after the next step is dispatched, no stall
+    with StopSignals() as stop, contextlib.closing(checkpoints), contextlib.closing(bar):
         while step < t.steps:
             batch = put_batch(task.batch(t.seed, "train", step, t.batch_size))
             state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
             bar.update(1)
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step, metrics)
+            if (step % t.log_every == 0 or step % t.eval_every == 0 or step % t.checkpoint_every == 0
+                    or step == t.steps or stop.signum is not None):
+                check_finite(*pending)
+                pending = None
             if step % t.log_every == 0 or step == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                if skipped:
+                    metrics["skipped_steps"] = skipped
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
@@ -207,11 +208,7 @@ def train(cfg: RunConfig) -> Path:
             if window_steps == 0:  # tokens/s counts training steps only, not eval or checkpoint time
                 window_start = time.perf_counter()
             if stop.signum is not None:
-                bar.close()
-                checkpoints.close()
                 raise Interrupted(stop.signum, step)
-    bar.close()
-    checkpoints.close()
     plot_run(run_dir)
     if cfg.data.task == "lm":
         write_sample(nnx.merge(graphdef, state["params"], rest), task, run_dir / "sample.txt", t.seed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +23,12 @@ from flowssm.solvers import get_solver  # noqa: E402
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; ``truncate(step)`` drops records past a resumed checkpoint."""
+    """Append-only ``metrics.jsonl``; ``truncate(step)`` drops records past a resumed checkpoint.
+
+    A torn last line (a crash mid-write) is dropped with a warning when read; any other unreadable line
+    is an error naming the file and line. ``truncate`` rewrites the file atomically (temporary file, then
+    ``os.replace``).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -29,11 +36,31 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+            except ValueError as e:
+                if number == len(lines):
+                    print(f"flowssm: dropping the torn last line {number} of {self.path} ({e})", file=sys.stderr)
+                    break
+                raise ValueError(f"{self.path}: line {number} is not a JSON record ({e})") from None
+            records.append(record)
+        return records
 
     def truncate(self, step: int) -> None:
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
