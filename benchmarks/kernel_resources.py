@@ -1,6 +1,6 @@
 """Offline resource report of the Pallas kernels for an H100 (sm_90), no GPU needed.
 
-    python -m pip install --target /tmp/triton-site triton==3.6.0      # once, outside the project venv
+    .venv/bin/python -m pip install --target /tmp/triton-site triton==3.6.0   # once; same Python as the venv
     .venv/bin/python benchmarks/kernel_resources.py --triton-site /tmp/triton-site [--out /tmp/kernel-resources]
 
 Two steps in two processes (jax's and triton's MLIR bindings do not share one process):
@@ -11,6 +11,11 @@ Two steps in two processes (jax's and triton's MLIR bindings do not share one pr
    ``OUT/<kernel>.ttir`` with its warps, stages and grid (``meta.json``).
 2. upstream Triton compiles each ``.ttir`` for ``GPUTarget("cuda", 90, 32)``; the bundled ptxas, run with
    ``-v``, reports registers a thread, spills and stack; Triton's metadata the shared memory.
+
+With ``--op`` step 1 instead lowers the whole op as the models call it, forward and backward
+(``jax.grad`` of ``delta_rule(backend="pallas")`` at 1 x 256 x 2 x K x K), at ``--dtype`` / ``--head-dim`` /
+``--chunk``, with the launch options ``flowssm.kernels.launch.Tuning.resolve`` picks for them: this is
+how those choices were checked against the 232,448 B of shared memory a block (figures in RESULTS.md, run 6).
 
 Caveat: on the GPU, XLA compiles the same IR with its own Triton and ptxas; registers and spills there
 can differ. The IR is JAX's.
@@ -65,6 +70,50 @@ def lower(out: str) -> None:
         json.dump(meta, f, indent=1)
 
 
+def lower_op(out: str, dtype: str, head_dim: int, chunk: int) -> None:
+    """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import gpu_info, lowering
+
+    import flowssm
+    from flowssm.kernels import chunk_output, chunk_transfer, state_pass
+
+    for module in (chunk_output, chunk_transfer, state_pass):  # compile for the GPU, not interpret on the CPU
+        module.resolve_interpret = lambda interpret: False
+    gpu_info.get_gpu_info = lambda: gpu_info.GpuInfo(
+        gpu_version=gpu_info.GpuVersion.H100, arch_name="9.0", compute_capability=90)
+    captured = []
+    lower_module = lowering.lower_jaxpr_to_triton_module
+
+    def capture(jaxpr, grid_mapping, platform, compute_capability, mlir_ctx):
+        result = lower_module(jaxpr, grid_mapping, platform, compute_capability, mlir_ctx=mlir_ctx)
+        captured.append((result.module.operation.get_asm(enable_debug_info=False), list(result.grid)))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    B, T, H, K = 1, 256, 2, head_dim
+    spec = lambda *shape, dtype=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dtype)
+
+    def loss(q, k, v, beta, g):
+        o, S = flowssm.delta_rule(q, k, v, beta, g, backend="pallas", chunk_size=chunk)
+        return o.astype(jnp.float32).sum() + S.sum()
+
+    args = spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, dtype=jnp.float32), spec(
+        B, T, H, dtype=jnp.float32)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    meta = {}
+    for ir, grid in captured:
+        name = re.search(r"tt.func public @(\w+)", ir).group(1)
+        stages, warps = re.search(rf'name = "{name}", num_stages = (\d+) : i32, num_warps = (\d+)', hlo).groups()
+        with open(os.path.join(out, f"{name}.ttir"), "w") as f:
+            f.write(ir)
+        meta[name] = {"num_warps": int(warps), "num_stages": int(stages), "grid": grid}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def compile_all(out: str, site: str) -> dict:
     """Step 2: compile every ``.ttir`` with upstream Triton and read ptxas's resource usage."""
     sys.path.insert(0, site)
@@ -98,13 +147,18 @@ def main():
     parser.add_argument("--triton-site", help="a folder with upstream triton installed (pip --target)")
     parser.add_argument("--out", default="/tmp/kernel-resources")
     parser.add_argument("--lower", action="store_true", help="step 1 only (run by step 2 in a subprocess)")
+    parser.add_argument("--op", action="store_true", help="the whole pallas op, forward and backward")
+    parser.add_argument("--dtype", default="bfloat16", help="with --op: the inputs' dtype")
+    parser.add_argument("--head-dim", type=int, default=128, help="with --op: K = V")
+    parser.add_argument("--chunk", type=int, default=64, help="with --op: chunk_size")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.lower:
-        return lower(args.out)
+        return lower_op(args.out, args.dtype, args.head_dim, args.chunk) if args.op else lower(args.out)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
-    subprocess.run([sys.executable, __file__, "--lower", "--out", args.out], check=True)
+    op = ["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk)] if args.op else []
+    subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "
           "| wgmma | wgmma serialized |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -6,7 +6,7 @@ shared memory a block, 255 registers a thread) the bf16 defaults of the benchmar
 3-stage state pass) ask for 232 KiB at float32, K = V = 128 and spill kilobytes a thread. Float32
 operands therefore get 8 warps and fewer stages; head sizes above 128 get narrower column blocks.
 The figures behind each rule come from ``benchmarks/kernel_resources.py --op`` (offline Triton for
-sm_90) and are listed in ``benchmarks/NOTES.md``.
+sm_90, no GPU needed) and are summarised in ``benchmarks/RESULTS.md`` (run 6).
 """
 
 from __future__ import annotations
