@@ -135,7 +135,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):
     qc, keys, values, dO = map(token, (q, k, v, do))
     b, ld = head_major(beta), head_major(g)
     S0 = run(lambda: jnp.zeros((BH, K, V), jnp.float32))
-    solver, scale, bv, t = get_solver("exact"), K**-0.5, min(tuning.block_v, V), tuning
+    t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)  # the launch options chunked_pallas would use
+    solver, scale, bv = get_solver({"name": "exact", "method": "doubling"}), K**-0.5, min(t.block_v, V)
     opts = dict(interpret=interpret)
     calls = {}
 
@@ -169,7 +170,8 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
     keys, G, w, u, S0 = calls["state_pass"][1]
     keys_hm = jnp.moveaxis(keys, 3, 1).reshape(*G.shape, keys.shape[-1])
-    segmented = jax.jit(lambda *a: kc.segmented_states(*a, tuning))
+    segmented = jax.jit(lambda *a: kc.segmented_states(*a, tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK,
+                                                                            CHUNK)))
     times["assoc_segmented (head-major keys)"] = timed(segmented, keys_hm, G, w, u, S0, reps=reps)
     return times
 
@@ -251,7 +253,7 @@ def sweep(shape, reps, say):
         try:
             f = lambda q_, k_, v_, b_: chunked_pallas(
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
-                solver=get_solver("exact"), scan="sequential", semantics="discrete", tuning=tuning)
+                solver=get_solver({"name": "exact", "method": "doubling"}), scan="sequential", semantics="discrete", tuning=tuning)
             loss = lambda *a: jnp.sum(f(*a[:4])[0].astype(jnp.float32) * a[4].astype(jnp.float32))
             out[label] = (timed(jax.jit(f), q, k, v, beta, reps=reps),
                                  timed(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, beta, do, reps=reps))

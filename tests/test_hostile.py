@@ -265,7 +265,7 @@ def test_case6_decode_with_a_foreign_cache_is_an_error():
     deeper = LanguageModel(dataclasses.replace(MODEL, n_layers=2), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"cache: expected this model's init_cache\(batch=3\)"):
         model.decode_step(jnp.array([1, 2, 3]), model.init_cache(2))
-    with pytest.raises(ValueError, match=r"cache: expected this model's init_cache\(batch=2\) \(1 layer caches"):
+    with pytest.raises(ValueError, match=r"cache: expected this model's init_cache\(batch=2\) \(stacked over 1 layers"):
         model.decode_step(jnp.array([1, 2]), deeper.init_cache(2))
     logits, _ = model.decode_step(jnp.array([1, 2]), model.init_cache(2))
     assert logits.shape == (2, 8)
