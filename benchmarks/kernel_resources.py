@@ -31,14 +31,11 @@ import subprocess
 import sys
 
 
-def lower(out: str) -> None:
-    """Step 1: write ``out/<kernel>.ttir`` and ``out/meta.json``."""
+def capture_triton() -> list:
+    """Patch jax (CPU) to lower Pallas kernels for an H100 and record every Triton module it builds:
+    returns the list that fills with ``(Triton IR text, grid)`` as kernels are lowered."""
     os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import gpu_info, lowering  # private: the lowering entry point and GPU query
-
-    from bench_kernels import SHAPES, kernel_calls
 
     gpu_info.get_gpu_info = lambda: gpu_info.GpuInfo(
         gpu_version=gpu_info.GpuVersion.H100, arch_name="9.0", compute_capability=90)
@@ -51,6 +48,17 @@ def lower(out: str) -> None:
         return result
 
     lowering.lower_jaxpr_to_triton_module = capture
+    return captured
+
+
+def lower(out: str) -> None:
+    """Step 1: write ``out/<kernel>.ttir`` and ``out/meta.json``."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench_kernels import SHAPES, kernel_calls
+
+    captured = capture_triton()
     B, T, H, K, V = SHAPES[0]
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     calls = kernel_calls(spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(B, T, H, dtype=jnp.float32),
@@ -72,27 +80,15 @@ def lower(out: str) -> None:
 
 def lower_op(out: str, dtype: str, head_dim: int, chunk: int) -> None:
     """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import jax.numpy as jnp
-    from jax._src.pallas.triton import gpu_info, lowering
 
     import flowssm
     from flowssm.kernels import chunk_output, chunk_transfer, state_pass
 
     for module in (chunk_output, chunk_transfer, state_pass):  # compile for the GPU, not interpret on the CPU
         module.resolve_interpret = lambda interpret: False
-    gpu_info.get_gpu_info = lambda: gpu_info.GpuInfo(
-        gpu_version=gpu_info.GpuVersion.H100, arch_name="9.0", compute_capability=90)
-    captured = []
-    lower_module = lowering.lower_jaxpr_to_triton_module
-
-    def capture(jaxpr, grid_mapping, platform, compute_capability, mlir_ctx):
-        result = lower_module(jaxpr, grid_mapping, platform, compute_capability, mlir_ctx=mlir_ctx)
-        captured.append((result.module.operation.get_asm(enable_debug_info=False), list(result.grid)))
-        return result
-
-    lowering.lower_jaxpr_to_triton_module = capture
+    captured = capture_triton()
     B, T, H, K = 1, 256, 2, head_dim
     spec = lambda *shape, dtype=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dtype)
 
