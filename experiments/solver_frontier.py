@@ -46,7 +46,7 @@ import bench_kernels as bench  # noqa: E402
 from flowssm.solvers import Euler, Exact, FlowSolver, LogODE, Signature  # noqa: E402
 from flowssm.solvers.exact import METHODS  # noqa: E402
 from flowssm.train import load, train  # noqa: E402
-from flowssm.train.checkpoint import Interrupted  # noqa: E402
+from flowssm.train.checkpoint import Diverged, Interrupted  # noqa: E402
 from flowssm.train.metrics import MetricsLog  # noqa: E402
 
 SOLVERS: dict[str, FlowSolver] = {f"exact-{m}": Exact(method=m) for m in METHODS} | {
@@ -189,10 +189,13 @@ def train_for(solver: FlowSolver, label: str, budget: float, out: Path, override
 
     watcher = threading.Thread(target=stop_when_due, daemon=True)
     watcher.start()
+    diverged = None
     try:
         train(cfg)
     except Interrupted:
         pass
+    except Diverged as e:  # a result too: the solver's run stops with a non-finite loss at this step
+        diverged = str(e)
     finally:
         done.set()
         watcher.join()
@@ -200,16 +203,19 @@ def train_for(solver: FlowSolver, label: str, budget: float, out: Path, override
     val = [dict(step=r["step"], seconds=r["elapsed"], bpb=r["bpb"]) for r in records if r["split"] == "val"]
     tok_s = [r["tokens_per_s"] for r in records if r["split"] == "train"][1:]  # the first window holds the compile
     return dict(solver=label, spec=solver.spec(), backend=cfg.model.mixer.backend, budget_s=budget, val=val,
-                steps=max(r["step"] for r in records), tokens_per_s=sum(tok_s) / len(tok_s) if tok_s else math.nan)
+                steps=max(r["step"] for r in records), tokens_per_s=sum(tok_s) / len(tok_s) if tok_s else math.nan,
+                diverged=diverged)
 
 
 def training_table(runs: list[dict]) -> str:
-    lines = ["| solver | backend | budget s | steps | train tokens/s | last val bpb (at s) | best val bpb |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| solver | backend | budget s | steps | train tokens/s | last val bpb (at s) | best val bpb | diverged |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         last = r["val"][-1]
+        diverged = r.get("diverged") or "no"
         lines.append(f"| {r['solver']} | {r['backend']} | {r['budget_s']:g} | {r['steps']} | {r['tokens_per_s']:,.0f} "
-                     f"| {last['bpb']:.4f} ({last['seconds']:.0f}) | {min(p['bpb'] for p in r['val']):.4f} |")
+                     f"| {last['bpb']:.4f} ({last['seconds']:.0f}) | {min(p['bpb'] for p in r['val']):.4f} "
+                     f"| {diverged.split(';')[0]} |")
     return "\n".join(lines) + "\n"
 
 
