@@ -40,7 +40,9 @@ def identity(batch_shape: tuple, K: int, V: int, dtype) -> DenseFlow:
     return DenseFlow(eye, jnp.zeros((*batch_shape, K, V), dtype))
 
 
-def densify(flow: WYFlow) -> DenseFlow:
+def densify(flow: WYFlow | DenseFlow) -> DenseFlow:
+    if isinstance(flow, DenseFlow):
+        return flow
     K = flow.keys.shape[-1]
     eye = jnp.eye(K, dtype=flow.keys.dtype)
     P = jnp.exp(flow.log_decay)[..., None, None] * eye - jnp.einsum("...nk,...nj->...kj", flow.keys, flow.w)
