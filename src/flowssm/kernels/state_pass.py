@@ -69,8 +69,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         j = pl.program_id(1)
         if flow:  # P columns start at the identity and see no values; Q columns start at 0
             rows, cols = lax.broadcasted_iota(jnp.int32, (K, bv), 0), lax.broadcasted_iota(jnp.int32, (K, bv), 1)
-            start = jnp.where((j < p_blocks) & (rows == cols + j * bv), 1.0, 0.0).astype(acc)
-            values = jnp.where(j < p_blocks, 0.0, 1.0).astype(acc)
+            start = ((rows == cols + j * bv) & (j < p_blocks)).astype(acc)
+            values = jnp.clip(j - p_blocks + 1, 0, 1).astype(acc)  # 0 for P columns (Triton: no scalar select)
         else:
             start, values = s0_ref[...].astype(acc), 1.0
 
