@@ -214,8 +214,7 @@ def peak_gb() -> float | None:
 
 def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True,
                 row=None, save=lambda: None):
-    """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: forward+backward of the
-    sequential ungated variant only."""
+    """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: the ungated variants only."""
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {} if row is None else row
     row["shape"] = "x".join(map(str, shape))
@@ -233,9 +232,8 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
         variants += [("xla_seq", dict(backend="xla", scan="sequential"))]
     for name, opts in variants:
         row[f"{name}_fwd"] = timed(fns(False, **opts)[0], *args, reps=reps)
-        if not lean or name == "pallas_seq":
-            row[f"{name}_fwdbwd"] = timed(fns(False, **opts)[1], *args, do, reps=reps)
-        if name.startswith("pallas"):
+        row[f"{name}_fwdbwd"] = timed(fns(False, **opts)[1], *args, do, reps=reps)
+        if name.startswith("pallas") and not lean:
             row[f"{name}_gated_fwd"] = timed(fns(True, **opts)[0], *args, reps=reps)
         if name == "pallas_seq" and not lean:
             row[f"{name}_gated_fwdbwd"] = timed(fns(True, **opts)[1], *args, do, reps=reps)
@@ -326,7 +324,7 @@ def main():
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
     parser.add_argument("--fla-forward-only", action="store_true", help="skip fla's forward+backward")
-    parser.add_argument("--lean", action="store_true", help="fewer pallas variants (see bench_shape)")
+    parser.add_argument("--lean", action="store_true", help="ungated pallas variants only (see bench_shape)")
     parser.add_argument("--fla-max-tokens", type=int, default=262144, help="skip fla on shapes with more B x T")
     parser.add_argument("--segment-sweep", action="store_true",
                         help="the segmented scan against Tuning.segment_programs on every shape (before fla)")
