@@ -78,7 +78,7 @@ def lower(out: str) -> None:
         json.dump(meta, f, indent=1)
 
 
-def lower_op(out: str, dtype: str, head_dim: int, chunk: int) -> None:
+def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "sequential") -> None:
     """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them."""
     import jax
     import jax.numpy as jnp
@@ -93,7 +93,7 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int) -> None:
     spec = lambda *shape, dtype=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dtype)
 
     def loss(q, k, v, beta, g):
-        o, S = flowssm.delta_rule(q, k, v, beta, g, backend="pallas", chunk_size=chunk)
+        o, S = flowssm.delta_rule(q, k, v, beta, g, backend="pallas", chunk_size=chunk, scan=scan)
         return o.astype(jnp.float32).sum() + S.sum()
 
     args = spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, dtype=jnp.float32), spec(
@@ -147,13 +147,15 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", help="with --op: the inputs' dtype")
     parser.add_argument("--head-dim", type=int, default=128, help="with --op: K = V")
     parser.add_argument("--chunk", type=int, default=64, help="with --op: chunk_size")
+    parser.add_argument("--scan", default="sequential", help="with --op: scan (associative: the segmented kernels)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.lower:
-        return lower_op(args.out, args.dtype, args.head_dim, args.chunk) if args.op else lower(args.out)
+        return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan) if args.op else lower(args.out)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
-    op = ["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk)] if args.op else []
+    op = (["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk), "--scan", args.scan]
+          if args.op else [])
     subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "
