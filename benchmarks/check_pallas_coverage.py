@@ -6,7 +6,9 @@ For every (dtype, K = V, R, gated) of the grid, ``delta_rule(backend="pallas")``
 respect to q, k, v, beta, g and the initial state are compared with ``backend="xla"`` on float32 copies
 of the same inputs, computed at highest matmul precision (relative error ``|a - b| / |b|`` over all outputs), and forward+backward is timed
 (median of 5 calls after a warm-up). Prints one line a case as it goes, writes JSON, exits 1 if any
-case fails (float32 needs 1e-4; bf16 operands 3e-2).
+case fails (float32 needs 1e-4; bf16 operands 3e-2). Keys are random unit vectors (near-orthogonal), or
+with ``keys="lm"`` L2-normalised ``SiLU(x + 1)`` features as the LM makes them (mean cosine about 0.5,
+ungated, beta in (0, 1]): the case where a transfer that forms powers of ``L`` loses accuracy.
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ def rel(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def case(dtype: str, K: int, R: int, gated: bool, B: int, T: int, H: int) -> dict:
-    q, k, v, beta, g, S0 = random_inputs(K + R, B, T, H, K, K, R, gated=gated)
+def lm_keys(k):
+    """L2-normalised ``SiLU(x + 1)`` with ``x`` the unit keys' noise scaled back to N(0, 1)."""
+    x = jax.nn.silu(k * k.shape[-1] ** 0.5 + 1.0)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def case(dtype: str, K: int, R: int, gated: bool, B: int, T: int, H: int, keys: str = "unit") -> dict:
+    q, k, v, beta, g, S0 = random_inputs(K + R, B, T, H, K, K, R, gated=gated, beta_max=1.0 if keys == "lm" else 2.0)
+    k = lm_keys(k) if keys == "lm" else k
     low = lambda x: None if x is None else x.astype(dtype)
     args = (low(q), low(k), low(v), beta, g)
 
@@ -47,7 +56,7 @@ def case(dtype: str, K: int, R: int, gated: bool, B: int, T: int, H: int) -> dic
     with jax.default_matmul_precision("highest"):  # the reference in float32, not TF32 (GPU default)
         (_, ref_out), ref_grads = run["xla"](*map(up, args), S0)
     grads, ref_grads = [[x for x in gs if x is not None] for gs in (grads, ref_grads)]
-    row = dict(dtype=dtype, K=K, R=R, gated=gated, shape=[B, T, H, K, K], fwd_err=rel(out, ref_out),
+    row = dict(dtype=dtype, K=K, R=R, gated=gated, keys=keys, shape=[B, T, H, K, K], fwd_err=rel(out, ref_out),
                grad_err=rel(grads, ref_grads))
     jax.block_until_ready(run["pallas"](*args, S0))
     times = []
@@ -68,16 +77,17 @@ def main() -> None:
     a = p.parse_args()
     B, T, H = (1, 128, 1) if a.tiny else (2, 2048, 8)
     grid = ([("bfloat16", K, 1, True) for K in (32, 64, 128, 256)] + [("bfloat16", 128, 2, True), ("bfloat16", 128, 1, False)]
-            + [("float32", K, 1, True) for K in (64, 128)] + [("float32", 128, 2, False)])
+            + [("float32", K, 1, True) for K in (64, 128)] + [("float32", 128, 2, False)]
+            + [("bfloat16", 128, 1, False, "lm"), ("float32", 128, 1, False, "lm")])
     if a.tiny:
-        grid = [("bfloat16", 32, 1, True), ("float32", 32, 2, False)]
+        grid = [("bfloat16", 32, 1, True), ("float32", 32, 2, False, "lm")]
     grid = [spec for spec in grid if spec[0] in a.dtypes.split(",")]
     rows = []
     for spec in grid:
         try:
-            row = case(*spec, B, T, H)
+            row = case(*spec[:4], B, T, H, *spec[4:])
         except Exception as e:  # a failing case is recorded and reported, the sweep goes on
-            row = dict(zip(("dtype", "K", "R", "gated"), spec), ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            row = dict(zip(("dtype", "K", "R", "gated", "keys"), spec), ok=False, error=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
         print(json.dumps(row), flush=True)
         with open(a.out, "w") as f:
