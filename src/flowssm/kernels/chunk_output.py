@@ -137,8 +137,9 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
 
     q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative), corrected (``u - w S_in``, from the
     forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
-    (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K], dkeys, dw: [BH, N, n, K],
-    dG: [BH, N, n]) in float32 (float64 for float64 ``G``); dG includes the token decays' share.
+    (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
+    dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K], dG: [BH, N, n] in float32 (float64 for float64
+    ``G``)); dG includes the token decays' share.
     With ``heads=H``, q, keys, do, dq and dkeys are token-major.
     """
     BH, N, C, K = layout_dims(q, heads)
@@ -166,7 +167,7 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     shapes = (q.shape, keys.shape, (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
     dq, dk, dw, dG, dG_tok = pallas_call(
         kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
+        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
         grid=(BH, N, nkb),
         in_specs=[tok(cols(C)), tok(cols(n)), vec(n), vec(C), rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
         out_specs=(tok(cols(C)), tok(cols(n)), cols(n), share(n), share(C)),

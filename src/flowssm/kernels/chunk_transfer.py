@@ -154,7 +154,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
     Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
-    -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs).
+    -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs)
+    except dvalues, written in the dtype of ``values`` (its final dtype: nothing else adds to it).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -180,7 +181,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), (BH, N, n))
     dk, dv, db, da, dG = pallas_call(
         kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct(s, acc) for s in shapes),
+        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
         in_specs=[tk, tv, vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
         out_specs=(tk, tv, vec, vec, vec),
