@@ -1,7 +1,7 @@
 """GPU benchmark of backend="pallas": correctness against the xla backend and fla, then timings.
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
-        [--no-fla | --fla-only] [--fla-forward-only] [--lean]
+        [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
 copies: outputs, final states and gradients, on 1x1024x4x128x128, ungated and gated; vs fla's chunk_delta_rule /
@@ -10,6 +10,12 @@ batches of back-to-back calls for JAX, triton do_bench for fla) flowssm pallas (
 forward+backward), fla, and on the first shape the xla backend, the approximate solvers and every
 kernel alone; ``--sweep`` times launch variants on the first shape (right after it). Prints as it goes and a table at the
 end, writes JSON to $OUT (or --out) after every shape.
+
+``--packed`` adds (``--packed-only``: runs only) the packed row: 16 documents of random lengths summing to
+32768 tokens (``cu_seqlens``), H=16, K=V=128, bf16: flowssm pallas packed against the unpacked call of the
+same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, errors of outputs and
+per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
+1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from flowssm.solvers import get_solver
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
           (1, 262144, 16, 128, 128), (1, 1048576, 16, 128, 128)]
+PACKED = {"T": 32768, "H": 16, "K": 128, "V": 128, "documents": 16}  # the packed row (one packed sequence, B = 1)
+PACKED_TINY = {"T": 64, "H": 2, "K": 16, "V": 16, "documents": 4}
 CHUNK = 64
 PEAK_TFLOPS, PEAK_TBPS = 811.0, 2.9  # measured through XLA on the H100 (shared/anchors)
 
@@ -82,7 +90,8 @@ def work(B, T, H, K, V, C=CHUNK, factors=6):
     return flops * N * BH, byts * BH, floor_bytes * BH
 
 
-def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True):
+def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None):
+    """fla's outputs, final states and median ms (``cu_seqlens``: packed sequences, B = 1)."""
     import torch
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -91,9 +100,10 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True):
     t = lambda x, grad=True: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
         torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32).requires_grad_(grad)
     tq, tk, tv, tb, tg, tdo = t(q), t(k), t(v), t(beta), t(g), t(do, False)
+    packed = {} if cu_seqlens is None else {"cu_seqlens": torch.tensor(np.asarray(cu_seqlens), dtype=torch.long).cuda()}
     out = {}
-    fwd = lambda: chunk_delta_rule(tq, tk, tv, tb, output_final_state=True)
-    gfwd = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tb, output_final_state=True)
+    fwd = lambda: chunk_delta_rule(tq, tk, tv, tb, output_final_state=True, **packed)
+    gfwd = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tb, output_final_state=True, **packed)
     o, S = fwd()
     go, gS = gfwd()
     out["o"], out["S"] = (x.detach().float().cpu().numpy() for x in (o, S))
@@ -256,6 +266,47 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
     return row
 
 
+def packing(seed: int, T: int, documents: int) -> np.ndarray:
+    """``cu_seqlens`` (int32 ``[documents + 1]``) of ``documents`` non-empty documents of random lengths summing to T."""
+    cuts = np.random.default_rng(seed).choice(np.arange(1, T), documents - 1, replace=False)
+    return np.concatenate([[0], np.sort(cuts), [T]]).astype(np.int32)
+
+
+def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
+    """The packed row: flowssm pallas with ``cu_seqlens`` vs the unpacked call of the same total length (the
+    target: within 10 %) and vs fla on the same packing (errors and timings); errors vs the xla backend."""
+    q, k, v, beta, g, do = inputs(0, 1, T, H, K, V)
+    cu = jnp.asarray(packing(0, T, documents))
+    args = (q, k, v, beta, g)
+    row = {"shape": f"packed 1x{T}x{H}x{K}x{V}", "documents": documents, "cu_seqlens": cu.tolist()}
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, beta)]
+    for gated in (False, True):
+        tag = "gated_" if gated else ""
+        packed_fwd, packed_grad = fns(gated, backend="pallas", cu_seqlens=cu)
+        o, S = packed_fwd(*args)
+        o_x, S_x = fns(gated, backend="xla", cu_seqlens=cu)[0](*f32, g)
+        row.update({f"{tag}err_o_vs_xla": rel(o, o_x), f"{tag}err_S_vs_xla": rel(S, S_x)})
+        row[f"pallas_packed_{tag}fwd"] = timed(packed_fwd, *args, reps=reps)
+        row[f"pallas_packed_{tag}fwdbwd"] = timed(packed_grad, *args, do, reps=reps)
+        unpacked_fwd, unpacked_grad = fns(gated, backend="pallas")
+        row[f"pallas_unpacked_{tag}fwd"] = timed(unpacked_fwd, *args, reps=reps)
+        row[f"pallas_unpacked_{tag}fwdbwd"] = timed(unpacked_grad, *args, do, reps=reps)
+        for mode in ("fwd", "fwdbwd"):
+            row[f"packed_over_unpacked_{tag}{mode}"] = row[f"pallas_packed_{tag}{mode}"] / row[f"pallas_unpacked_{tag}{mode}"]
+        say(row["shape"], "gated" if gated else "plain", {key: round(val, 4) for key, val in row.items()
+                                                          if isinstance(val, float) and ("gated" in key) == gated})
+        if fla_ok:
+            if not gated:
+                fl = fla_times(*args, do, backward=fla_backward, cu_seqlens=cu)
+                row.update(fla_packed_fwd=fl["fwd"], fla_packed_gated_fwd=fl["gfwd"],
+                           **({"fla_packed_fwdbwd": fl["fwdbwd"]} if fla_backward else {}))
+            o_fla, S_fla = (fl["go"], fl["gS"]) if gated else (fl["o"], fl["S"])
+            row.update({f"{tag}err_o_vs_fla": rel(o, o_fla), f"{tag}err_S_vs_fla": rel(S, S_fla)})
+    if fla_ok:
+        say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
+    return row
+
+
 def sweep(shape, reps, say):
     """Launch variants of the whole pallas forward and forward+backward (ungated, sequential) on ``shape``."""
     q, k, v, beta, g, do = inputs(0, *shape)
@@ -315,6 +366,7 @@ def table(rows):
 
 
 def main():
+    global CHUNK  # --tiny: chunk 16
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="0,1,2,3")
@@ -328,6 +380,9 @@ def main():
     parser.add_argument("--fla-max-tokens", type=int, default=262144, help="skip fla on shapes with more B x T")
     parser.add_argument("--segment-sweep", action="store_true",
                         help="the segmented scan against Tuning.segment_programs on every shape (before fla)")
+    parser.add_argument("--packed", action="store_true", help="add the packed row (cu_seqlens) after the shapes")
+    parser.add_argument("--packed-only", action="store_true", help="the packed row only (no check, no shapes)")
+    parser.add_argument("--tiny", action="store_true", help="the packed row at a tiny shape, chunk 16 (CPU smoke test)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()
@@ -341,14 +396,15 @@ def main():
     except ImportError as e:
         say("fla unavailable:", e)
         fla_ok = False
-    result = {"check": {} if args.no_check or args.fla_only else check(say), "rows": []}
+    packed_only = args.packed_only or args.tiny
+    result = {"check": {} if args.no_check or args.fla_only or packed_only else check(say), "rows": []}
 
     def save():
         if args.out:
             with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
                 json.dump(result, f, indent=1)
 
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = [] if packed_only else [SHAPES[int(i)] for i in args.shapes.split(",")]
     for j, shape in enumerate(shapes):
         if args.segment_sweep:
             result.setdefault("segment_sweep", {})["x".join(map(str, shape))] = segment_sweep(shape, args.reps, say)
@@ -361,6 +417,12 @@ def main():
         if args.sweep and j == 0:
             result["sweep"] = sweep(shape, args.reps, say)
             save()
+    if args.packed or packed_only:
+        CHUNK = 16 if args.tiny else CHUNK
+        result["packed"] = packed_row(**(PACKED_TINY if args.tiny else PACKED), reps=args.reps,
+                                      fla_ok=fla_ok and not args.tiny, say=say, fla_backward=not args.fla_forward_only)
+        save()
+        print({key: val for key, val in result["packed"].items() if key != "cu_seqlens"})
     print(table(result["rows"]))
 
 

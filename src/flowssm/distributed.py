@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
-from flowssm import chunks
+from flowssm import chunks, varlen
 from flowssm import flows as F
 from flowssm.ops import validate
 from flowssm.paths import Path, chunk_path, linear_attention_path, make_path, pad_path
@@ -98,13 +98,73 @@ def _sharded(q, path: Path, S0, *, mesh: Mesh, axis_name, scale, chunk_size, sol
     return jnp.moveaxis(o[:, :, :T], 1, 2), S
 
 
-def _run(q, path: Path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics):
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "axis_name", "scale", "chunk_size", "solver", "scan", "semantics")
+)
+def _sharded_packed(q, path: Path, h0, cu, *, mesh: Mesh, axis_name, scale, chunk_size, solver: FlowSolver, scan,
+                    semantics):
+    """Packed sequences (:mod:`flowssm.varlen`): the chunk-aligned layout, its chunks split over the devices.
+
+    q: [1, T, H, K], h0: [N, H, K, V], cu: [N + 1] -> (o: [1, T, H, V], finals: [N, H, K, V]). As
+    :func:`_sharded`, in ``[P | S]`` form: a sequence starting on a device resets the lifted state to
+    ``[0 | h0]``, so the device flow of a device holding a start no longer depends on earlier devices. Each
+    sequence's final state is computed on the device of its last chunk and summed over devices (one
+    all-reduce of ``N K V`` floats a head).
+    """
+    T, N = path.length, h0.shape[0]
+    D = mesh.shape[axis_name]
+    C = min(chunk_size, T)
+    Nd = -(-varlen.num_chunks(T, N, C) // D)  # chunks per device
+    lay = varlen.layout(cu, T, C, chunks=D * Nd)
+    explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == AxisType.Explicit
+    place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec)) if explicit else x
+    q, path = place((q, path), PartitionSpec())  # the gathers into slots read every token
+    qh = varlen.to_slots(jnp.moveaxis(q.astype(path.keys.dtype), 2, 1), lay, 2)  # [1, H, D Nd C, K]
+    path = varlen.slots_path(path, lay)
+    h0h = jnp.moveaxis(h0, 0, 1)  # [H, N, K, V]
+
+    def local(qh, path: Path, resets: varlen.Resets, h0):
+        H, K, V = h0.shape[0], h0.shape[-2], h0.shape[-1]
+        systems, sols = chunks.solve_chunks(chunk_path(path, C), solver, semantics)
+        flows = jax.tree.map(lambda x: x[0], sols.flow)  # [H, Nd, ...]
+        origin = jnp.concatenate([jnp.eye(K, dtype=h0.dtype), jnp.zeros((K, V), h0.dtype)], axis=-1)
+        origin = jax.lax.pcast(origin, axis_name, to="varying")
+        h0_lifted = jnp.concatenate([jnp.zeros((H, N, K, K), h0.dtype), h0], axis=-1)  # resets to [0 | h0]
+        prefix = lambda f, h: varlen.chunk_states(lift(f), h, resets, scan, S0=origin)[0]
+        entry = jax.vmap(prefix)(flows, h0_lifted)  # [H, Nd, K, K + V]
+        last = jax.tree.map(lambda x: x[:, -1], flows)
+        device_flow = F.apply(lift(last), entry[:, -1])  # [H, K, K + V]
+        PQ = jax.lax.all_gather(device_flow, axis_name, axis=1, to="invarying")  # [H, D, K, K + V]
+        zero = jnp.zeros((H, K, V), h0.dtype)  # device 0 starts a sequence: its entry state is never read
+        S_dev, _ = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(F.DenseFlow(PQ[..., :K], PQ[..., K:]), zero)
+        S_entry = S_dev[:, jax.lax.axis_index(axis_name), None]  # [H, 1, K, V]
+        S_in = F.apply(F.DenseFlow(entry[..., :K], entry[..., K:]), S_entry)  # [H, Nd, K, V]
+        ends_here = jnp.zeros((N,), bool).at[jnp.where(resets.end > 0, resets.seq, N)].set(True, mode="drop")
+        finals = jax.vmap(lambda f, s: varlen.after_chunks(f, s, varlen.last_chunks(resets, N)))(flows, S_in)
+        finals = jax.lax.psum(jnp.where(ends_here[:, None, None], finals, 0.0), axis_name)
+        o = chunks.read_chunks(systems, qh.reshape(1, H, Nd, C, K), sols, S_in[None], scale)
+        return o.reshape(1, H, Nd * C, V), finals
+
+    time, chunk_axis = PartitionSpec(None, None, axis_name), PartitionSpec(axis_name)
+    qh, path = place((qh, path), time)
+    o, finals = jax.shard_map(local, mesh=mesh, in_specs=(time, time, chunk_axis, PartitionSpec()),
+                              out_specs=(time, PartitionSpec()))(qh, path, lay.resets, h0h)
+    o = varlen.from_slots(place(o, PartitionSpec()), lay, 2)
+    finals = jnp.where(varlen.nonempty(lay.resets, N)[None, :, None, None], finals, h0h)
+    return jnp.moveaxis(o, 1, 2), jnp.moveaxis(finals, 0, 1)
+
+
+def _run(q, path: Path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics, cu_seqlens=None):
     _check_mesh(mesh, axis_name)
-    solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
-    o, S = _sharded(
-        q, path, S0, mesh=mesh, axis_name=axis_name, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
-        semantics=semantics,
-    )
+    options = dict(mesh=mesh, axis_name=axis_name, chunk_size=chunk_size, scan=scan, semantics=semantics)
+    if cu_seqlens is None:
+        solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
+        o, S = _sharded(q, path, S0, scale=scale, solver=solver, **options)
+    else:
+        solver, _, scale = validate(q, path, None, scale, chunk_size, solver, scan, semantics)
+        cu = varlen.check_cu_seqlens(cu_seqlens, q.shape[0], path.length)
+        h0 = varlen.initial_states(initial_state, path, cu.shape[0] - 1)
+        o, S = _sharded_packed(q, path, h0, cu, scale=scale, solver=solver, **options)
     return o.astype(q.dtype), S
 
 
@@ -123,6 +183,7 @@ def sequence_parallel_delta_rule(
     solver="exact",
     scan: str = "sequential",
     semantics: str = "discrete",
+    cu_seqlens=None,
 ):
     """:func:`flowssm.delta_rule` with the time axis sharded over ``mesh`` axis ``axis_name`` (``D`` devices).
 
@@ -132,11 +193,13 @@ def sequence_parallel_delta_rule(
     being padded at its end with identity tokens (``k = v = 0``, ``beta = 0``, ``g = 0``), which leave the
     state unchanged: any ``T`` is exact. Inputs are replicated over the other mesh axes. With an Explicit
     mesh axis (``jax.make_mesh``'s default) differentiate under ``jax.set_mesh(mesh)``. Backend: xla.
+    ``cu_seqlens``: packed sequences as in :func:`flowssm.delta_rule` (``B = 1``, states ``[N, H, K, V]``);
+    the chunk-aligned layout is split over the devices, so a sequence may span several.
     """
     if beta is None:
         raise TypeError("beta: expected a floating-point array, got None")
     path = make_path(k, v, beta, g)
-    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics)
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, semantics, cu_seqlens)
 
 
 def sequence_parallel_linear_attention(
@@ -151,8 +214,9 @@ def sequence_parallel_linear_attention(
     scale: float | None = None,
     chunk_size: int = 64,
     scan: str = "sequential",
+    cu_seqlens=None,
 ):
     """:func:`flowssm.linear_attention` (``S <- e^{g_t} S + k_t v_t^T``) sharded over time like
-    :func:`sequence_parallel_delta_rule`."""
+    :func:`sequence_parallel_delta_rule` (``cu_seqlens`` too)."""
     path = linear_attention_path(k, v, g)
-    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete")
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete", cu_seqlens)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 import flowssm
 from flowssm.models.config import DELTA_FAMILIES, GATED_FAMILIES, MixerConfig, head_dim, validate_mixer
@@ -38,21 +38,42 @@ class ShortConv(nnx.Module):
         bound = 1.0 / math.sqrt(width)
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound))
 
-    def __call__(self, x: Float[Array, "B T C"]) -> Float[Array, "B T C"]:
-        T = x.shape[1]
-        xp = jnp.pad(x.astype(self.dtype), [(0, 0), (self.width - 1, 0), (0, 0)])
+    def __call__(self, x: Float[Array, "B T C"], positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T C"]:
+        """With ``positions`` (each token's position in its document) a token sees no input of an earlier
+        document: the term of lag ``d`` counts only where ``positions >= d``."""
+        T, W = x.shape[1], self.width
+        xp = jnp.pad(x.astype(self.dtype), [(0, 0), (W - 1, 0), (0, 0)])
         kernel = self.kernel[...].astype(self.dtype)
-        return sum(xp[:, i : i + T] * kernel[i] for i in range(self.width))
+        term = lambda i: xp[:, i : i + T] * kernel[i]
+        if positions is None:
+            return sum(term(i) for i in range(W))
+        return sum(jnp.where((positions >= W - 1 - i)[..., None], term(i), 0) for i in range(W))
 
-    def tail(self, x: Float[Array, "B T C"]) -> Float[Array, "B Wm1 C"]:
-        """The decode state after ``x``: its last ``W - 1`` inputs (zeros before the first token)."""
-        return jnp.pad(x, [(0, 0), (self.width - 1, 0), (0, 0)])[:, x.shape[1] :]
+    def tail(self, x: Float[Array, "B T C"], positions: Int[Array, "B T"] | None = None) -> Float[Array, "B Wm1 C"]:
+        """The decode state after ``x``: its last ``W - 1`` inputs (zeros before the first token and, with
+        ``positions``, before the last token's document)."""
+        W = self.width
+        window = jnp.pad(x, [(0, 0), (W - 1, 0), (0, 0)])[:, x.shape[1] :]
+        if positions is None:
+            return window
+        lag = jnp.arange(W - 1, 0, -1)  # of each slot, seen from the next token
+        return jnp.where((positions[:, -1:] + 1 >= lag)[..., None], window, 0)
 
     def step(self, x_t: Float[Array, "B C"], state: Float[Array, "B Wm1 C"]):
         """One token; ``state`` holds the last ``W - 1`` inputs. Returns (y_t: [B, C], state)."""
         window = jnp.concatenate([state, x_t[:, None].astype(state.dtype)], axis=1)
         y = jnp.einsum("bwc,wc->bc", window.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return y, window[:, 1:]
+
+
+def check_positions(positions, shape: tuple, semantics: str) -> None:
+    """``positions``: an int array of ``shape`` ([B, T]); resets need the discrete recurrence."""
+    if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected an int array [B, T], got {getattr(positions, 'dtype', type(positions))}")
+    if tuple(positions.shape) != tuple(shape):
+        raise ValueError(f"positions: expected shape [B, T] = {tuple(shape)}, got shape {tuple(positions.shape)}")
+    if semantics != "discrete":
+        raise ValueError(f"positions: document resets (g = -inf) need semantics 'discrete', got {semantics!r}")
 
 
 class MixerCache(NamedTuple):
@@ -123,21 +144,37 @@ class DeltaMixer(nnx.Module):
             o = o * jax.nn.silu(self.gate_proj(x)).reshape(o.shape)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
-    def prefill(self, x: Float[Array, "B T D"]) -> tuple[Float[Array, "B T D"], MixerCache]:
-        """The chunked forward over ``x`` and the decode cache after its last token."""
+    def prefill(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None
+                ) -> tuple[Float[Array, "B T D"], MixerCache]:
+        """The chunked forward over ``x`` and the decode cache after its last token.
+
+        ``positions`` (packed documents): each token's position in its document, 0 where one starts. The
+        state restarts from zero there (``g = -inf``, an exact reset) and the convolution does not reach
+        back across the start, so no document sees another; the cache is the last document's. From
+        ``cu_seqlens`` (``B = 1``): ``flowssm.varlen.token_sequences(cu_seqlens, T)[1][None]``.
+        """
+        if positions is not None:
+            check_positions(positions, x.shape[:2], self.semantics)
         pre = self.qkv_proj(x)
-        qkv = pre if self.conv is None else self.conv(pre)
+        qkv = pre if self.conv is None else self.conv(pre, positions)
         q, k, v, beta, g = self._features(x, qkv)
+        if positions is not None:
+            g = self._document_resets(g, positions)
         kw = dict(chunk_size=self.chunk_size, scan=self.scan, backend=self.backend)
         if self.delta:
             o, state = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
         else:
             o, state = flowssm.linear_attention(q, k, v, g, **kw)
-        conv = None if self.conv is None else self.conv.tail(pre).astype(jnp.float32)
+        conv = None if self.conv is None else self.conv.tail(pre, positions).astype(jnp.float32)
         return self._output(x, o), MixerCache(state.astype(jnp.float32), conv)
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.prefill(x)[0]
+    def _document_resets(self, g, positions) -> Float[Array, "B T H"]:
+        """``g`` (or zeros) with ``-inf`` at every document start."""
+        g = jnp.zeros((*positions.shape, self.H), jnp.float32) if g is None else g
+        return jnp.where((positions == 0)[..., None], -jnp.inf, g)
+
+    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
+        return self.prefill(x, positions)[0]
 
     def init_cache(self, batch: int) -> MixerCache:
         state = jnp.zeros((batch, self.H, self.K, self.K), jnp.float32)

@@ -11,9 +11,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from flowssm import backends, chunks, reference
+from flowssm import backends, chunks, reference, varlen
 from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
 from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver, logode
@@ -108,13 +108,27 @@ def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
         raise ValueError(f"beta: {logode.DISCRETE_BETA_ERROR}")
 
 
-def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics):
+def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens=None):
+    if cu_seqlens is not None:
+        return _run_packed(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
     _check_logode_beta(solver, path, semantics)
     o, S = _chunked(
         q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
     )
+    return o.astype(q.dtype), S
+
+
+def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens):
+    """:func:`_run` for packed sequences (see :mod:`flowssm.varlen`): final states ``[N, H, K, V]``."""
+    solver, _, scale = validate(q, path, None, scale, chunk_size, solver, scan, semantics)
+    cu = varlen.check_cu_seqlens(cu_seqlens, q.shape[0], path.length)
+    h0 = varlen.initial_states(initial_state, path, cu.shape[0] - 1)
+    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
+    _check_logode_beta(solver, path, semantics)
+    o, S = varlen.packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
+                         backend=backend, semantics=semantics)
     return o.astype(q.dtype), S
 
 
@@ -132,6 +146,7 @@ def delta_rule(
     scan: str = "auto",
     backend: str = "auto",
     semantics: str = "discrete",
+    cu_seqlens: Int[Array, " Np1"] | None = None,
 ):
     """(Gated) DeltaNet / DeltaProduct: ``S <- e^{g_t} S``, then for each of the ``R`` keys
     ``S <- (I - beta k k^T) S + beta k v^T``; ``o_t = scale S_t^T q_t``.
@@ -145,11 +160,17 @@ def delta_rule(
     token path). Any ``T``: a ragged last chunk is padded with identity tokens, which is exact.
     NaN/Inf inputs are not checked (that needs a host sync): they propagate to every output of their
     chunk and of later chunks of the same sequence and head.
+
+    ``cu_seqlens`` (int ``[N + 1]``, fla's convention): ``N`` sequences packed in a ``B = 1`` batch,
+    sequence ``i`` on tokens ``[cu_seqlens[i], cu_seqlens[i + 1])``; ``initial_state`` and the final state
+    are then ``[N, H, K, V]``, one per sequence (empty sequences return their initial state). Every
+    backend, scan, solver and semantics; one compilation serves every packing of the same ``T`` and ``N``
+    (its values are checked only when concrete, see :func:`flowssm.varlen.check_cu_seqlens`).
     """
     if beta is None:
         raise TypeError("beta: expected a floating-point array, got None")
     path = make_path(k, v, beta, g)
-    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics)
+    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens)
 
 
 def linear_attention(
@@ -163,12 +184,15 @@ def linear_attention(
     chunk_size: int = 64,
     scan: str = "auto",
     backend: str = "auto",
+    cu_seqlens: Int[Array, " Np1"] | None = None,
 ):
     """(Decayed) linear attention: ``S <- e^{g_t} S + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
 
     The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
+    ``cu_seqlens``: packed sequences as in :func:`delta_rule`.
     """
-    return _run(q, linear_attention_path(k, v, g), initial_state, scale, chunk_size, Euler(), scan, backend, "discrete")
+    path = linear_attention_path(k, v, g)
+    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete", cu_seqlens)
 
 
 def _step(state, q_t, path: Path, scale, semantics):

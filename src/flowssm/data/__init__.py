@@ -18,11 +18,13 @@ GROUP_ORDER = {"parity": 2, "s3": 3, "s5": 5}
 
 
 class Batch(NamedTuple):
-    """``inputs, targets: int32 [B, T]``; ``mask: float32 [B, T]`` (1 where the target is scored)."""
+    """``inputs, targets: int32 [B, T]``; ``mask: float32 [B, T]`` (1 where the target is scored);
+    ``positions: int32 [B, T]``, each input's position in its document (``data.packing``), else None."""
 
     inputs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
+    positions: np.ndarray | None = None
 
 
 class Task:
@@ -53,7 +55,11 @@ class Task:
             data = self._text[split]
             starts = rng.integers(0, len(data) - c.seq_len - 1, batch_size)
             windows = data[starts[:, None] + np.arange(c.seq_len + 1)].astype(np.int32)
-            return Batch(windows[:, :-1], windows[:, 1:], np.ones((batch_size, c.seq_len), np.float32))
+            positions = None
+            if c.packing:
+                offset = 0 if split == "train" else len(self._text["train"])  # the val split is the corpus tail
+                positions = corpus.positions(c.corpus, starts + offset, c.seq_len)
+            return Batch(windows[:, :-1], windows[:, 1:], np.ones((batch_size, c.seq_len), np.float32), positions)
         if c.task == "mqar":
             return Batch(*synthetic.mqar(rng, batch_size, c.seq_len, c.num_kv_pairs, c.num_keys, c.num_values, c.num_queries))
         return Batch(*synthetic.word_problem(rng, batch_size, c.seq_len, GROUP_ORDER[c.task]))

@@ -41,6 +41,28 @@ def load_bytes(corpus: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
+# Where a document starts: a play's title heading (followed by its first act or prologue heading, unlike
+# an epilogue's); a help topic's title line underlined with asterisks.
+DOCUMENT_START = {"shakespeare": rb"(?m)^# [^\n]+\n\n## ", "pydoc": rb"(?m)^[^\n]+\n\*{3,}$"}
+
+
+@functools.lru_cache(maxsize=None)
+def document_starts(corpus: str) -> np.ndarray:
+    """Byte offsets (int64, increasing, the first 0) where the corpus's documents begin."""
+    data = load_bytes(corpus).tobytes()
+    starts = [m.start() for m in re.finditer(DOCUMENT_START[corpus], data)]
+    return np.array(sorted({0, *starts}), np.int64)
+
+
+def positions(corpus: str, starts: np.ndarray, length: int) -> np.ndarray:
+    """Position of each byte of the windows ``[s, s + length)`` in its document, counted from the window
+    start when the document began before it: int32 ``[len(starts), length]``."""
+    offsets = starts[:, None] + np.arange(length)
+    doc = np.searchsorted(document_starts(corpus), offsets, side="right") - 1
+    begin = np.maximum(document_starts(corpus)[doc], starts[:, None])
+    return (offsets - begin).astype(np.int32)
+
+
 def split(corpus: str, val_fraction: float) -> dict[str, np.ndarray]:
     """``{"train": bytes, "val": bytes}``: the val split is the tail."""
     data = load_bytes(corpus)

@@ -40,6 +40,7 @@ from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_tra
 from flowssm.kernels.common import head_major, layout_dims
 from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
+from flowssm import varlen
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
 from flowssm.scan import chunk_states
@@ -89,7 +90,7 @@ def _segment_cotangent_ends(P, b, dS_final):
     return reverse(ends), dS0
 
 
-def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning):
+def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n],
     w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -98,34 +99,38 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
     state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
     Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
+    Packed sequences (``resets``, ``h0``: see ``state_pass``): the passes restart at sequence starts, so
+    a segment holding a start has a flow independent of earlier segments; a last output, the final states.
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     opts = dict(heads=heads, segments=segments, block_v=tuning.block_v, num_warps=tuning.state_warps,
-                num_stages=tuning.state_stages)
+                num_stages=tuning.state_stages, **({} if resets is None else dict(resets=resets, h0=h0)))
     flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **opts).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
-    S_in, _ = state_pass_kernel(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), **opts)
-    return S_in, S_final.astype(S0.dtype), P
+    S_in, _, *finals = state_pass_kernel(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), **opts)
+    return S_in, S_final.astype(S0.dtype), P, *finals
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
-                         tuning: Tuning):
+                         tuning: Tuning, resets=None, dfinals=None):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
-    reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]."""
+    reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
+    (``resets``, ``dfinals``): the final states' cotangents enter inside the passes; a last output, dh0."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
     opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v,
-                num_warps=tuning.state_warps, num_stages=tuning.state_stages)
+                num_warps=tuning.state_warps, num_stages=tuning.state_stages,
+                **({} if resets is None else dict(resets=resets, dfinals=dfinals)))
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
     b = state_pass_bwd_kernel(qc, keys, G, w, do, zero, write_states=False, **opts).reshape(BH, segments, K, V)
     ends, dS0 = _segment_cotangent_ends(P, b, dS_final)
-    dS_out, dv, _ = state_pass_bwd_kernel(qc, keys, G, w, do, ends.reshape(BH * segments, K, V).astype(dS_final.dtype),
-                                          **opts)
-    return dS_out, dv, dS0.astype(dS_final.dtype)
+    dS_out, dv, _, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do,
+                                                ends.reshape(BH * segments, K, V).astype(dS_final.dtype), **opts)
+    return dS_out, dv, dS0.astype(dS_final.dtype), *dh0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +151,14 @@ def _kernel_backward_transfer(solver: FlowSolver) -> bool:
     return solver.program().structure in (IDENTITY, INVERSE)
 
 
-def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
+def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C], S0: [BH, K, V]
     -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P)); with ``save`` (the kernels' backward),
     ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None; ``P``: the
-    segments' transition matrices when the segmented scan ran (its backward is segmented too), else None."""
+    segments' transition matrices when the segmented scan ran (its backward is segmented too), else None.
+    With ``resets`` (packed sequences, :mod:`flowssm.varlen`): S0 and S_final are [BH, Ns, K, V], one per
+    sequence (an empty sequence's final state is its initial state)."""
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
@@ -161,35 +168,50 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: 
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     segments = auto_segments(st.scan, N, BH * (V // min(t.block_v, V)), t)
     P = None
+    h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0)
+    if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
+        S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     if st.scan == "associative" and t.assoc == "xla":
         flows = chunk_flows(head_major(keys, H), G, w, u)
-        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
+        if resets is None:
+            S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
+        else:
+            S_in, S_final = jax.vmap(lambda f, h: varlen.chunk_states(f, h, resets, "associative"))(flows, h0)
         S_in = S_in.astype(keys.dtype)
     elif segments > 1:
-        S_in, S_final, P = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t)
+        S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed)
+        S_final = finals[0] if finals else S_final
     else:  # sequential, or too few chunks to split
-        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                          num_stages=t.state_stages)
+        S_in, S_final, *finals = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v,
+                                                   num_warps=t.state_warps, num_stages=t.state_stages, **packed)
+        S_final = finals[0] if finals else S_final
+    if resets is not None:  # rows of empty sequences are not written by the kernels
+        S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], S_final, h0)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save, heads=H, block_v=t.output_block_v, num_warps=t.output_warps)
     o, corrected = o if save else (o, None)
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P)
 
 
-def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
+def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None):
     """:func:`_stages` through the jnp references (the sequential scan), for ``Tuning(backward="reference")``."""
     R = keys.shape[2] // qc.shape[2]
     w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=st.solver, heads=st.heads)
     G = micro_log_decay(log_decay, R)
-    S_in, S_final = state_pass_reference(keys, G, w, u, S0, heads=st.heads)
+    if resets is None:
+        S_in, S_final = state_pass_reference(keys, G, w, u, S0, heads=st.heads)
+    else:
+        zero = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
+        S_in, _, S_final = state_pass_reference(keys, G, w, u, zero, heads=st.heads, resets=resets, h0=S0)
     o = chunk_output_reference(qc, keys, G, w, u, S_in, rank=R, scale=st.scale, out_dtype=keys.dtype, heads=st.heads)
     return o, S_final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
-    """(o: [BH, N, C, V] in the dtype of ``keys``, S_final: [BH, K, V]); arguments as :func:`_stages`."""
-    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, save=False)[0]
+def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets):
+    """(o: [BH, N, C, V] in the dtype of ``keys``, S_final: [BH, K, V]); arguments as :func:`_stages`
+    (``resets``: None or integer vectors, no cotangent)."""
+    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, save=False)[0]
 
 
 def _pallas_flow_fwd(st: _Static, *args):
@@ -199,21 +221,28 @@ def _pallas_flow_fwd(st: _Static, *args):
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     args, (w, u, T, S_in, corrected, P) = residuals
+    *args, resets = args
     if st.tuning.backward == "reference":
-        return jax.vjp(lambda *a: _reference_stages(st, *a), *args)[1](cotangents)
+        return (*jax.vjp(lambda *a: _reference_stages(st, *a, resets), *args)[1](cotangents), None)
     qc, keys, values, beta, alpha, log_decay, S0 = args
     do, dS_final = cotangents
     H, t = st.heads, st.tuning
     n = keys.shape[2]
     R = n // qc.shape[2]
     G = micro_log_decay(log_decay, R)
+    dfinals, packed = dS_final.astype(S0.dtype), {}
+    if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
+        packed = dict(resets=resets, dfinals=dfinals)
+        dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
     if P is None:
-        dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
-                                                heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_stages)
+        dS_out, dv, dS0, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
+                                                      scale=st.scale, heads=H, block_v=t.block_v,
+                                                      num_warps=t.state_warps, num_stages=t.state_stages, **packed)
     else:
-        dS_out, dv, dS0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
-                                               scale=st.scale, heads=H, tuning=t)
+        dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
+                                                     scale=st.scale, heads=H, tuning=t, **packed)
+    if resets is not None:  # an empty sequence's final state is its initial state
+        dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
                                              heads=H, block_k=t.block_k, num_warps=t.backward_warps)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
@@ -222,16 +251,19 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                              solver=st.solver, heads=H)
     dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
     grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
-    return tuple(d.astype(x.dtype) for d, x in zip(grads, args))
+    return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None)
 
 
 _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning = Tuning()):
+                   semantics: str, tuning: Tuning = Tuning(), resets: varlen.Resets | None = None):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
+
+    With ``resets`` (packed sequences in :mod:`flowssm.varlen`'s chunk-aligned layout, ``B = 1``, ``T`` a
+    multiple of ``chunk_size``): S0 and the final state are [Ns, H, K, V], one per sequence.
 
     q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.
@@ -252,6 +284,9 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     BH = B * H
     piece = MAX_ELEMENTS // (BH * max(Kp * Vp, n * max(Kp, Vp, n))) * C  # tokens a call can index in int32
     if piece < T:  # e.g. 1M tokens x 16 heads: the states entering the chunks alone have 2^32 elements
+        if resets is not None:
+            raise ValueError(f"cu_seqlens: packed calls are limited to {piece} tokens on pallas (int32 indexing of "
+                             f"the kernels' arrays), got T = {T} (with its chunk-aligned padding); use backend 'xla'")
         if piece == 0:
             raise ValueError(f"q: B * H = {BH} heads of {K} x {V} states are too many for one kernel call; "
                              f"split the batch")
@@ -272,8 +307,10 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
     log_decay = path.log_decay.reshape(BH, N, C)
     qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
-    S0p = _pad_to(S0, {2: Kp, 3: Vp}).reshape(BH, Kp, Vp)
+    S0p = _pad_to(S0, {2: Kp, 3: Vp})
+    S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
     st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H)
-    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p)
+    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets)
     o = o.reshape(B, N * C, H, Vp)[:, :T, :, :V]
-    return o.astype(path.keys.dtype), S_final.reshape(B, H, Kp, Vp)[..., :K, :V]
+    S_final = S_final.reshape(B, H, Kp, Vp) if resets is None else jnp.moveaxis(S_final, 1, 0)
+    return o.astype(path.keys.dtype), S_final[..., :K, :V]

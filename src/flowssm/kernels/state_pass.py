@@ -14,6 +14,11 @@ pass and the chunk outputs (``o = scale (e^{G_t} q S + A (u - w S))``, see ``chu
 
 ``dv'`` (the cotangent of the corrected values ``u - w S``, hence of ``u``) and every chunk's ``dS``
 are what the parallel backward kernels need.
+
+Packed sequences (``resets``, ``h0``; :mod:`flowssm.varlen`): at a chunk that starts sequence ``i`` the
+carried state becomes ``h0[i]`` (``[0 | h0[i]]`` for a segment flow) and the state leaving a sequence's
+last chunk is written to ``finals[i]``; in reverse, that chunk's cotangent becomes ``dfinals[i]`` (the one
+from later chunks is cut there) and the cotangent entering a starting chunk is written to ``dh0[i]``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from flowssm.flows import WYFlow
+from flowssm.flows import WYFlow, apply
 from flowssm.kernels.chunk_output import attention_block
 from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
                                     token_spec)
+from flowssm import varlen
 from flowssm.scan import chunk_states
+from flowssm.varlen import Resets
 
 
 def _segment_blocks(N: int, segments: int):
@@ -38,9 +45,17 @@ def _segment_blocks(N: int, segments: int):
     return N // segments, lambda i: (i // segments, i % segments)
 
 
+def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[pl.BlockSpec]:
+    """Whole-array blocks of the three ``[N]`` reset vectors (shared by every program) and the block of
+    the per-sequence states (``h0`` or ``dfinals``); nothing unpacked."""
+    if resets is None:
+        return []
+    return [pl.BlockSpec(resets.seq.shape, lambda i, j: (0,))] * 3 + [h0_spec]
+
+
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool | None = None):
+                      interpret: bool | None = None, resets: Resets | None = None, h0=None):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n]; u: [BH, N, n, V];
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
     [BH * segments, K, V] in the dtype of ``S0``); with ``write_states=False`` only S_final.
@@ -50,8 +65,13 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     ``flow=True`` (with ``write_states=False``, ``S0=None``): each segment's flow ``[P | Q]``,
     ``S_final: [BH * segments, K, K + V]``, the pass of ``[P | Q]`` from ``[I | 0]`` where the ``P`` columns
     see no values; the ``P`` and ``Q`` column blocks run as separate programs.
+
+    ``resets`` (int32 ``[N]`` vectors) and ``h0: [BH, Ns, K, V]``: packed sequences (module docstring); then
+    (unless ``flow``) a last output ``finals: [BH, Ns, K, V]`` in the dtype of ``h0`` (rows of sequences
+    owning no chunk are not written).
     """
     BH, N, n, K = layout_dims(keys, heads)
+    packed = resets is not None
     V = u.shape[-1]
     if flow and (write_states or S0 is not None):
         raise ValueError("state_pass_kernel: flow=True computes segment flows from [I | 0]: pass S0=None and "
@@ -65,8 +85,11 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
         s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
+        (seq_ref, start_ref, end_ref, h0_ref), refs = (refs[:4], refs[4:]) if packed else ((None,) * 4, refs)
+        fin_ref, refs = (refs[-1], refs[:-1]) if packed and not flow else (None, refs)
         *s_in_ref, s_out_ref = refs
         j = pl.program_id(1)
+        base = pl.program_id(0) % segments * M  # the segment's first chunk
         if flow:  # P columns start at the identity and see no values; Q columns start at 0
             rows, cols = lax.broadcasted_iota(jnp.int32, (K, bv), 0), lax.broadcasted_iota(jnp.int32, (K, bv), 1)
             start = ((rows == cols + j * bv) & (j < p_blocks)).astype(acc)
@@ -75,13 +98,24 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             start, values = s0_ref[...].astype(acc), 1.0
 
         def step(c, S):
+            if packed:
+                seq = seq_ref[base + c]
+                restart = h0_ref[seq].astype(S.dtype) * values  # [0 | h0] for a segment flow
+                S = jnp.where(start_ref[base + c] > 0, restart, S)
             if write_states:
                 s_in_ref[0][c] = S.astype(dtype)
             G = g_ref[c]
             G_end = g_ref[c, n - 1]
             corrected = values * u_ref[c].astype(S.dtype) - dot(w_ref[c], S, operand_dtype=dtype)
             corrected = jnp.exp(G_end - G).astype(S.dtype)[:, None] * corrected  # k~^T r = k^T (e^{G_end - G} r)
-            return jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
+            S = jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
+            if fin_ref is not None:
+
+                @pl.when(end_ref[base + c] > 0)
+                def _():
+                    fin_ref[seq] = S.astype(fin_ref.dtype)
+
+            return S
 
         s_out_ref[...] = lax.fori_loop(0, M, step, start).astype(s_out_ref.dtype)
 
@@ -93,17 +127,22 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
     in_specs = [token_spec(whole(K), heads), pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0)), whole(K),
                 pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j)))]
+    per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
+    out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
+    out_specs = (states, state) if write_states else (state,)
+    if packed and not flow:
+        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(h0.shape, h0.dtype)), (*out_specs, per_seq(lambda j: j))
     out = pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,),
+        out_shape=out_shape,
         grid=(BH * segments, (K + V if flow else V) // bv),
-        in_specs=in_specs if flow else in_specs + [state],
-        out_specs=(states, state) if write_states else (state,),
+        in_specs=(in_specs if flow else in_specs + [state]) + _packed_specs(resets, packed and per_seq(u_col)),
+        out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, w, u, *(() if flow else (S0,)))
-    return out if write_states else out[0]
+    )(keys, G, w, u, *(() if flow else (S0,)), *((*resets, h0) if packed else ()))
+    return out if len(out) > 1 else out[0]
 
 
 def chunk_flows(keys, G, w, u) -> WYFlow:
@@ -121,20 +160,35 @@ def _by_segment(x, segments: int):
 
 def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                          flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                         interpret: bool | None = None):
-    """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential)."""
+                         interpret: bool | None = None, resets: Resets | None = None, h0=None):
+    """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential), or
+    ``flowssm.varlen.chunk_states`` when packed (there an empty sequence's final state is its ``h0`` row)."""
     del block_v, num_warps, num_stages, interpret
     keys = head_major(keys, heads)
     BH, N, n, K = keys.shape
     V = u.shape[-1]
-    _segment_blocks(N, segments)
+    M, _ = _segment_blocks(N, segments)
     if flow:  # the pass of [P | Q] from [I | 0], the P columns without values
         u = jnp.concatenate([jnp.zeros((*u.shape[:-1], K), u.dtype), u], axis=-1)
         S0 = jnp.broadcast_to(jnp.eye(K, K + V, dtype=jnp.promote_types(jnp.float32, G.dtype)), (BH * segments, K, K + V))
     flows = chunk_flows(*(_by_segment(x, segments) for x in (keys, G, w, u)))
-    S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(flows, S0)
+    if resets is None:
+        S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(flows, S0)
+    else:
+        restart = jnp.concatenate([jnp.zeros((*h0.shape[:-1], K), h0.dtype), h0], axis=-1) if flow else h0
+        pieces = Resets(*(x.reshape(segments, M) for x in resets))
+        one = lambda f, s, i: varlen.chunk_states(f, restart[i // segments], jax.tree.map(lambda x: x[i % segments],
+                                                                                          pieces), "sequential", S0=s)[0]
+        S_in = jax.vmap(one)(flows, S0, jnp.arange(BH * segments))
+        S_final = apply(jax.tree.map(lambda x: x[:, -1], flows), S_in[:, -1])  # each program's end state
     S_final = S_final.astype(S0.dtype)
-    return (S_in.reshape(BH, N, K, -1).astype(keys.dtype), S_final) if write_states else S_final
+    out = (S_in.reshape(BH, N, K, -1).astype(keys.dtype), S_final) if write_states else (S_final,)
+    if resets is not None and not flow:
+        unsplit = lambda x: x.reshape(BH, N, *x.shape[2:])
+        finals = jax.vmap(lambda f, s, h: varlen.final_states(f, s, h, resets))(jax.tree.map(unsplit, flows),
+                                                                                unsplit(S_in), h0)
+        out = (*out, finals.astype(h0.dtype))
+    return out if len(out) > 1 else out[0]
 
 
 def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype):
@@ -151,7 +205,8 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
-                          num_stages: int = 2, interpret: bool | None = None):
+                          num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
+                          dfinals=None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
@@ -159,8 +214,11 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     of the state leaving each segment) -> (dS_out: [BH, N, K, V] (cotangent of the state leaving each chunk)
     and dv': [BH, N, n, V], both in the dtype of ``keys``; dS0: [BH * segments, K, V], the cotangent of the
     state entering each segment, in the dtype of ``dS_final``); with ``write_states=False`` only dS0.
-    ``segments`` as in :func:`state_pass_kernel`.
+    ``segments`` as in :func:`state_pass_kernel`. Packed (``resets``, ``dfinals: [BH, Ns, K, V]``, the final
+    states' cotangents; module docstring): with ``write_states`` a last output ``dh0: [BH, Ns, K, V]`` in the
+    dtype of ``dfinals`` (rows of sequences owning no chunk are not written).
     """
+    packed = resets is not None
     BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
     V = do.shape[-1]
@@ -170,18 +228,30 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     dtype = keys.dtype
     G_tok = G[..., rank - 1 :: rank]
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, *outs):
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, *refs):
+        (seq_ref, start_ref, end_ref, dfin_ref), outs = (refs[:4], refs[4:]) if packed else ((None,) * 4, refs)
+        dh0_ref, outs = (outs[-1], outs[:-1]) if packed and write_states else (None, outs)
         *written, ds0_ref = outs
         acc = jnp.promote_types(dtype, jnp.promote_types(dsf_ref.dtype, g_ref.dtype))
+        base = pl.program_id(0) % segments * M  # the segment's first chunk
 
         def step(i, dS):
             c = M - 1 - i
+            if packed:  # the cotangent of a sequence's final state enters at its last chunk
+                seq = seq_ref[base + c]
+                dS = jnp.where(end_ref[base + c] > 0, dfin_ref[seq].astype(acc), dS)
             if write_states:
                 written[0][c] = dS.astype(written[0].dtype)
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
             if write_states:
                 written[1][c] = dv.astype(written[1].dtype)
+            if dh0_ref is not None:
+
+                @pl.when(start_ref[base + c] > 0)
+                def _():
+                    dh0_ref[seq] = dS.astype(dh0_ref.dtype)
+
             return dS
 
         ds0_ref[...] = lax.fori_loop(0, M, step, dsf_ref[...].astype(acc)).astype(ds0_ref.dtype)
@@ -192,42 +262,61 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     state = pl.BlockSpec((None, K, bv), lambda i, j: (i, 0, j))
     dS0 = jax.ShapeDtypeStruct((BH * segments, K, V), dS_final.dtype)
     written = (jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype))
+    out_shape, out_specs = ((*written, dS0), (cols(K), cols(n), state)) if write_states else ((dS0,), (state,))
+    per_seq = packed and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
+    if packed and write_states:
+        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
     out = pallas_call(
         kernel,
-        out_shape=(*written, dS0) if write_states else (dS0,),
+        out_shape=out_shape,
         grid=(BH * segments, V // bv),
         in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads), vec(n), vec(C), whole(n, K),
-                  token_spec(cols(C), heads), state],
-        out_specs=(cols(K), cols(n), state) if write_states else (state,),
+                  token_spec(cols(C), heads), state] + _packed_specs(resets, per_seq),
+        out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, w, do, dS_final)
-    return out if write_states else out[0]
+    )(q, keys, G, G_tok, w, do, dS_final, *((*resets, dfinals) if packed else ()))
+    return out if len(out) > 1 else out[0]
 
 
 def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                              segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
-                             num_stages: int = 2, interpret: bool | None = None):
-    """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision."""
+                             num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
+                             dfinals=None):
+    """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision (packed: an
+    empty sequence's dh0 row is 0)."""
     del block_v, num_warps, num_stages, interpret
     q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     BH, N = G.shape[:2]
-    _segment_blocks(N, segments)
+    M, _ = _segment_blocks(N, segments)
     acc = dS_final.dtype
+    packed = resets is not None
+    if not packed:  # no start, no end: nothing injected or read out
+        resets = Resets(*(jnp.zeros(N, jnp.int32) for _ in range(3)))
+        dfinals = jnp.zeros((BH, 1, *dS_final.shape[1:]), acc)
+    pieces = Resets(*(x.reshape(segments, M) for x in resets))
 
-    def one_head(q, k, G, w, do, dS):
-        def step(dS, x):
-            q, k, G, w, do = x
+    def one_program(q, k, G, w, do, dS, i):
+        dfinal, piece = dfinals[i // segments].astype(acc), jax.tree.map(lambda x: x[i % segments], pieces)
+
+        def step(carry, x):
+            dS, dh0 = carry
+            q, k, G, w, do, seq, start, end = x
+            dS = jnp.where(end > 0, dfinal[seq], dS)
             dv, dS_prev = _reverse_step(q, k, w, G, G[rank - 1 :: rank], G[-1], do, dS, rank=rank, scale=scale,
                                         matmul=reference_dot, operand_dtype=keys.dtype)
-            return dS_prev, (dS, dv)
+            dh0 = jnp.where(start > 0, dh0.at[seq].set(dS_prev), dh0)
+            return (dS_prev, dh0), (dS, dv)
 
-        dS0, (dS_out, dv) = lax.scan(step, dS.astype(acc), (q, k, G, w, do), reverse=True)
-        return dS_out, dv, dS0
+        init = (dS.astype(acc), jnp.zeros_like(dfinal))
+        (dS0, dh0), (dS_out, dv) = lax.scan(step, init, (q, k, G, w, do, *piece), reverse=True)
+        return dS_out, dv, dS0, dh0
 
-    dS_out, dv, dS0 = jax.vmap(one_head)(*(_by_segment(x, segments) for x in (q, keys, G, w, do)), dS_final)
+    split = (_by_segment(x, segments) for x in (q, keys, G, w, do))
+    dS_out, dv, dS0, dh0 = jax.vmap(one_program)(*split, dS_final, jnp.arange(BH * segments))
     if not write_states:
         return dS0
     unsplit = lambda x: x.reshape(BH, N, *x.shape[2:]).astype(keys.dtype)
-    return unsplit(dS_out), unsplit(dv), dS0
+    out = (unsplit(dS_out), unsplit(dv), dS0)
+    return (*out, dh0.reshape(BH, segments, *dh0.shape[1:]).sum(axis=1).astype(dfinals.dtype)) if packed else out

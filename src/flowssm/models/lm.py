@@ -60,9 +60,9 @@ class Block(nnx.Module):
         self.mixer = make_mixer(d, config.mixer, max_len=config.max_len, **kw)
         self.mlp = SwiGLU(d, hidden, **kw)
 
-    def prefill(self, h: Float[Array, "B T D"]):
-        """The block over a sequence, and the mixer's decode cache after it."""
-        y, cache = self.mixer.prefill(self.norm1(h))
+    def prefill(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"] | None = None):
+        """The block over a sequence (packed documents with ``positions``), and the mixer's decode cache after it."""
+        y, cache = self.mixer.prefill(self.norm1(h)) if positions is None else self.mixer.prefill(self.norm1(h), positions)
         h = h + y
         return h + self.mlp(self.norm2(h)), cache
 
@@ -123,9 +123,12 @@ class LanguageModel(nnx.Module):
         unroll = self.n_layers <= 4 and jax.default_backend() == "cpu"
         return jax.lax.scan(jax.checkpoint(body) if remat else body, h, (state, xs), unroll=unroll)
 
-    def _hidden(self, tokens: Int[Array, "B T"]):
+    def _hidden(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None):
         """Final hidden states [B, T, D] and the stacked decode caches."""
-        return self._over_layers(lambda block, h, _: block.prefill(h), self.embed(tokens), remat=self.remat)
+        if positions is not None and isinstance(self.blocks.mixer, Attention):
+            raise ValueError("positions: packed documents need a DeltaNet-family mixer, got family 'attention'")
+        apply = lambda block, h, _: block.prefill(h, positions)
+        return self._over_layers(apply, self.embed(tokens), remat=self.remat)
 
     def _check_tokens(self, tokens, ndim: int, names: str) -> None:
         """Shape and dtype always; ids in ``[0, vocab_size)`` when ``tokens`` is concrete (eager calls).
@@ -157,9 +160,11 @@ class LanguageModel(nnx.Module):
                 f"leaf shapes {shapes(expected)}), got {type(cache).__name__} with leaf shapes {shapes(cache)}"
             )
 
-    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T vocab"]:
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None
+                 ) -> Float[Array, "B T vocab"]:
+        """Logits; ``positions`` (packed documents, see :meth:`losses`)."""
         self._check_tokens(tokens, 2, "[B, T]")
-        return self._logits(self._hidden(tokens)[0])
+        return self._logits(self._hidden(tokens, positions)[0])
 
     def _score(self, h: Array, targets: Array) -> tuple[Array, Array]:
         """Cross-entropy (nats, float32) and argmax == target at every position of ``h: [..., D]``."""
@@ -167,16 +172,19 @@ class LanguageModel(nnx.Module):
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return nll, jnp.argmax(logits, axis=-1) == targets
 
-    def losses(self, tokens: Int[Array, "B T"], targets: Int[Array, "B T"], chunk: int | None = None
-               ) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
+    def losses(self, tokens: Int[Array, "B T"], targets: Int[Array, "B T"], chunk: int | None = None,
+               positions: Int[Array, "B T"] | None = None) -> tuple[Float[Array, "B T"], Bool[Array, "B T"]]:
         """Per-position cross-entropy (nats, float32) and whether the argmax is the target. With ``chunk``
         (default: 4096 when the logits would exceed 2^25 elements) the head and the loss run over ``chunk``
         positions at a time and are recomputed in the backward pass: peak memory ``chunk x vocab`` instead
-        of ``B T x vocab``; small problems score the whole batch at once (no recompute)."""
+        of ``B T x vocab``; small problems score the whole batch at once (no recompute).
+
+        ``positions`` (packed documents): each token's position in its document, 0 where one starts; no
+        token sees another document (:meth:`flowssm.layers.DeltaMixer.prefill`)."""
         self._check_tokens(tokens, 2, "[B, T]")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets: expected shape {tuple(tokens.shape)} (from tokens), got {tuple(targets.shape)}")
-        h = self._hidden(tokens)[0]
+        h = self._hidden(tokens, positions)[0]
         B, T, D = h.shape
         rows = B * T
         if chunk is None and rows * self.vocab_size <= WHOLE_LOGITS:
@@ -197,10 +205,11 @@ class LanguageModel(nnx.Module):
         one = self.blocks.mixer.init_cache(batch)  # reads static sizes only
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_layers, *x.shape)), one)
 
-    def prefill(self, prompt: Int[Array, "B T0"]):
-        """The prompt through the chunked ops in one pass: (next-token logits [B, vocab], stacked caches)."""
+    def prefill(self, prompt: Int[Array, "B T0"], positions: Int[Array, "B T0"] | None = None):
+        """The prompt through the chunked ops in one pass: (next-token logits [B, vocab], stacked caches);
+        with ``positions`` (packed documents) the caches continue the last document only."""
         self._check_tokens(prompt, 2, "[B, T0]")
-        h, cache = self._hidden(prompt)
+        h, cache = self._hidden(prompt, positions)
         return self._logits(h[:, -1]), cache
 
     def decode_step(self, token: Int[Array, " B"], cache) -> tuple[Float[Array, "B vocab"], object]:

