@@ -23,13 +23,15 @@ BACKENDS = ("auto", "reference", "xla", "pallas")
 
 # How each option is called at op level; layers and the config loader pass their own names.
 OP_NAMES = {"backend": "backend", "solver": "solver", "semantics": "semantics", "chunk_size": "chunk_size",
-            "rank": "k (rank R)", "key_dim": "k (head size K)", "value_dim": "v (head size V)", "dtype": "q (dtype)"}
+            "rank": "k (rank R)", "key_dim": "k (head size K)", "value_dim": "v (head size V)", "dtype": "q (dtype)",
+            "transition": "g (per-channel decay)"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What a call asks of a backend: the solver object, semantics, chunk size ``C``, rank ``R``, head
-    sizes ``K, V`` and the dtype of the inputs (the kernels' operand dtype)."""
+    sizes ``K, V``, the dtype of the inputs (the kernels' operand dtype) and the path's transition
+    (:attr:`flowssm.paths.Path.transition`)."""
 
     solver: object
     semantics: str
@@ -38,6 +40,7 @@ class Request:
     key_dim: int
     value_dim: int
     dtype: jnp.dtype
+    transition: str = "scalar"
 
 
 def on_gpu() -> bool:
@@ -49,6 +52,8 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
     from flowssm.kernels.launch import launch_problem
 
     out = []
+    if request.transition != "scalar":
+        out.append(("transition", f"run a scalar decay per token only, got a {request.transition!r} transition"))
     if request.semantics != "discrete":
         out.append(("semantics", f"runs 'discrete' semantics only, got {request.semantics!r}"))
     C, R = request.chunk_size, request.rank
