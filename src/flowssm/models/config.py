@@ -30,7 +30,7 @@ class MixerConfig:
     (``{"name": "signature", "depth": 3}``), built (and validated) once, here;
     scan: "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
     :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
-    semantics: "discrete" | "continuous"; allow_neg_eigval: beta in (0, 2) instead of (0, 1);
+    semantics: "discrete" | "continuous"; allow_neg_eigval: beta (rwkv7: its rate) in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
     """
 
@@ -120,7 +120,7 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
             f"{key('rank')}: expected 1 for family {mixer.family!r} (rank > 1 needs one of {PRODUCT_FAMILIES}), "
             f"got {mixer.rank}"
         )
-    if mixer.allow_neg_eigval and mixer.family not in DELTA_FAMILIES:
+    if mixer.allow_neg_eigval and mixer.family not in (*DELTA_FAMILIES, *DPLR_FAMILIES):
         raise ValueError(
             f"{key('allow_neg_eigval')}: expected False for family {mixer.family!r} (it has no beta), got True"
         )
