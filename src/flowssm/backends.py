@@ -1,9 +1,10 @@
 """The backends and what each one can run, decided in one place.
 
 * ``"reference"``: the token loop (ground truth, slow);
-* ``"xla"``: the chunked flow computation in pure jnp (every solver, scan and semantics);
-* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, power-of-two chunks,
-  float32 / bfloat16 operands (float64 only when interpreting), head sizes up to 256;
+* ``"xla"``: the chunked flow computation in pure jnp (every solver, scan, semantics and transition);
+* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, a scalar decay per token
+  (no per-channel ``g`` or dplr), power-of-two chunks, float32 / bfloat16 operands (float64 only when
+  interpreting), head sizes up to 256;
 * ``"auto"`` (the default): ``"pallas"`` on a GPU when it can run the request, else ``"xla"``.
 
 Ops, layers and the config loader all ask :func:`check` before any work, so an unsupported combination
