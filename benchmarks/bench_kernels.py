@@ -35,7 +35,8 @@ from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
 from flowssm.solvers import get_solver
 
-SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128)]
+SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
+          (1, 262144, 16, 128, 128), (1, 1048576, 16, 128, 128)]
 CHUNK = 64
 PEAK_TFLOPS, PEAK_TBPS = 811.0, 2.9  # measured through XLA on the H100 (shared/anchors)
 
@@ -171,10 +172,11 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
     calls = kernel_calls(q, k, v, beta, g, do, tuning)
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
     keys, G, w, u, S0 = calls["state_pass"][1]
-    keys_hm = jnp.moveaxis(keys, 3, 1).reshape(*G.shape, keys.shape[-1])
-    segmented = jax.jit(lambda *a: kc.segmented_states(*a, tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK,
-                                                                            CHUNK)))
-    times["assoc_segmented (head-major keys)"] = timed(segmented, keys_hm, G, w, u, S0, reps=reps)
+    t = tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK, CHUNK)
+    N, programs = G.shape[1], G.shape[0] * (v.shape[-1] // min(t.block_v, v.shape[-1]))
+    segments = kc.auto_segments("associative", N, programs, t)
+    segmented = jax.jit(lambda *a: kc.segmented_states(*a, segments, heads=k.shape[2], tuning=t))
+    times[f"assoc_segmented ({segments} segments)"] = timed(segmented, keys, G, w, u, S0, reps=reps)
     return times
 
 
@@ -206,16 +208,29 @@ def fla_row(row, args, do, say, backward=True):
     say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
 
 
-def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True):
-    """One shape's row; ``lean``: forward+backward of the sequential ungated variant only."""
+def peak_gb() -> float | None:
+    """Peak device memory so far (GB), where the backend reports it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats else None
+
+
+def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True,
+                row=None, save=lambda: None):
+    """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: forward+backward of the
+    sequential ungated variant only."""
     q, k, v, beta, g, do = inputs(0, *shape)
-    row = {"shape": "x".join(map(str, shape))}
+    row = {} if row is None else row
+    row["shape"] = "x".join(map(str, shape))
     args = (q, k, v, beta, g)
     if not flowssm_ok:
         fla_row(row, args, do, say, fla_backward)
         return row
     variants = [("pallas_seq", dict(backend="pallas", scan="sequential")),
                 ("pallas_assoc", dict(backend="pallas", scan="associative"))]
+    B, T, H, K, V = shape
+    t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+    row["auto_segments"] = kc.auto_segments("auto", T // CHUNK, B * H * (V // min(t.block_v, V)), t)
+    row["assoc_segments"] = kc.auto_segments("associative", T // CHUNK, B * H * (V // min(t.block_v, V)), t)
     if first and xla:
         variants += [("xla_seq", dict(backend="xla", scan="sequential"))]
     for name, opts in variants:
@@ -226,7 +241,10 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
             row[f"{name}_gated_fwd"] = timed(fns(True, **opts)[0], *args, reps=reps)
         if name == "pallas_seq" and not lean:
             row[f"{name}_gated_fwdbwd"] = timed(fns(True, **opts)[1], *args, do, reps=reps)
-        say(row["shape"], name, {key: round(val, 3) for key, val in row.items() if key.startswith(name)})
+        row["peak_gb"] = peak_gb()
+        say(row["shape"], name, {key: round(val, 3) for key, val in row.items() if key.startswith(name)},
+            "peak GB so far", row["peak_gb"])
+        save()
     if first:
         for solver in ("euler", {"name": "signature", "depth": 3}):
             label = solver if isinstance(solver, str) else "signature3"
@@ -265,6 +283,25 @@ def sweep(shape, reps, say):
     return out
 
 
+def segment_sweep(shape, reps, say, targets=(128, 256, 512, 1024, 2048)):
+    """The associative (segmented) scan's forward and forward+backward against ``Tuning.segment_programs``."""
+    q, k, v, beta, g, do = inputs(0, *shape)
+    B, T, H, K, V = shape
+    out = {}
+    for target in targets:
+        tuning = Tuning(segment_programs=target)
+        f = lambda q_, k_, v_, b_: chunked_pallas(
+            q_, make_path(k_, v_, b_), jnp.zeros((B, H, K, V), jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
+            solver=get_solver("exact"), scan="associative", semantics="discrete", tuning=tuning)
+        loss = lambda *a: jnp.sum(f(*a[:4])[0].astype(jnp.float32) * a[4].astype(jnp.float32))
+        t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+        segments = kc.auto_segments("associative", T // CHUNK, B * H * (V // min(t.block_v, V)), t)
+        out[str(target)] = dict(segments=segments, fwd=timed(jax.jit(f), q, k, v, beta, reps=reps),
+                                fwdbwd=timed(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, beta, do, reps=reps))
+        say("segment sweep", "x".join(map(str, shape)), target, out[str(target)])
+    return out
+
+
 def table(rows):
     cols = [("shape", "B×T×H×K×V"), ("pallas_seq_fwd", "pallas seq fwd"), ("pallas_seq_fwdbwd", "pallas seq f+b"),
             ("pallas_seq_gated_fwdbwd", "pallas gated f+b"),
@@ -273,7 +310,8 @@ def table(rows):
             ("pallas_seq_gated_fwd", "pallas gated fwd"), ("xla_seq_fwd", "xla seq fwd"), ("xla_seq_fwdbwd", "xla seq f+b"),
 ("fla_fwd", "fla fwd"), ("fla_fwdbwd", "fla f+b"),
             ("fla_gated_fwd", "fla gated fwd"), ("tflops", "TFLOP/s (seq fwd)"), ("gbps", "GB/s (seq fwd)"),
-            ("floor_ms", "floor ms")]
+            ("floor_ms", "floor ms"), ("auto_segments", "segments (auto)"), ("assoc_segments", "segments (assoc)"),
+            ("peak_gb", "peak GB")]
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else str(x)
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c[0], "-")) for c in cols) + " |" for r in rows]
@@ -295,6 +333,9 @@ def main():
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
     parser.add_argument("--fla-forward-only", action="store_true", help="skip fla's forward+backward")
     parser.add_argument("--lean", action="store_true", help="fewer pallas variants (see bench_shape)")
+    parser.add_argument("--fla-max-tokens", type=int, default=262144, help="skip fla on shapes with more B x T")
+    parser.add_argument("--segment-sweep", action="store_true",
+                        help="the segmented scan against Tuning.segment_programs on every shape (before fla)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()
@@ -317,9 +358,13 @@ def main():
 
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     for j, shape in enumerate(shapes):
-        result["rows"].append(bench_shape(shape, args.reps, fla_ok, j == 0 and not args.lean, say,
-                                          xla=not args.no_xla, flowssm_ok=not args.fla_only, lean=args.lean,
-                                          fla_backward=not args.fla_forward_only))
+        if args.segment_sweep:
+            result.setdefault("segment_sweep", {})["x".join(map(str, shape))] = segment_sweep(shape, args.reps, say)
+            save()
+        result["rows"].append({})
+        bench_shape(shape, args.reps, fla_ok and shape[0] * shape[1] <= args.fla_max_tokens, j == 0 and not args.lean, say, xla=not args.no_xla,
+                    flowssm_ok=not args.fla_only, lean=args.lean, fla_backward=not args.fla_forward_only,
+                    row=result["rows"][-1], save=save)
         save()
         if args.sweep and j == 0:
             result["sweep"] = sweep(shape, args.reps, say)

@@ -46,15 +46,15 @@ import bench_kernels as bench  # noqa: E402
 from flowssm.solvers import Euler, Exact, FlowSolver, LogODE, Signature  # noqa: E402
 from flowssm.solvers.exact import METHODS  # noqa: E402
 from flowssm.train import load, train  # noqa: E402
-from flowssm.train.checkpoint import Interrupted  # noqa: E402
+from flowssm.train.checkpoint import Diverged, Interrupted  # noqa: E402
 from flowssm.train.metrics import MetricsLog  # noqa: E402
 
 SOLVERS: dict[str, FlowSolver] = {f"exact-{m}": Exact(method=m) for m in METHODS} | {
     "euler": Euler(), "signature1": Signature(1), "signature2": Signature(2), "signature3": Signature(3),
     "signature7": Signature(7), "logode": LogODE(),
 }
-TRAIN_SOLVERS = {"exact": Exact(method="doubling"), "euler": Euler(), "signature1": Signature(1),
-                 "signature3": Signature(3)}
+TRAIN_SOLVERS = {"exact": Exact(), "euler": Euler(), "signature1": Signature(1), "signature3": Signature(3),
+                 "exact-doubling": Exact(method="doubling")}
 SHAPES = [(4, 4096, 16, 128, 128), (1, 65536, 16, 128, 128)]
 TINY_SHAPES = [(1, 128, 2, 16, 16)]
 TRAIN_CONFIG = ROOT / "configs" / "lm_small_gpu.yaml"
@@ -102,12 +102,21 @@ def render(out: Path) -> None:
 # --- part 1: time against error ---------------------------------------------------------------------
 
 
+def lm_keys(k):
+    """Keys as the LM makes them, L2-normalised SiLU features (mean cosine about 0.5), from ``k``'s noise."""
+    x = jax.nn.silu(k.astype(jnp.float32) * k.shape[-1] ** 0.5 + 1.0)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def frontier_rows(shape, labels, reps: int, say=print) -> list[dict]:
-    """One row per solver at ``shape``: fwd / fwd+bwd ms (bf16) and relative errors of o vs exact (float32)."""
+    """One row per solver at ``shape``: fwd / fwd+bwd ms (bf16) and relative errors of o vs exact (float32),
+    on the benchmark's near-orthogonal unit keys and on correlated :func:`lm_keys`."""
     q, k, v, beta, g, do = bench.inputs(0, *shape)
     f32 = [x.astype(jnp.float32) for x in (q, k, v, beta, g)]
+    f32_lm = [f32[0], lm_keys(k), *f32[2:]]
     with jax.default_matmul_precision("highest"):
         o_ref = bench.fns(True, solver=Exact(), backend="xla")[0](*f32)[0]
+        o_ref_lm = bench.fns(True, solver=Exact(), backend="xla")[0](*f32_lm)[0]
     rows = []
     for label in labels:
         solver = SOLVERS[label]
@@ -118,19 +127,21 @@ def frontier_rows(shape, labels, reps: int, say=print) -> list[dict]:
                    fwdbwd_ms=bench.timed(fwdbwd, q, k, v, beta, g, do, reps=reps),
                    err_bf16=bench.rel(fwd(q, k, v, beta, g)[0], o_ref))
         with jax.default_matmul_precision("highest"):
-            row["err_f32"] = bench.rel(bench.fns(True, solver=solver, backend=backend)[0](*f32)[0], o_ref)
+            row["err_f32"] = bench.rel(fwd(*f32)[0], o_ref)
+            row["err_f32_lm_keys"] = bench.rel(fwd(*f32_lm)[0], o_ref_lm)
         say(f"{row['shape']} {label:20s} {backend:6s} fwd {row['fwd_ms']:9.3f} ms  fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
-            f"  rel. error f32 {row['err_f32']:.2e}  bf16 {row['err_bf16']:.2e}")
+            f"  rel. error f32 {row['err_f32']:.2e}  bf16 {row['err_bf16']:.2e}  f32 LM keys {row['err_f32_lm_keys']:.2e}")
         rows.append(row)
     return rows
 
 
 def frontier_table(rows: list[dict]) -> str:
-    lines = ["| shape | solver | backend | fwd ms | fwd+bwd ms | rel. error of o (float32) | rel. error of o (bf16) |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| shape | solver | backend | fwd ms | fwd+bwd ms | rel. error of o (float32) | rel. error of o (bf16) "
+             "| rel. error, LM keys (float32) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        lm = f"{r['err_f32_lm_keys']:.2e}" if "err_f32_lm_keys" in r else "-"
         lines.append(f"| {r['shape']} | {r['solver']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} "
-                     f"| {r['err_f32']:.2e} | {r['err_bf16']:.2e} |")
+                     f"| {r['err_f32']:.2e} | {r['err_bf16']:.2e} | {lm} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,10 +189,13 @@ def train_for(solver: FlowSolver, label: str, budget: float, out: Path, override
 
     watcher = threading.Thread(target=stop_when_due, daemon=True)
     watcher.start()
+    diverged = None
     try:
         train(cfg)
     except Interrupted:
         pass
+    except Diverged as e:  # a result too: the solver's run stops with a non-finite loss at this step
+        diverged = str(e)
     finally:
         done.set()
         watcher.join()
@@ -189,16 +203,19 @@ def train_for(solver: FlowSolver, label: str, budget: float, out: Path, override
     val = [dict(step=r["step"], seconds=r["elapsed"], bpb=r["bpb"]) for r in records if r["split"] == "val"]
     tok_s = [r["tokens_per_s"] for r in records if r["split"] == "train"][1:]  # the first window holds the compile
     return dict(solver=label, spec=solver.spec(), backend=cfg.model.mixer.backend, budget_s=budget, val=val,
-                steps=max(r["step"] for r in records), tokens_per_s=sum(tok_s) / len(tok_s) if tok_s else math.nan)
+                steps=max(r["step"] for r in records), tokens_per_s=sum(tok_s) / len(tok_s) if tok_s else math.nan,
+                diverged=diverged)
 
 
 def training_table(runs: list[dict]) -> str:
-    lines = ["| solver | backend | budget s | steps | train tokens/s | last val bpb (at s) | best val bpb |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| solver | backend | budget s | steps | train tokens/s | last val bpb (at s) | best val bpb | diverged |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         last = r["val"][-1]
+        diverged = r.get("diverged") or "no"
         lines.append(f"| {r['solver']} | {r['backend']} | {r['budget_s']:g} | {r['steps']} | {r['tokens_per_s']:,.0f} "
-                     f"| {last['bpb']:.4f} ({last['seconds']:.0f}) | {min(p['bpb'] for p in r['val']):.4f} |")
+                     f"| {last['bpb']:.4f} ({last['seconds']:.0f}) | {min(p['bpb'] for p in r['val']):.4f} "
+                     f"| {diverged.split(';')[0]} |")
     return "\n".join(lines) + "\n"
 
 

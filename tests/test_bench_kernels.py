@@ -18,3 +18,9 @@ def test_bench_kernels_runs_on_a_tiny_shape(monkeypatch):
     assert row["pallas_seq_fwd"] > 0 and row["pallas_seq_fwdbwd"] > 0
     assert set(row["stages"]) >= {"transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
     assert "|" in bench_kernels.table([row])
+
+
+def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
+    monkeypatch.setattr(bench_kernels, "CHUNK", 16)
+    out = bench_kernels.segment_sweep((1, 64, 2, 16, 16), reps=1, say=lambda *a: None, targets=(2, 8))
+    assert [r["segments"] for r in out.values()] == [1, 4] and all(r["fwdbwd"] > 0 for r in out.values())

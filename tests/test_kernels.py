@@ -117,7 +117,36 @@ def test_state_pass_and_output_backward_kernels_match_references():
         assert rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("tuning", [kc.Tuning(assoc="xla"), kc.Tuning(segment_programs=4)], ids=repr)
+def test_segmented_state_passes_match_references_and_the_sequential_pass():
+    """Two segments of two chunks: forward states, segment flows ``[P | Q]`` and the reverse pass equal
+    their references, and the segments' flows carry the sequential pass's state across the split."""
+    keys, values, beta, alpha, log_decay = chunk_blocks(seed=9, N=4)
+    BH, N, n, K = keys.shape
+    V, R = values.shape[-1], n // log_decay.shape[-1]
+    w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
+    G = kc.micro_log_decay(log_decay, R)
+    ks = jax.random.split(jax.random.PRNGKey(10), 4)
+    S0 = jax.random.normal(ks[0], (BH * 2, K, V), F32)
+    seg = dict(segments=2, block_v=16)
+    for a, b in zip(state_pass_kernel(keys, G, w, u, S0, **seg), state_pass_reference(keys, G, w, u, S0, **seg)):
+        assert rel(a, b) < 1e-5
+    flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **seg)
+    assert flow.shape == (BH * 2, K, K + V)
+    assert rel(flow, state_pass_reference(keys, G, w, u, None, flow=True, write_states=False, **seg)) < 1e-5
+    S_in, _ = state_pass_reference(keys, G, w, u, S0[::2])  # sequential from the first segment's start
+    first = flow[::2]
+    assert rel(first[..., :K] @ S0[::2] + first[..., K:], S_in[:, 2]) < 1e-5
+    q = jax.random.normal(ks[1], (BH, N, log_decay.shape[-1], K), F32)
+    do, dS_end = jax.random.normal(ks[2], (BH, N, q.shape[2], V), F32), jax.random.normal(ks[3], (BH * 2, K, V), F32)
+    static = dict(rank=R, scale=0.3, **seg)
+    for write in (True, False):
+        passes = [f(q, keys, G, w, do, dS_end, write_states=write, **static)
+                  for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
+        for a, b in zip(*(p if write else (p,) for p in passes)):
+            assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("tuning", [kc.Tuning(assoc="xla"), kc.Tuning()], ids=repr)  # Tuning(): 5 segments
 def test_pallas_associative_variants_match_token_loop(tuning):
     q, k, v, beta, g, S0 = make_inputs(6, 1, 70, 2, 16, 16)
     run = lambda qq, p, s: kc.chunked_pallas(qq, p, s, scale=0.25, chunk_size=16, solver=Exact(), scan="associative",
@@ -125,6 +154,33 @@ def test_pallas_associative_variants_match_token_loop(tuning):
     o, S = jax.jit(run)(q, make_path(k, v, beta, g), S0)
     o_ref, S_ref = flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, scale=0.25, backend="reference")
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_pallas_splits_a_sequence_too_long_for_int32_indexing_into_exact_pieces(monkeypatch):
+    """With the int32 limit lowered to two chunks' worth, T = 70 runs as pieces of 32, 32 and 6 tokens,
+    each from the state the previous left: outputs, final state and gradients as in one call."""
+    monkeypatch.setattr(kc, "MAX_ELEMENTS", 2 * 2 * 16 * 16)
+    calls = []
+    flow = kc._pallas_flow
+    monkeypatch.setattr(kc, "_pallas_flow", lambda *a: calls.append(a[1].shape) or flow(*a))
+    q, k, v, beta, g, S0 = make_inputs(6, 1, 70, 2, 16, 16)
+
+    def loss(pallas, *args):
+        if pallas:
+            o, S = kc.chunked_pallas(args[0], make_path(*args[1:5]), args[5], scale=0.25, chunk_size=16,
+                                     solver=Exact(), scan="sequential", semantics="discrete")
+        else:
+            o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, backend="xla")
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S**2), (o, S)
+
+    grad = lambda pallas: jax.value_and_grad(loss, argnums=(1, 2, 3, 4, 5, 6), has_aux=True)(pallas, q, k, v, beta,
+                                                                                           g, S0)
+    (_, (o, S)), grads = grad(True)
+    assert [shape[1] for shape in calls] == [2, 2, 1]  # chunks a piece
+    (_, (o_x, S_x)), grads_x = grad(False)
+    assert rel(o, o_x) < 1e-5 and rel(S, S_x) < 1e-5
+    for a, b in zip(grads, grads_x):
+        assert rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,9 @@ def row_decay(flow: WYFlow) -> Float[Array, "... Kd 1"]:
     return d[..., :, None] if flow.log_decay.ndim == flow.keys.ndim - 1 else d[..., None, None]
 
 
-def densify(flow: WYFlow) -> DenseFlow:
+def densify(flow: WYFlow | DenseFlow) -> DenseFlow:
+    if isinstance(flow, DenseFlow):
+        return flow
     K = flow.keys.shape[-1]
     eye = jnp.eye(K, dtype=flow.keys.dtype)
     P = row_decay(flow) * eye - jnp.einsum("...nk,...nj->...kj", flow.keys, flow.w)

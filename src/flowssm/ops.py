@@ -133,7 +133,7 @@ def delta_rule(
     scale: float | None = None,
     chunk_size: int = 64,
     solver="exact",
-    scan: str = "sequential",
+    scan: str = "auto",
     backend: str = "auto",
     semantics: str = "discrete",
 ):
@@ -144,7 +144,8 @@ def delta_rule(
 
     Returns ``o: [B, T, H, V]`` (dtype of ``q``) and the final state ``[B, H, K, V]`` (float32, or
     float64 for float64 inputs). ``solver``: name, mapping or :class:`flowssm.solvers.FlowSolver`;
-    ``scan``: "sequential" | "associative"; ``backend``: "auto" (the kernels on a GPU when they can run
+    ``scan``: "auto" (by shape: the segmented scan on the kernels when ``B H`` is small and ``T`` long,
+    else sequential) | "sequential" | "associative"; ``backend``: "auto" (the kernels on a GPU when they can run
     the call, else xla) | "reference" | "xla" | "pallas" (see :mod:`flowssm.backends`);
     ``semantics``: "discrete" (the recurrence) | "continuous" (the CDE driven by the piecewise-linear
     token path). Any ``T``: a ragged last chunk is padded with identity tokens, which is exact.
@@ -166,7 +167,7 @@ def linear_attention(
     initial_state: Float[Array, "B H K V"] | None = None,
     scale: float | None = None,
     chunk_size: int = 64,
-    scan: str = "sequential",
+    scan: str = "auto",
     backend: str = "auto",
 ):
     """(Decayed) linear attention: ``S <- diag(e^{g_t}) S + k_t v_t^T``, ``o_t = scale S_t^T q_t``;

@@ -4,6 +4,9 @@
   applied without forming ``P``).
 * ``associative``: densify each chunk flow and run ``jax.lax.associative_scan`` with
   ``(P2, Q2) o (P1, Q1) = (P2 P1, P2 Q1 + Q2)``: depth ``O(log N)``, extra ``K^3`` work per combine.
+* ``auto``: the library chooses by shape. Here (the XLA path) that is ``sequential``; the Pallas path
+  chooses its segmented scan when the sequential pass would leave the GPU mostly idle
+  (``flowssm.kernels.launch.auto_segments``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from jaxtyping import Array, Float
 
 from flowssm import flows as F
 
-SCANS = ("sequential", "associative")
+SCANS = ("auto", "sequential", "associative")
 
 
 def _combine(earlier: F.DenseFlow, later: F.DenseFlow) -> F.DenseFlow:
@@ -26,7 +29,7 @@ def chunk_states(chunk_flows: F.WYFlow, S0: Float[Array, "K V"], scan: str):
 
     chunk_flows: WY flows with a leading chunk axis ``N``; S0: [K, V] -> (S_in: [N, K, V], S_final: [K, V]).
     """
-    if scan == "sequential":
+    if scan in ("auto", "sequential"):
 
         def step(S, flow):
             return F.apply(flow, S), S

@@ -4,17 +4,18 @@ Forward:
 
 1. ``chunk_transfer``: per (head, chunk), ``w, u`` from the chunk's system (Gram matrix and ``T``).
 2. the scan, giving the state entering every chunk: ``sequential`` runs the ``state_pass`` kernel over
-   all chunks; ``associative`` runs a two-level (blocked) scan of the same composition law
-   (:func:`segmented_states`: segment flows in parallel, composed in XLA, then the state pass inside
-   every segment in parallel). ``Tuning(assoc="xla")`` uses ``jax.lax.associative_scan`` over dense
-   chunk flows instead.
+   all chunks; ``associative`` runs a two-level (segmented) scan of the same composition law
+   (:func:`segmented_states`: segment flows in parallel, an associative scan over segments in XLA, then
+   the state pass inside every segment in parallel). ``Tuning(assoc="xla")`` uses
+   ``jax.lax.associative_scan`` over dense chunk flows instead.
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
 Backward (``Tuning(backward="kernels")``, a ``jax.custom_vjp`` over the three stages; residuals are the
 inputs, ``w, u``, the states entering the chunks and, for exact programs, the chunks' ``T``):
 
-1. ``state_pass_bwd``: the reverse pass of the state cotangent (sequential over chunks, whichever scan
-   ran forward), giving ``dv'`` and the cotangent of the state leaving every chunk.
+1. ``state_pass_bwd``: the reverse pass of the state cotangent, giving ``dv'`` and the cotangent of the
+   state leaving every chunk: sequential over chunks, or segmented like the forward
+   (:func:`segmented_cotangents`) when the forward's scan was segmented.
 2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
 3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
    ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler); other programs
@@ -36,14 +37,17 @@ import jax.numpy as jnp
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
-from flowssm.kernels.common import head_major
-from flowssm.kernels.launch import Tuning
+from flowssm.kernels.common import head_major, layout_dims
+from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, pad_path
 from flowssm.scan import chunk_states
 from flowssm.solvers import FlowSolver
 from flowssm.solvers.program import IDENTITY, INVERSE
+
+MAX_ELEMENTS = 2**31 - 1  # the largest array a kernel indexes with int32 offsets
+
 
 def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << (x - 1).bit_length())
@@ -58,32 +62,70 @@ def operand_dtype(q, path: Path):
     return jnp.float64 if path.keys.dtype == jnp.float64 else q.dtype
 
 
-def segmented_states(keys, G, w, u, S0, tuning: Tuning):
-    """Two-level scan. keys, w: [BH, N, n, K], G: [BH, N, n], u: [BH, N, n, V], S0: [BH, K, V]
-    -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final: [BH, K, V]).
+def _highest(fn):
+    """Trace ``fn`` with float32 matmuls at full precision (XLA's GPU default would round them to TF32)."""
+    @functools.wraps(fn)
+    def run(*args):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args)
+    return run
 
-    Segments of ``M`` chunks: (1) every segment's flow ``[P | Q]`` (the state pass of ``[P | Q]`` from
-    ``[I | 0]``, only its end written), in parallel over (head, segment); (2) XLA composes the segment
-    flows in order, giving the state entering each segment; (3) the state pass again, in parallel over
-    (head, segment), from those states: the states entering the chunks. Depth ``2 M + N / M`` steps
-    instead of ``N``, for twice the state-pass arithmetic.
+
+@_highest
+def _segment_starts(P, Q, S0):
+    """States entering each segment from the segments' flows. P: [BH, S, K, K], Q: [BH, S, K, V], S0: [BH, K, V]
+    -> (starts: [BH, S, K, V], final: [BH, K, V]); an associative scan over segments (depth ``log2 S``)."""
+    return jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(DenseFlow(P, Q), S0)
+
+
+@_highest
+def _segment_cotangent_ends(P, b, dS_final):
+    """Cotangents of the states leaving each segment: ``dS_end[S-1] = dS_final``,
+    ``dS_end[s] = P[s+1]^T dS_end[s+1] + b[s+1]`` (``b``: each segment's reverse pass from 0).
+    P: [BH, S, K, K], b: [BH, S, K, V] -> (dS_end: [BH, S, K, V], dS0 = P[0]^T dS_end[0] + b[0])."""
+    reverse = lambda x: jnp.flip(x, axis=1)
+    ends, dS0 = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(
+        DenseFlow(reverse(jnp.swapaxes(P, -1, -2)), reverse(b)), dS_final)
+    return reverse(ends), dS0
+
+
+def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning):
+    """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n],
+    w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
+    S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
+
+    The ``N`` chunks form ``segments`` stretches of ``M``: (1) every segment's flow ``[P | Q]``, in parallel
+    over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
+    state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
+    Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
     """
-    BH, N, n, K = keys.shape
+    BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
-    M = -(-N // max(1, min(N, tuning.segment_programs // BH)))  # chunks a segment
-    segs = -(-N // M)
-    pad = lambda x: _pad_to(x, {1: segs * M}).reshape(BH * segs, M, *x.shape[2:])  # identity chunks
-    keys, G, w, u = map(pad, (keys, G, w, u))
-    options = dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages)
-    u_ext = jnp.concatenate([jnp.zeros_like(w), u], axis=-1)  # the pass of [P | Q] from [I | 0]
-    start = jnp.concatenate([jnp.eye(K, dtype=S0.dtype), jnp.zeros((K, V), S0.dtype)], axis=-1)
-    seg = state_pass_kernel(keys, G, w, u_ext, jnp.broadcast_to(start, (BH * segs, K, K + V)), write_states=False,
-                            block_v=min(tuning.block_v, K, V), **options)
-    seg = seg.reshape(BH, segs, K, K + V)
-    S_seg, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(DenseFlow(seg[..., :K], seg[..., K:]), S0)
-    S_in, _ = state_pass_kernel(keys, G, w, u, S_seg.reshape(BH * segs, K, V), block_v=min(tuning.block_v, V),
-                                **options)
-    return S_in.reshape(BH, segs * M, K, V)[:, :N], S_final
+    opts = dict(heads=heads, segments=segments, block_v=tuning.block_v, num_warps=tuning.state_warps,
+                num_stages=tuning.state_stages)
+    flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **opts).reshape(BH, segments, K, K + V)
+    P = flow[..., :K]
+    starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
+    S_in, _ = state_pass_kernel(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), **opts)
+    return S_in, S_final.astype(S0.dtype), P
+
+
+def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
+                         tuning: Tuning):
+    """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
+    (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
+    parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
+    reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]."""
+    BH, segments, K, _ = P.shape
+    V = do.shape[-1]
+    opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v,
+                num_warps=tuning.state_warps, num_stages=tuning.state_stages)
+    zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
+    b = state_pass_bwd_kernel(qc, keys, G, w, do, zero, write_states=False, **opts).reshape(BH, segments, K, V)
+    ends, dS0 = _segment_cotangent_ends(P, b, dS_final)
+    dS_out, dv, _ = state_pass_bwd_kernel(qc, keys, G, w, do, ends.reshape(BH * segments, K, V).astype(dS_final.dtype),
+                                          **opts)
+    return dS_out, dv, dS0.astype(dS_final.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,27 +149,31 @@ def _kernel_backward_transfer(solver: FlowSolver) -> bool:
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C], S0: [BH, K, V]
-    -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected)); with ``save`` (the kernels' backward),
-    ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None."""
+    -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P)); with ``save`` (the kernels' backward),
+    ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None; ``P``: the
+    segments' transition matrices when the segmented scan ran (its backward is segmented too), else None."""
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                      save_transfer=save_transfer, heads=H, num_warps=t.transfer_warps)
     G = micro_log_decay(log_decay, n // C)
-    if st.scan == "sequential":
-        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=min(t.block_v, u.shape[-1]),
-                                          num_warps=t.state_warps, num_stages=t.state_stages)
-    elif t.assoc == "xla":
+    BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
+    segments = auto_segments(st.scan, N, BH * (V // min(t.block_v, V)), t)
+    P = None
+    if st.scan == "associative" and t.assoc == "xla":
         flows = chunk_flows(head_major(keys, H), G, w, u)
         S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
         S_in = S_in.astype(keys.dtype)
-    else:
-        S_in, S_final = segmented_states(head_major(keys, H), G, w, u, S0, t)
+    elif segments > 1:
+        S_in, S_final, P = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t)
+    else:  # sequential, or too few chunks to split
+        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                          num_stages=t.state_stages)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save, heads=H, block_v=t.output_block_v, num_warps=t.output_warps)
     o, corrected = o if save else (o, None)
-    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected)
+    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P)
 
 
 def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0):
@@ -152,7 +198,7 @@ def _pallas_flow_fwd(st: _Static, *args):
 
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
-    args, (w, u, T, S_in, corrected) = residuals
+    args, (w, u, T, S_in, corrected, P) = residuals
     if st.tuning.backward == "reference":
         return jax.vjp(lambda *a: _reference_stages(st, *a), *args)[1](cotangents)
     qc, keys, values, beta, alpha, log_decay, S0 = args
@@ -161,9 +207,13 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     n = keys.shape[2]
     R = n // qc.shape[2]
     G = micro_log_decay(log_decay, R)
-    dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
-                                            heads=H, block_v=min(t.block_v, u.shape[-1]), num_warps=t.state_warps,
-                                            num_stages=t.state_stages)
+    if P is None:
+        dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+                                                heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                                num_stages=t.state_stages)
+    else:
+        dS_out, dv, dS0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
+                                               scale=st.scale, heads=H, tuning=t)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
                                              heads=H, block_k=t.block_k, num_warps=t.backward_warps)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
@@ -188,9 +238,11 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
 
     Keys, values and queries enter the kernels in :func:`operand_dtype` (exact when ``k, v`` have the
     query's dtype); steps, decays and states stay in the path dtype. The arguments are what
-    :func:`flowssm.backends.check` accepts for "pallas" (the ops check before calling).
+    :func:`flowssm.backends.check` accepts for "pallas" (the ops check before calling): discrete semantics.
+    A sequence whose kernel arrays would outgrow int32 indexing (:data:`MAX_ELEMENTS`) runs as consecutive
+    calls on pieces of whole chunks, each starting from the state the previous one left (exact; autodiff
+    chains them).
     """
-    del semantics  # discrete: backends.check refused anything else (and unrunnable solvers) before the call
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]
@@ -198,6 +250,18 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     n = C * Rp
     N = -(-T // C)
     BH = B * H
+    piece = MAX_ELEMENTS // (BH * max(Kp * Vp, n * max(Kp, Vp, n))) * C  # tokens a call can index in int32
+    if piece < T:  # e.g. 1M tokens x 16 heads: the states entering the chunks alone have 2^32 elements
+        if piece == 0:
+            raise ValueError(f"q: B * H = {BH} heads of {K} x {V} states are too many for one kernel call; "
+                             f"split the batch")
+        outs, S = [], S0
+        for start in range(0, T, piece):
+            part = Path(*(x[:, :, start:start + piece] for x in path))
+            o, S = chunked_pallas(q[:, start:start + piece], part, S, scale=scale, chunk_size=chunk_size,
+                                  solver=solver, scan=scan, semantics=semantics, tuning=tuning)
+            outs.append(o)
+        return jnp.concatenate(outs, axis=1), S
     od = operand_dtype(q, path)
     tuning = tuning.resolve(od, Kp, Vp, C, n)
     path = pad_path(path, N * C)

@@ -23,6 +23,7 @@ MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in re
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
 OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
+AUTO_MIN_CHUNKS = 64  # scan="auto": shorter sequences keep the sequential pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,30 @@ class Tuning:
             block_k=32 if wide else 64,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (132 on H100/H200 when JAX does not say)."""
+    import jax
+
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def segment_count(N: int, programs: int, target: int) -> int:
+    """Segments of the segmented scan: the largest divisor of the ``N`` chunks that keeps ``programs`` (the
+    sequential pass's programs, one per head and column block) x segments at most ``target``."""
+    most = max(1, min(N, target // max(1, programs)))
+    return max(d for d in range(1, most + 1) if N % d == 0)
+
+
+def auto_segments(scan: str, N: int, programs: int, tuning: Tuning) -> int:
+    """Segments for ``scan`` over ``N`` chunks (1: the sequential pass). ``"associative"`` always splits;
+    ``"auto"`` splits only when the sequential pass's ``programs`` fill at most half the GPU and the
+    sequence is long (at least :data:`AUTO_MIN_CHUNKS` chunks): then its ``N`` dependent steps on few
+    multiprocessors cost more than the segmented scan's extra passes."""
+    if scan == "sequential" or (scan == "auto" and (2 * programs > sm_count() or N < AUTO_MIN_CHUNKS)):
+        return 1
+    return segment_count(N, programs, tuning.segment_programs)
 
 
 def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> tuple[str, str] | None:

@@ -28,7 +28,7 @@ class MixerConfig:
     "rwkv7": RWKV-7-style diagonal-plus-low-rank, :func:`flowssm.dplr_delta_rule`); num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
     rank: R keys per token (DeltaProduct); solver: a FlowSolver, or its name or mapping
     (``{"name": "signature", "depth": 3}``), built (and validated) once, here;
-    scan: "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
+    scan: "auto" | "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
     :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
     semantics: "discrete" | "continuous"; allow_neg_eigval: beta (rwkv7: its rate) in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
@@ -39,7 +39,7 @@ class MixerConfig:
     head_dim: int | None = None
     rank: int = 1
     solver: FlowSolver = Exact()
-    scan: str = "sequential"
+    scan: str = "auto"
     backend: str = "auto"
     chunk_size: int = 64
     semantics: str = "discrete"
