@@ -236,7 +236,7 @@ def dplr_delta_rule(
     scale: float | None = None,
     chunk_size: int = 64,
     solver="exact",
-    scan: str = "sequential",
+    scan: str = "auto",
     backend: str = "auto",
 ):
     """Diagonal plus low rank (fla's ``chunk_dplr_delta_rule``): ``S_t = (diag(e^{gk_t}) + b_t a_t^T) S_{t-1}
