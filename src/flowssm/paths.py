@@ -170,7 +170,8 @@ def dplr_path(k, v, a, b, gk) -> Path:
                      right_keys=pair(a, jnp.zeros_like(a)), dtype=dtype)
 
 
-def _fields(path: Path, fn) -> Path:
+def map_path(path: Path, fn) -> Path:
+    """``fn`` applied to every array field (``right_keys=None`` stays None)."""
     return Path(*(None if x is None else fn(x) for x in path))
 
 
@@ -179,11 +180,11 @@ def pad_path(path: Path, length: int) -> Path:
     extra = length - path.length
     if extra == 0:
         return path
-    return _fields(path, lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)))
+    return map_path(path, lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)))
 
 
 def chunk_path(path: Path, chunk_size: int) -> Path:
     """Reshape a path whose length is a multiple of ``chunk_size`` to ``[B, H, N, C, ...]``."""
     B, H, T = path.keys.shape[:3]
     N = T // chunk_size
-    return _fields(path, lambda x: x.reshape(B, H, N, chunk_size, *x.shape[3:]))
+    return map_path(path, lambda x: x.reshape(B, H, N, chunk_size, *x.shape[3:]))
