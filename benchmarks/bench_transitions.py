@@ -4,7 +4,7 @@
     python3 benchmarks/bench_transitions.py ...   (the same)
 
 For each kind, on 4x4096x16x128x128 (B x T x H x K x V; ``--tiny``: 1x64x2x16x16 on CPU, no fla), bf16
-q, k, v, a, b and float32 log-decays: flowssm's op (``backend="auto"``: the xla path for these
+q, k, v, a, b and log-decays (as fla's tests): flowssm's op (``backend="auto"``: the xla path for these
 transitions) forward and forward+backward, timed (median ms a call), and fla 0.6.0's
 ``chunk_gla`` / ``chunk_kda`` / ``chunk_dplr_delta_rule`` on the same inputs (triton's do_bench), with
 the relative error of flowssm's outputs and final state against fla's. Without fla (or ``--no-fla``)
@@ -34,7 +34,7 @@ KINDS = ("gla", "kda", "dplr")
 
 
 def inputs(seed, B, T, H, K, V):
-    """bf16 q, unit keys k, v, beta (sigmoid), dplr ``a = -k``, ``b = k sigmoid(.)``, do; float32 per-channel
+    """bf16 q, unit keys k, v, beta (sigmoid), dplr ``a = -k``, ``b = k sigmoid(.)``, do and the per-channel
     log-decay ``g = log sigmoid(N(0, 1) + 2)`` (about -0.13 a token)."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 7)
     bf = lambda x: x.astype(jnp.bfloat16)
@@ -43,7 +43,7 @@ def inputs(seed, B, T, H, K, V):
     rate = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, K)))
     return dict(q=bf(jax.random.normal(ks[0], (B, T, H, K))), k=bf(k), v=bf(jax.random.normal(ks[2], (B, T, H, V))),
                 beta=bf(jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))), a=bf(-k), b=bf(k * rate),
-                g=jax.nn.log_sigmoid(jax.random.normal(ks[5], (B, T, H, K)) + 2.0),
+                g=bf(jax.nn.log_sigmoid(jax.random.normal(ks[5], (B, T, H, K)) + 2.0)),
                 do=bf(jax.random.normal(ks[6], (B, T, H, V))))
 
 
