@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
         [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
+    python3 benchmarks/bench_kernels.py transitions [...]   (GLA / KDA / DPLR rows alone: bench_transitions.py)
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
 copies: outputs, final states and gradients, on 1x1024x4x128x128, ungated and gated; vs fla's chunk_delta_rule /
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -367,6 +369,10 @@ def table(rows):
 
 def main():
     global CHUNK  # --tiny: chunk 16
+    if sys.argv[1:2] == ["transitions"]:
+        import bench_transitions
+
+        return bench_transitions.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="0,1,2,3")

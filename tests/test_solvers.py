@@ -111,7 +111,7 @@ def test_signature_error_non_increasing_in_depth(semantics):
 def dense_magnus_flow(chunk, semantics):
     """Independent dense reference: ``expm`` of the level-2 Magnus sum of ``logm`` of each step's
     decay-folded affine map (scipy), rescaled by ``e^{G_end}``. Steps: micro-steps (discrete) or tokens."""
-    keys, values, beta, alpha, g = (np.asarray(x) for x in chunk)
+    keys, values, beta, alpha, g = (np.asarray(x) for x in chunk[:5])  # right_keys: None
     C, R, K = keys.shape
     V = values.shape[-1]
     G = np.cumsum(g)

@@ -188,3 +188,18 @@ def test_sequence_parallel_packed_matches_single_device():
     expected = value_and_grads(flowssm.delta_rule)
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert rel_err(a, b) < 1e-10
+
+
+def test_generalised_transitions_packed_equal_each_sequence_alone():
+    """KDA (per-channel g) and DPLR with ``cu_seqlens``: xla, both scans, and the reference, to 1e-10."""
+    q, k, v, beta, _, h0 = packed_inputs()
+    ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    gk = -jax.random.uniform(ks[0], (1, T, H, K), jnp.float64, 0.0, 0.5)
+    a = -k
+    b = k * jax.random.uniform(ks[1], (1, T, H, 1), jnp.float64, 0.0, 1.0)
+    cases = [(flowssm.delta_rule, (q, k, v, beta, gk)), (flowssm.dplr_delta_rule, (q, k, v, a, b, gk))]
+    for op, xs in cases:
+        o_ref, S_ref = one_by_one(op, xs, h0, backend="reference")
+        for options in (dict(backend="reference"), *RUNS[1:3]):
+            o, S = op(*xs, initial_state=h0, cu_seqlens=CU, **options)
+            assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10, (op.__name__, options)

@@ -12,7 +12,8 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from flowssm import flows, paths, scan, solvers
-from flowssm.ops import delta_rule, delta_rule_step, linear_attention, linear_attention_step
+from flowssm.ops import (delta_rule, delta_rule_step, dplr_delta_rule, dplr_delta_rule_step, linear_attention,
+                         linear_attention_step)
 from flowssm.solvers import Euler, Exact, LogODE, Signature, get_solver
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "Signature",
     "delta_rule",
     "delta_rule_step",
+    "dplr_delta_rule",
+    "dplr_delta_rule_step",
     "flows",
     "get_solver",
     "linear_attention",

@@ -1,9 +1,10 @@
 """The backends and what each one can run, decided in one place.
 
 * ``"reference"``: the token loop (ground truth, slow);
-* ``"xla"``: the chunked flow computation in pure jnp (every solver, scan and semantics);
-* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, power-of-two chunks,
-  float32 / bfloat16 operands (float64 only when interpreting), head sizes up to 256;
+* ``"xla"``: the chunked flow computation in pure jnp (every solver, scan, semantics and transition);
+* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, a scalar decay per token
+  (no per-channel ``g`` or dplr), power-of-two chunks, float32 / bfloat16 operands (float64 only when
+  interpreting), head sizes up to 256;
 * ``"auto"`` (the default): ``"pallas"`` on a GPU when it can run the request, else ``"xla"``.
 
 Ops, layers and the config loader all ask :func:`check` before any work, so an unsupported combination
@@ -23,13 +24,15 @@ BACKENDS = ("auto", "reference", "xla", "pallas")
 
 # How each option is called at op level; layers and the config loader pass their own names.
 OP_NAMES = {"backend": "backend", "solver": "solver", "semantics": "semantics", "chunk_size": "chunk_size",
-            "rank": "k (rank R)", "key_dim": "k (head size K)", "value_dim": "v (head size V)", "dtype": "q (dtype)"}
+            "rank": "k (rank R)", "key_dim": "k (head size K)", "value_dim": "v (head size V)", "dtype": "q (dtype)",
+            "transition": "g (per-channel decay)"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What a call asks of a backend: the solver object, semantics, chunk size ``C``, rank ``R``, head
-    sizes ``K, V`` and the dtype of the inputs (the kernels' operand dtype)."""
+    sizes ``K, V``, the dtype of the inputs (the kernels' operand dtype) and the path's transition
+    (:attr:`flowssm.paths.Path.transition`)."""
 
     solver: object
     semantics: str
@@ -38,6 +41,7 @@ class Request:
     key_dim: int
     value_dim: int
     dtype: jnp.dtype
+    transition: str = "scalar"
 
 
 def on_gpu() -> bool:
@@ -49,6 +53,8 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
     from flowssm.kernels.launch import launch_problem
 
     out = []
+    if request.transition != "scalar":
+        out.append(("transition", f"run a scalar decay per token only, got a {request.transition!r} transition"))
     if request.semantics != "discrete":
         out.append(("semantics", f"runs 'discrete' semantics only, got {request.semantics!r}"))
     C, R = request.chunk_size, request.rank

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 from flowssm import chunks, varlen
 from flowssm import flows as F
 from flowssm.ops import validate
-from flowssm.paths import Path, chunk_path, linear_attention_path, make_path, pad_path
+from flowssm.paths import Path, chunk_path, dplr_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import chunk_states
 from flowssm.solvers import Euler, FlowSolver
 
@@ -173,7 +173,7 @@ def sequence_parallel_delta_rule(
     k: Float[Array, "B T H K"] | Float[Array, "B T H R K"],
     v: Float[Array, "B T H V"] | Float[Array, "B T H R V"],
     beta: Float[Array, "B T H"] | Float[Array, "B T H R"],
-    g: Float[Array, "B T H"] | None = None,
+    g: Float[Array, "B T H"] | Float[Array, "B T H K"] | None = None,
     *,
     mesh: Mesh,
     axis_name: str = "seq",
@@ -206,7 +206,7 @@ def sequence_parallel_linear_attention(
     q: Float[Array, "B T H K"],
     k: Float[Array, "B T H K"],
     v: Float[Array, "B T H V"],
-    g: Float[Array, "B T H"] | None = None,
+    g: Float[Array, "B T H"] | Float[Array, "B T H K"] | None = None,
     *,
     mesh: Mesh,
     axis_name: str = "seq",
@@ -220,3 +220,25 @@ def sequence_parallel_linear_attention(
     :func:`sequence_parallel_delta_rule` (``cu_seqlens`` too)."""
     path = linear_attention_path(k, v, g)
     return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete", cu_seqlens)
+
+
+def sequence_parallel_dplr_delta_rule(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    a: Float[Array, "B T H K"],
+    b: Float[Array, "B T H K"],
+    gk: Float[Array, "B T H K"],
+    *,
+    mesh: Mesh,
+    axis_name: str = "seq",
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    solver="exact",
+    scan: str = "sequential",
+):
+    """:func:`flowssm.dplr_delta_rule` (``S <- (diag(e^{gk}) + b a^T) S + k v^T``) sharded over time like
+    :func:`sequence_parallel_delta_rule`."""
+    path = dplr_path(k, v, a, b, gk)
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, solver, scan, "discrete")

@@ -9,7 +9,12 @@ Per token ``x_t`` (``D``) and head ``h``:
     o           = delta_rule(q, k, v, beta, g)  or  linear_attention(q, k, v, g)
     y           = W_o [RMSNorm(o) * SiLU(x W_gate)]   (the gate only with output_gate)
 
-``j = 1..R`` (DeltaProduct rank). Every knob comes from :class:`flowssm.models.config.MixerConfig`.
+``j = 1..R`` (DeltaProduct rank). Families "gla", "kda" and "rwkv7" have a per-channel decay
+(``g: [.., H, K]``, ``A_log`` per head, ``dt_bias`` per channel). "rwkv7" is an RWKV-7-style
+diagonal-plus-low-rank mixer: ``beta = sigmoid(x W_beta): [.., H, K]`` is the in-context learning rate
+``a_rwkv`` and ``o = dplr_delta_rule(q, beta k, v, a=-k, b=beta k, g)``, i.e.
+``S <- (diag(e^g) - (beta k) k^T) S + (beta k) v^T`` with unit removal keys ``k``.
+Every knob comes from :class:`flowssm.models.config.MixerConfig`.
 
 Dtypes (Flax's ``dtype`` / ``param_dtype`` convention): parameters are stored in ``param_dtype``; the
 projections, the convolution and q, k, v run in ``dtype`` (bf16 q, k, v reach the ops, which accumulate
@@ -27,7 +32,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 import flowssm
-from flowssm.models.config import DELTA_FAMILIES, GATED_FAMILIES, MixerConfig, head_dim, validate_mixer
+from flowssm.models.config import (DELTA_FAMILIES, DPLR_FAMILIES, GATED_FAMILIES, PER_CHANNEL_FAMILIES, MixerConfig,
+                                   head_dim, validate_mixer)
 
 
 class ShortConv(nnx.Module):
@@ -89,6 +95,13 @@ def _l2norm(x: Array, eps: float = 1e-6) -> Array:
     return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def _dplr_keys(k: Array, rate: Array):
+    """RWKV-7-style dplr keys from unit keys ``k`` and the per-channel rate: (write key, a, b) =
+    ``(rate k, -k, rate k)``; returned in the dtype of ``k``, and of ``q`` at the op."""
+    written = (rate * k.astype(rate.dtype)).astype(k.dtype)
+    return written, -k, written
+
+
 class DeltaMixer(nnx.Module):
     """(Gated) DeltaNet / DeltaProduct / (gated) linear attention token mixer. x: [B, T, D] -> [B, T, D]."""
 
@@ -98,7 +111,9 @@ class DeltaMixer(nnx.Module):
         if config.family == "attention":
             raise ValueError("mixer.family: expected a DeltaNet or linear-attention family, got 'attention'")
         self.delta = config.family in DELTA_FAMILIES
+        self.dplr = config.family in DPLR_FAMILIES
         self.gated = config.family in GATED_FAMILIES
+        self.per_channel = config.family in PER_CHANNEL_FAMILIES
         self.H, self.R, self.K = config.num_heads, config.rank, head_dim(config, d_model)
         self.solver = config.solver
         self.chunk_size, self.scan, self.backend = config.chunk_size, config.scan, config.backend
@@ -109,30 +124,38 @@ class DeltaMixer(nnx.Module):
         self.qkv_proj = lin(d_model, sum(self.qkv_dims))
         self.conv = (ShortConv(sum(self.qkv_dims), config.conv_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                      if config.conv_size > 0 else None)
-        self.beta_proj = lin(d_model, H * R) if self.delta else None
+        self.beta_proj = lin(d_model, H * R) if self.delta else lin(d_model, H * K) if self.dplr else None
         if self.gated:
-            self.a_proj = lin(d_model, H)
+            decays = H * K if self.per_channel else H  # one log-decay per head, or per key channel
+            self.a_proj = lin(d_model, decays)
             k1, k2 = jax.random.split(rngs.params())
             self.A_log = nnx.Param(jnp.log(jax.random.uniform(k1, (H,), jnp.float32, 1.0, 16.0)).astype(param_dtype))
-            dt = jnp.exp(jax.random.uniform(k2, (H,), jnp.float32, math.log(1e-3), math.log(1e-1)))
+            dt = jnp.exp(jax.random.uniform(k2, (decays,), jnp.float32, math.log(1e-3), math.log(1e-1)))
             self.dt_bias = nnx.Param((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))  # softplus(dt_bias) = dt
         self.gate_proj = lin(d_model, H * K) if config.output_gate else None
         self.o_norm = nnx.RMSNorm(K, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.o_proj = lin(H * K, d_model)
 
     def _features(self, x: Array, qkv: Array):
-        """Post-conv features -> (q [.., H, K], k, v, beta [.., H, R] or None, g [.., H] or None).
+        """Post-conv features -> (q [.., H, K], k, v, beta [.., H, R] ([.., H, K] for dplr) or None,
+        g [.., H] ([.., H, K] per channel) or None).
 
-        Rank-R layout (k: [.., H, R, K]) for the delta rule, rank-1 for linear attention.
+        Rank-R layout (k: [.., H, R, K]) for the delta rule, rank-1 for linear attention and dplr.
         """
         lead, (H, R, K) = x.shape[:-1], (self.H, self.R, self.K)
         q, k, v = jnp.split(jax.nn.silu(qkv), [self.qkv_dims[0], sum(self.qkv_dims[:2])], axis=-1)
         shape = (*lead, H, R, K) if self.delta else (*lead, H, K)
         q, k, v = _l2norm(q.reshape(*lead, H, K)), _l2norm(k.reshape(shape)), v.reshape(shape)
         f32 = lambda a: a.astype(jnp.float32)
-        beta = self.beta_max * jax.nn.sigmoid(f32(self.beta_proj(x))).reshape(*lead, H, R) if self.delta else None
+        beta = None
+        if self.beta_proj is not None:
+            beta = self.beta_max * jax.nn.sigmoid(f32(self.beta_proj(x))).reshape(*lead, H, K if self.dplr else R)
         if self.gated:
-            g = -jnp.exp(f32(self.A_log[...])) * jax.nn.softplus(f32(self.a_proj(x)) + f32(self.dt_bias[...]))
+            rate = jax.nn.softplus(f32(self.a_proj(x)) + f32(self.dt_bias[...]))
+            if self.per_channel:
+                g = -jnp.exp(f32(self.A_log[...]))[:, None] * rate.reshape(*lead, H, K)
+            else:
+                g = -jnp.exp(f32(self.A_log[...])) * rate
         else:
             g = None
         return q, k, v, beta, g
@@ -163,6 +186,9 @@ class DeltaMixer(nnx.Module):
         kw = dict(chunk_size=self.chunk_size, scan=self.scan, backend=self.backend)
         if self.delta:
             o, state = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
+        elif self.dplr:
+            write, a, b = _dplr_keys(k, beta)
+            o, state = flowssm.dplr_delta_rule(q, write, v, a, b, g, solver=self.solver, **kw)
         else:
             o, state = flowssm.linear_attention(q, k, v, g, **kw)
         conv = None if self.conv is None else self.conv.tail(pre, positions).astype(jnp.float32)
@@ -189,6 +215,9 @@ class DeltaMixer(nnx.Module):
         q, k, v, beta, g = self._features(x_t, qkv)
         if self.delta:
             state, o = flowssm.delta_rule_step(cache.state, q, k, v, beta, g, semantics=self.semantics)
+        elif self.dplr:
+            write, a, b = _dplr_keys(k, beta)
+            state, o = flowssm.dplr_delta_rule_step(cache.state, q, write, v, a, b, g)
         else:
             state, o = flowssm.linear_attention_step(cache.state, q, k, v, g)
         return self._output(x_t, o), MixerCache(state, conv)

@@ -1,7 +1,8 @@
 """Public ops: validation, padding to whole chunks, and dispatch to a backend.
 
-Layout follows flash-linear-attention: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``beta, g: [B, T, H]``;
-rank ``R``: ``k: [B, T, H, R, K]``, ``v: [B, T, H, R, V]``, ``beta: [B, T, H, R]``; states ``[B, H, K, V]``.
+Layout follows flash-linear-attention: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``beta: [B, T, H]``,
+``g: [B, T, H]`` (scalar decay) or ``[B, T, H, K]`` (per key channel: GLA, KDA); rank ``R``:
+``k: [B, T, H, R, K]``, ``v: [B, T, H, R, V]``, ``beta: [B, T, H, R]``; states ``[B, H, K, V]``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from flowssm import backends, chunks, reference, varlen
-from flowssm.paths import Path, check_float, chunk_path, linear_attention_path, make_path, pad_path
+from flowssm.paths import Path, check_float, chunk_path, dplr_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
 from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver, logode
 
@@ -87,7 +88,10 @@ def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, sema
     _check_choice("scan", scan, SCANS)
     _check_choice("semantics", semantics, chunks.SEMANTICS)
     solver = get_solver(solver)
-    check_runnable(solver, semantics=semantics)
+    if path.transition != "scalar" and semantics != "discrete":
+        raise ValueError(f"semantics: per-channel decays (g [B, T, H, K]) and dplr run 'discrete' semantics only "
+                         f"(their continuous token flow has no low-rank core form), got {semantics!r}")
+    check_runnable(solver, semantics=semantics, transition=path.transition)
     return solver, _initial_state(initial_state, path), _scale(scale, q.shape[-1])
 
 
@@ -95,7 +99,7 @@ def request(q, path: Path, solver: FlowSolver, chunk_size: int, semantics: str) 
     """What this call asks of a backend (the kernels' operand dtype is the query's, float64 paths aside)."""
     B, H, T, R, K = path.keys.shape
     dtype = path.keys.dtype if path.keys.dtype == jnp.float64 else q.dtype
-    return backends.Request(solver, semantics, chunk_size, R, K, path.values.shape[-1], dtype)
+    return backends.Request(solver, semantics, chunk_size, R, K, path.values.shape[-1], dtype, path.transition)
 
 
 def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
@@ -108,11 +112,13 @@ def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
         raise ValueError(f"beta: {logode.DISCRETE_BETA_ERROR}")
 
 
-def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens=None):
+def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens=None,
+         names=backends.OP_NAMES):
     if cu_seqlens is not None:
-        return _run_packed(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens)
+        return _run_packed(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
+                           names)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
-    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
+    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = _chunked(
         q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
@@ -120,12 +126,12 @@ def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend,
     return o.astype(q.dtype), S
 
 
-def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens):
+def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens, names):
     """:func:`_run` for packed sequences (see :mod:`flowssm.varlen`): final states ``[N, H, K, V]``."""
     solver, _, scale = validate(q, path, None, scale, chunk_size, solver, scan, semantics)
     cu = varlen.check_cu_seqlens(cu_seqlens, q.shape[0], path.length)
     h0 = varlen.initial_states(initial_state, path, cu.shape[0] - 1)
-    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics))
+    backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = varlen.packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
                          backend=backend, semantics=semantics)
@@ -137,7 +143,7 @@ def delta_rule(
     k: Float[Array, "B T H K"] | Float[Array, "B T H R K"],
     v: Float[Array, "B T H V"] | Float[Array, "B T H R V"],
     beta: Float[Array, "B T H"] | Float[Array, "B T H R"],
-    g: Float[Array, "B T H"] | None = None,
+    g: Float[Array, "B T H"] | Float[Array, "B T H K"] | None = None,
     *,
     initial_state: Float[Array, "B H K V"] | None = None,
     scale: float | None = None,
@@ -148,8 +154,10 @@ def delta_rule(
     semantics: str = "discrete",
     cu_seqlens: Int[Array, " Np1"] | None = None,
 ):
-    """(Gated) DeltaNet / DeltaProduct: ``S <- e^{g_t} S``, then for each of the ``R`` keys
-    ``S <- (I - beta k k^T) S + beta k v^T``; ``o_t = scale S_t^T q_t``.
+    """(Gated) DeltaNet / DeltaProduct: ``S <- diag(e^{g_t}) S``, then for each of the ``R`` keys
+    ``S <- (I - beta k k^T) S + beta k v^T``; ``o_t = scale S_t^T q_t``. A per-channel ``g: [B, T, H, K]``
+    gives Kimi Delta Attention (KDA), ``S_t = (I - beta k k^T) diag(e^{g_t}) S_{t-1} + beta k v^T``
+    (discrete semantics; every solver but logode).
 
     Returns ``o: [B, T, H, V]`` (dtype of ``q``) and the final state ``[B, H, K, V]`` (float32, or
     float64 for float64 inputs). ``solver``: name, mapping or :class:`flowssm.solvers.FlowSolver`;
@@ -177,7 +185,7 @@ def linear_attention(
     q: Float[Array, "B T H K"],
     k: Float[Array, "B T H K"],
     v: Float[Array, "B T H V"],
-    g: Float[Array, "B T H"] | None = None,
+    g: Float[Array, "B T H"] | Float[Array, "B T H K"] | None = None,
     *,
     initial_state: Float[Array, "B H K V"] | None = None,
     scale: float | None = None,
@@ -186,7 +194,8 @@ def linear_attention(
     backend: str = "auto",
     cu_seqlens: Int[Array, " Np1"] | None = None,
 ):
-    """(Decayed) linear attention: ``S <- e^{g_t} S + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
+    """(Decayed) linear attention: ``S <- diag(e^{g_t}) S + k_t v_t^T``, ``o_t = scale S_t^T q_t``;
+    ``g: [B, T, H]`` (scalar decay, fla's simple GLA) or ``[B, T, H, K]`` (per key channel: GLA).
 
     The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
     ``cu_seqlens``: packed sequences as in :func:`delta_rule`.
@@ -202,7 +211,8 @@ def _step(state, q_t, path: Path, scale, semantics):
     scale = _scale(scale, q_t.shape[-1])
 
     def one(S, q, p):
-        S = reference.token_update(S, p.keys[0], p.values[0], p.beta[0], p.alpha[0], p.log_decay[0], semantics)
+        right = None if p.right_keys is None else p.right_keys[0]
+        S = reference.token_update(S, p.keys[0], p.values[0], p.beta[0], p.alpha[0], p.log_decay[0], semantics, right)
         return S, scale * (q.astype(S.dtype) @ S)
 
     S, o = jax.vmap(jax.vmap(one))(S, q_t, path)
@@ -223,13 +233,55 @@ def delta_rule_step(state, q_t, k_t, v_t, beta_t, g_t=None, *, scale=None, seman
     """One token of :func:`delta_rule` for decoding, constant memory.
 
     state: [B, H, K, V]; q_t, k_t: [B, H, K] (k_t: [B, H, R, K] for rank R); v_t: [B, H, V] or
-    [B, H, R, V]; beta_t: [B, H] or [B, H, R]; g_t: [B, H] or None. Returns (state, o_t: [B, H, V]).
+    [B, H, R, V]; beta_t: [B, H] or [B, H, R]; g_t: [B, H], [B, H, K] (per channel) or None.
+    Returns (state, o_t: [B, H, V]).
     """
     path = make_path(_with_time(k_t, "k_t", 3), _with_time(v_t, "v_t", 3), _with_time(beta_t, "beta_t", 2), _with_time(g_t, "g_t", 2))
     return _step(state, q_t, path, scale, semantics)
 
 
 def linear_attention_step(state, q_t, k_t, v_t, g_t=None, *, scale=None):
-    """One token of :func:`linear_attention`: ``S <- e^{g} S + k v^T``. Returns (state, o_t: [B, H, V])."""
+    """One token of :func:`linear_attention`: ``S <- diag(e^{g}) S + k v^T``; g_t: [B, H], [B, H, K] or None.
+    Returns (state, o_t: [B, H, V])."""
     path = linear_attention_path(_with_time(k_t, "k_t", 3), _with_time(v_t, "v_t", 3), _with_time(g_t, "g_t", 2))
     return _step(state, q_t, path, scale, "discrete")
+
+
+DPLR_NAMES = {**backends.OP_NAMES, "transition": "dplr_delta_rule"}
+
+
+def dplr_delta_rule(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    a: Float[Array, "B T H K"],
+    b: Float[Array, "B T H K"],
+    gk: Float[Array, "B T H K"],
+    *,
+    initial_state: Float[Array, "B H K V"] | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    solver="exact",
+    scan: str = "auto",
+    backend: str = "auto",
+    cu_seqlens: Int[Array, " Np1"] | None = None,
+):
+    """Diagonal plus low rank (fla's ``chunk_dplr_delta_rule``): ``S_t = (diag(e^{gk_t}) + b_t a_t^T) S_{t-1}
+    + k_t v_t^T``, ``o_t = scale S_t^T q_t``. RWKV-7: ``a = -kappa``, ``b = kappa * a_rwkv``.
+
+    Returns ``o: [B, T, H, V]`` (dtype of ``q``) and the final state ``[B, H, K, V]``. The path is two
+    micro-steps a token (:func:`flowssm.paths.dplr_path`), so ``solver`` works as in :func:`delta_rule`
+    (every solver but logode); discrete semantics; backends "reference" and "xla". ``cu_seqlens``: packed
+    sequences as in :func:`delta_rule`.
+    """
+    path = dplr_path(k, v, a, b, gk)
+    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, "discrete", cu_seqlens,
+                names=DPLR_NAMES)
+
+
+def dplr_delta_rule_step(state, q_t, k_t, v_t, a_t, b_t, gk_t, *, scale=None):
+    """One token of :func:`dplr_delta_rule` for decoding: q_t, k_t, a_t, b_t, gk_t: [B, H, K], v_t: [B, H, V].
+    Returns (state, o_t: [B, H, V])."""
+    named = {"k_t": k_t, "v_t": v_t, "a_t": a_t, "b_t": b_t, "gk_t": gk_t}
+    k_, v_, a_, b_, gk_ = (_with_time(x, name, 3) for name, x in named.items())
+    return _step(state, q_t, dplr_path(k_, v_, a_, b_, gk_), scale, "discrete")

@@ -11,13 +11,21 @@ from flowssm.flows import DenseFlow, apply
 from flowssm.paths import Path
 
 
-def token_update(S, keys, values, beta, alpha, log_decay, semantics: str):
+def token_update(S, keys, values, beta, alpha, log_decay, semantics: str, right_keys=None):
     """Apply one token's affine map to ``S: [K, V]``.
 
-    keys: [R, K], values: [R, V], beta, alpha: [R], log_decay: []. Discrete: ``S <- e^g S`` then ``R``
-    Householder-plus-write steps; continuous: the exact flow of the piecewise-linear path over the token.
+    keys: [R, K], values: [R, V], beta, alpha: [R], log_decay: [] or [K], right_keys: None or [R, K].
+    Discrete: ``S <- diag(e^g) S`` then ``R`` Householder-plus-write steps (with reading keys ``r``: ``R``
+    steps ``S <- D S + k (alpha v - beta r^T S)^T``, ``D = diag(e^g)`` for the first, ``I`` after);
+    continuous: the exact flow of the piecewise-linear path over the token.
     """
-    S = jnp.exp(log_decay) * S
+    decay = jnp.exp(log_decay)[:, None] if log_decay.ndim else jnp.exp(log_decay)
+    if right_keys is not None:
+        for j in range(keys.shape[0]):
+            read = right_keys[j] @ S
+            S = (decay if j == 0 else 1.0) * S + jnp.outer(keys[j], alpha[j] * values[j] - beta[j] * read)
+        return S
+    S = decay * S
     if semantics == "discrete":
         for j in range(keys.shape[0]):
             k = keys[j]
@@ -31,11 +39,11 @@ def token_loop(path_bh: Path, q: Float[Array, "T K"], S0: Float[Array, "K V"], s
     """One (batch, head): ``o_t = scale S_t^T q_t`` for every token. Returns (o: [T, V], S_T: [K, V])."""
 
     def step(S, xs):
-        qt, kt, vt, bt, at, gt = xs
-        S = token_update(S, kt, vt, bt, at, gt, semantics)
+        qt, kt, vt, bt, at, gt, rt = xs
+        S = token_update(S, kt, vt, bt, at, gt, semantics, rt)
         return S, scale * (qt @ S)
 
-    S_final, o = jax.lax.scan(step, S0, (q, *path_bh[:2], path_bh.beta, path_bh.alpha, path_bh.log_decay))
+    S_final, o = jax.lax.scan(step, S0, (q, *path_bh))
     return o, S_final
 
 

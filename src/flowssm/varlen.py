@@ -24,7 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from flowssm import chunks
 from flowssm import flows as F
-from flowssm.paths import Path, check_float, chunk_path
+from flowssm.paths import Path, check_float, chunk_path, map_path
 from flowssm.reference import token_update
 from flowssm.scan import SCANS
 
@@ -212,12 +212,13 @@ def token_loop(path_h: Path, q: Float[Array, "T K"], h0: Float[Array, "N K V"], 
 
     def step(carry, xs):
         S, finals = carry
-        qt, kt, vt, bt, at, gt, i, p = xs
-        S = token_update(jnp.where(p == 0, h0[i], S), kt, vt, bt, at, gt, semantics)
+        qt, kt, vt, bt, at, gt, i, p, *rt = xs
+        S = token_update(jnp.where(p == 0, h0[i], S), kt, vt, bt, at, gt, semantics, rt[0] if rt else None)
         return (S, finals.at[i].set(S)), scale * (qt @ S)
 
+    readers = () if path_h.right_keys is None else (path_h.right_keys,)
     (_, finals), o = jax.lax.scan(step, (h0[0], h0), (q, *path_h[:2], path_h.beta, path_h.alpha, path_h.log_decay,
-                                                      seq, pos))
+                                                      seq, pos, *readers))
     return o, finals
 
 
@@ -234,7 +235,7 @@ def _xla_chunks(qh, path: Path, h0, lay: Layout, C: int, *, scale, solver, scan,
 
 def slots_path(path: Path, lay: Layout) -> Path:
     """:func:`to_slots` of every field of a head-major path."""
-    return Path(*(to_slots(x, lay, 2) for x in path))
+    return map_path(path, lambda x: to_slots(x, lay, 2))
 
 
 def _pallas_chunks(Nc: int) -> int:

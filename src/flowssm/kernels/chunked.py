@@ -42,7 +42,7 @@ from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm import varlen
 from flowssm.flows import DenseFlow
-from flowssm.paths import Path, pad_path
+from flowssm.paths import Path, map_path, pad_path
 from flowssm.scan import chunk_states
 from flowssm.solvers import FlowSolver
 from flowssm.solvers.program import IDENTITY, INVERSE
@@ -292,7 +292,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
                              f"split the batch")
         outs, S = [], S0
         for start in range(0, T, piece):
-            part = Path(*(x[:, :, start:start + piece] for x in path))
+            part = map_path(path, lambda x: x[:, :, start:start + piece])
             o, S = chunked_pallas(q[:, start:start + piece], part, S, scale=scale, chunk_size=chunk_size,
                                   solver=solver, scan=scan, semantics=semantics, tuning=tuning)
             outs.append(o)

@@ -13,6 +13,9 @@ FAMILIES = (
     "gated_deltaproduct",
     "linear_attention",
     "gated_linear_attention",
+    "gla",
+    "kda",
+    "rwkv7",
     "attention",
 )
 
@@ -21,12 +24,13 @@ FAMILIES = (
 class MixerConfig:
     """Token mixer: which recurrence, and every knob of how it is computed.
 
-    family: one of FAMILIES; num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
+    family: one of FAMILIES ("gla": linear attention, "kda": delta rule, both with a per-channel decay;
+    "rwkv7": RWKV-7-style diagonal-plus-low-rank, :func:`flowssm.dplr_delta_rule`); num_heads: heads H; head_dim: K = V per head (None: d_model // num_heads);
     rank: R keys per token (DeltaProduct); solver: a FlowSolver, or its name or mapping
     (``{"name": "signature", "depth": 3}``), built (and validated) once, here;
     scan: "auto" | "sequential" | "associative"; backend: "auto" | "reference" | "xla" | "pallas" (see
     :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
-    semantics: "discrete" | "continuous"; allow_neg_eigval: beta in (0, 2) instead of (0, 1);
+    semantics: "discrete" | "continuous"; allow_neg_eigval: beta (rwkv7: its rate) in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
     """
 
@@ -72,9 +76,11 @@ class ModelConfig:
     mixer: MixerConfig = dataclasses.field(default_factory=MixerConfig)
 
 
-DELTA_FAMILIES = ("deltanet", "gated_deltanet", "deltaproduct", "gated_deltaproduct")
-LINEAR_FAMILIES = ("linear_attention", "gated_linear_attention")
-GATED_FAMILIES = ("gated_deltanet", "gated_deltaproduct", "gated_linear_attention")
+DELTA_FAMILIES = ("deltanet", "gated_deltanet", "deltaproduct", "gated_deltaproduct", "kda")
+LINEAR_FAMILIES = ("linear_attention", "gated_linear_attention", "gla")
+DPLR_FAMILIES = ("rwkv7",)
+PER_CHANNEL_FAMILIES = ("gla", "kda", "rwkv7")  # one log-decay per key channel: discrete semantics only
+GATED_FAMILIES = ("gated_deltanet", "gated_deltaproduct", "gated_linear_attention", *PER_CHANNEL_FAMILIES)
 PRODUCT_FAMILIES = ("deltaproduct", "gated_deltaproduct")
 DTYPES = ("float32", "bfloat16")
 
@@ -114,7 +120,7 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
             f"{key('rank')}: expected 1 for family {mixer.family!r} (rank > 1 needs one of {PRODUCT_FAMILIES}), "
             f"got {mixer.rank}"
         )
-    if mixer.allow_neg_eigval and mixer.family not in DELTA_FAMILIES:
+    if mixer.allow_neg_eigval and mixer.family not in (*DELTA_FAMILIES, *DPLR_FAMILIES):
         raise ValueError(
             f"{key('allow_neg_eigval')}: expected False for family {mixer.family!r} (it has no beta), got True"
         )
@@ -131,6 +137,12 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
     solver = mixer.solver
     if mixer.family == "attention":
         return mixer
+    if mixer.family in PER_CHANNEL_FAMILIES and mixer.semantics != "discrete":
+        raise ValueError(f"{key('semantics')}: family {mixer.family!r} (per-channel decay) runs 'discrete' semantics "
+                         f"only, got {mixer.semantics!r}")
+    if mixer.family not in LINEAR_FAMILIES and transition(mixer) not in solver.requirements().transitions:
+        raise ValueError(f"{key('solver')}: {solver!r} runs transitions {solver.requirements().transitions}, "
+                         f"but family {mixer.family!r} needs {transition(mixer)!r}; use another solver")
     if mixer.family in DELTA_FAMILIES and mixer.semantics not in solver.requirements().semantics:
         raise ValueError(f"{key('solver')}, {key('semantics')}: {solver!r} implements semantics "
                          f"{solver.requirements().semantics}, got {mixer.semantics!r}")
@@ -143,9 +155,17 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
         )
     names = {"backend": key("backend"), "solver": key("solver"), "semantics": key("semantics"),
              "chunk_size": key("chunk_size"), "rank": key("rank"), "key_dim": key("head_dim"),
-             "value_dim": key("head_dim"), "dtype": "model.dtype" if prefix.startswith("model.") else "dtype"}
+             "value_dim": key("head_dim"), "dtype": "model.dtype" if prefix.startswith("model.") else "dtype",
+             "transition": key("family")}
     backends.check(mixer.backend, backend_request(mixer, d_model, dtype), names)
     return mixer
+
+
+def transition(mixer: MixerConfig) -> str:
+    """The path structure of a family (:attr:`flowssm.paths.Path.transition`)."""
+    if mixer.family in DPLR_FAMILIES:
+        return "dplr"
+    return "per_channel" if mixer.family in PER_CHANNEL_FAMILIES else "scalar"
 
 
 def backend_request(mixer: MixerConfig, d_model: int, dtype: str):
@@ -154,8 +174,8 @@ def backend_request(mixer: MixerConfig, d_model: int, dtype: str):
     from flowssm.solvers import get_solver
 
     K = head_dim(mixer, d_model)
-    solver = get_solver(mixer.solver if mixer.family in DELTA_FAMILIES else "euler")  # linear attention: L = 0
-    return backends.Request(solver, mixer.semantics, mixer.chunk_size, mixer.rank, K, K, dtype)
+    solver = get_solver("euler" if mixer.family in LINEAR_FAMILIES else mixer.solver)  # linear attention: L = 0
+    return backends.Request(solver, mixer.semantics, mixer.chunk_size, mixer.rank, K, K, dtype, transition(mixer))
 
 
 def resolved_backend(config: ModelConfig) -> str:

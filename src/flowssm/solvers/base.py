@@ -21,6 +21,7 @@ import abc
 import dataclasses
 
 from flowssm.chunks import SEMANTICS, ChunkSystem
+from flowssm.paths import TRANSITIONS
 from flowssm.solvers.program import ChunkSolution, TransferProgram, solve_system
 
 
@@ -29,9 +30,11 @@ class Requirements:
     """semantics: the semantics a solver implements; conditions: what it needs of its inputs (checked at
     run time by the solver's program, stated here for users and documentation); max_discrete_step: the
     bound ``beta |k|^2 <`` this value that discrete semantics needs (None: any step), checked when a
-    config or layer is built (e.g. refused with ``allow_neg_eigval``)."""
+    config or layer is built (e.g. refused with ``allow_neg_eigval``); transitions: the path structures
+    it runs (:attr:`flowssm.paths.Path.transition`: "scalar", "per_channel", "dplr")."""
 
     semantics: tuple[str, ...] = SEMANTICS
+    transitions: tuple[str, ...] = TRANSITIONS
     conditions: tuple[str, ...] = ()
     max_discrete_step: float | None = None
 
@@ -63,8 +66,12 @@ class FlowSolver(abc.ABC):
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
-def check_runnable(solver: FlowSolver, *, semantics: str) -> None:
-    """Reject, before any work, a solver that does not implement ``semantics`` (what each backend can run
-    is :mod:`flowssm.backends`' business: it reads ``solver.program().pallas_unsupported``)."""
+def check_runnable(solver: FlowSolver, *, semantics: str, transition: str = "scalar", key: str = "solver") -> None:
+    """Reject, before any work, a solver that does not implement ``semantics`` or the path's ``transition``
+    (what each backend can run is :mod:`flowssm.backends`' business: it reads
+    ``solver.program().pallas_unsupported``). ``key`` names the solver in the error."""
     if semantics not in solver.requirements().semantics:
         raise ValueError(f"semantics: {solver!r} implements {solver.requirements().semantics}, got {semantics!r}")
+    if transition not in solver.requirements().transitions:
+        raise ValueError(f"{key}: {solver!r} runs transitions {solver.requirements().transitions}, got a "
+                         f"{transition!r} path (per-channel g [B, T, H, K] or dplr); use another solver")

@@ -120,8 +120,9 @@ class LogODE(FlowSolver):
         return float(self.depth)
 
     def requirements(self) -> Requirements:
+        # the decay folding of the module docstring needs a scalar decay, which commutes with K^T M K
         return Requirements(conditions=("discrete semantics: beta |k|^2 < 1 (checked at run time)",),
-                            max_discrete_step=1.0)
+                            max_discrete_step=1.0, transitions=("scalar",))
 
     def program(self) -> MatrixFunction:
         return MatrixFunction(prefix=Signature(self.depth - 1).program(), chunk_flow=self.magnus_flow)
