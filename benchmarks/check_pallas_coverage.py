@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/pallas_coverage.json")
     p.add_argument("--tiny", action="store_true", help="small shapes and a reduced grid (CPU, interpret mode)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="the dtypes of the grid to run")
+    p.add_argument("--keys", default="unit,lm", help="the key kinds of the grid to run")
     a = p.parse_args()
     B, T, H = (1, 128, 1) if a.tiny else (2, 2048, 8)
     grid = ([("bfloat16", K, 1, True) for K in (32, 64, 128, 256)] + [("bfloat16", 128, 2, True), ("bfloat16", 128, 1, False)]
@@ -81,7 +82,7 @@ def main() -> None:
             + [("bfloat16", 128, 1, False, "lm"), ("float32", 128, 1, False, "lm")])
     if a.tiny:
         grid = [("bfloat16", 32, 1, True), ("float32", 32, 2, False, "lm")]
-    grid = [spec for spec in grid if spec[0] in a.dtypes.split(",")]
+    grid = [spec for spec in grid if spec[0] in a.dtypes.split(",") and (spec[4:] or ("unit",))[0] in a.keys.split(",")]
     rows = []
     for spec in grid:
         try:
