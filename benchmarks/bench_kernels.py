@@ -40,6 +40,7 @@ from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
 from flowssm.solvers import get_solver
+from timing import rel, timed  # noqa: F401  (bench_kernels.rel / .timed: used by other scripts)
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
           (1, 262144, 16, 128, 128), (1, 1048576, 16, 128, 128)]
@@ -60,11 +61,6 @@ def inputs(seed, B, T, H, K, V):
     g = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H)))
     do = jax.random.normal(kd, (B, T, H, V)).astype(jnp.bfloat16)
     return q, k, v, beta, g, do
-
-
-def rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def fns(gated, **options):
@@ -118,21 +114,6 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
     del tq, tk, tv, tb, tg, tdo
     torch.cuda.empty_cache()
     return out
-
-
-def timed(fn, *args, reps: int, batch: int = 10) -> float:
-    """Median ms a call over ``reps`` batches of ``batch`` back-to-back calls (dispatch overlapped, like
-    CUDA-event timing); compile and warm-up excluded."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(batch):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3 / batch)
-    return float(np.median(times))
 
 
 def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):

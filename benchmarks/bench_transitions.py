@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flowssm
-from bench_kernels import rel, timed
+from timing import rel, timed
 
 SHAPE, TINY = (4, 4096, 16, 128, 128), (1, 64, 2, 16, 16)
 KINDS = ("gla", "kda", "dplr")

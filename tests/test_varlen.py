@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import flowssm
-from flowssm import varlen
+from flowssm import ops, varlen
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                         state_pass_reference)
 from flowssm.solvers import Euler, LogODE, Signature
@@ -101,11 +101,11 @@ def test_one_compilation_serves_every_packing():
     packings = [jnp.array(cu, jnp.int32) for cu in ([0, 1, 2, 36, 37], [0, 16, 32, 32, 37], [0, 0, 0, 0, 37])]
     refs = [flowssm.delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu, backend="reference") for cu in packings]
     run(CU)
-    before = varlen.packed._cache_size()
+    before = ops._packed._cache_size()
     for cu, (o_ref, S_ref) in zip(packings, refs):
         o, S = run(cu)
         assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10, cu
-    assert varlen.packed._cache_size() == before
+    assert ops._packed._cache_size() == before
     jitted = jax.jit(run)  # boundaries traced by the caller's jit: no value checks, one trace
     for cu in ([0, 1, 2, 36, 37], [0, 16, 32, 32, 37]):
         jitted(jnp.array(cu, jnp.int32))

@@ -81,6 +81,33 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
     return jnp.moveaxis(o, 1, 2), S
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics"))
+def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics):
+    """The packed computation behind the ops (validated arguments). q: [1, T, H, K], path: head-major,
+    h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V])."""
+    T = path.length
+    qh = jnp.moveaxis(q[0].astype(path.keys.dtype), 1, 0)  # [H, T, K]
+    h0h = jnp.moveaxis(h0, 0, 1)  # [H, N, K, V]
+    if backend == "reference":
+        one = jax.tree.map(lambda x: x[0], path)
+        o, finals = jax.vmap(lambda p, qq, h: varlen.token_loop(p, qq, h, cu, scale, semantics))(one, qh, h0h)
+        return jnp.moveaxis(o, 0, 1)[None], jnp.moveaxis(finals, 0, 1)
+    if backend == "pallas":
+        from flowssm.kernels import chunked_pallas
+
+        chunks = varlen.pallas_chunks(varlen.num_chunks(T, cu.shape[0] - 1, chunk_size))
+        lay = varlen.layout(cu, T, chunk_size, chunks=chunks)
+        o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), varlen.slots_path(path, lay), h0, scale=scale,
+                                   chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
+                                   resets=lay.resets)
+        return varlen.from_slots(o, lay, 1), finals
+    C = min(chunk_size, T)
+    lay = varlen.layout(cu, T, C)
+    o, finals = varlen.xla_chunks(varlen.to_slots(qh, lay, 1), varlen.slots_path(path, lay), h0h, lay, C, scale=scale,
+                                  solver=solver, scan=scan, semantics=semantics)
+    return jnp.moveaxis(varlen.from_slots(o, lay, 1), 0, 1)[None], jnp.moveaxis(finals, 0, 1)
+
+
 def validate(q, path: Path, initial_state, scale, chunk_size, solver, scan, semantics):
     """Check the arguments every sequence entry point shares. Returns (solver, S0, scale)."""
     _check_query(q, path)
@@ -133,7 +160,7 @@ def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, b
     h0 = varlen.initial_states(initial_state, path, cu.shape[0] - 1)
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
-    o, S = varlen.packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
+    o, S = _packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
                          backend=backend, semantics=semantics)
     return o.astype(q.dtype), S
 

@@ -222,7 +222,7 @@ def token_loop(path_h: Path, q: Float[Array, "T K"], h0: Float[Array, "N K V"], 
     return o, finals
 
 
-def _xla_chunks(qh, path: Path, h0, lay: Layout, C: int, *, scale, solver, scan, semantics):
+def xla_chunks(qh, path: Path, h0, lay: Layout, C: int, *, scale, solver, scan, semantics):
     """Chunked xla computation on the layout. qh: [H, S, K] and path fields ``[1, H, S, .]`` in slots
     (``S = Nc C``), h0: [H, N, K, V] -> (o: [H, S, V], finals: [H, N, K, V])."""
     H, S, K = qh.shape
@@ -238,33 +238,8 @@ def slots_path(path: Path, lay: Layout) -> Path:
     return map_path(path, lambda x: to_slots(x, lay, 2))
 
 
-def _pallas_chunks(Nc: int) -> int:
+def pallas_chunks(Nc: int) -> int:
     """Chunks of the kernels' layout: from 64 chunks on, a multiple of 16, so that the segmented scan (which
     splits the chunks evenly, ``kernels.launch.segment_count``) can cut them into up to 16 segments (527
     chunks, a product of two primes, would get a single segment; 528 get 8 or 16)."""
     return Nc if Nc < 64 else -(-Nc // 16) * 16
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics"))
-def packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics):
-    """The packed computation behind the ops (validated arguments). q: [1, T, H, K], path: head-major,
-    h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V])."""
-    T = path.length
-    qh = jnp.moveaxis(q[0].astype(path.keys.dtype), 1, 0)  # [H, T, K]
-    h0h = jnp.moveaxis(h0, 0, 1)  # [H, N, K, V]
-    if backend == "reference":
-        one = jax.tree.map(lambda x: x[0], path)
-        o, finals = jax.vmap(lambda p, qq, h: token_loop(p, qq, h, cu, scale, semantics))(one, qh, h0h)
-        return jnp.moveaxis(o, 0, 1)[None], jnp.moveaxis(finals, 0, 1)
-    if backend == "pallas":
-        from flowssm.kernels import chunked_pallas
-
-        lay = layout(cu, T, chunk_size, chunks=_pallas_chunks(num_chunks(T, cu.shape[0] - 1, chunk_size)))
-        o, finals = chunked_pallas(to_slots(q, lay, 1), slots_path(path, lay), h0, scale=scale, chunk_size=chunk_size,
-                                   solver=solver, scan=scan, semantics=semantics, resets=lay.resets)
-        return from_slots(o, lay, 1), finals
-    C = min(chunk_size, T)
-    lay = layout(cu, T, C)
-    o, finals = _xla_chunks(to_slots(qh, lay, 1), slots_path(path, lay), h0h, lay, C, scale=scale, solver=solver,
-                            scan=scan, semantics=semantics)
-    return jnp.moveaxis(from_slots(o, lay, 1), 0, 1)[None], jnp.moveaxis(finals, 0, 1)
