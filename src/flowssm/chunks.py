@@ -47,9 +47,11 @@ def cumulative_log_decay(log_decay: Float[Array, "... C"], axis: int = -1) -> Fl
     ``exp(g_{m+1} + ... + g_i)`` up to one rounding at magnitude ``reset_gap`` otherwise, where
     ``-inf - (-inf)`` would give NaN. Gradients through reset positions are 0.
     """
-    # the barrier keeps XLA from constant-folding this for an ungated path (constant zeros): folding the
-    # integer cumsum of a [BH, N, C] constant took 8 s of compile time per call at 1 x 65536 x 16 heads
-    reset = jnp.isneginf(jax.lax.optimization_barrier(log_decay))
+    # the barrier keeps XLA from constant-folding the cumsums for an ungated path (constant zeros): folding
+    # a [BH, N, C] constant took 8 s of compile time per call at 1 x 65536 x 16 heads. Both cumsums must see
+    # the barrier's output (``where(reset, 0, zeros)`` simplifies back to the constant)
+    log_decay = jax.lax.optimization_barrier(log_decay)
+    reset = jnp.isneginf(log_decay)
     reset_gap = math.ceil(-math.log(jnp.finfo(log_decay.dtype).smallest_subnormal)) + 1
     finite = jnp.cumsum(jnp.where(reset, 0.0, log_decay), axis=axis)
     return finite - reset_gap * jnp.cumsum(reset, axis=axis).astype(log_decay.dtype)
