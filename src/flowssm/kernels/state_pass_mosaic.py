@@ -29,6 +29,7 @@ from flowssm.kernels.common import layout_dims, resolve_interpret
 
 SWIZZLE = 128  # bytes: the widest TMA / wgmma swizzle; rows of 64 bf16 or 32 float32 elements
 OPERAND_DTYPES = (jnp.bfloat16, jnp.float16)
+SHARED_BYTES = 227 * 1024 - 1024  # Hopper's shared memory a block, less room for barriers and alignment
 
 
 def _tiled(dtype) -> tuple:
@@ -36,7 +37,7 @@ def _tiled(dtype) -> tuple:
     return plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(SWIZZLE)
 
 
-def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, segments, flow, resets, h0):
+def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
     """ValueError / TypeError for what this kernel does not run; returns (BH, N, n, K, V, bv)."""
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
@@ -53,6 +54,12 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, segments, flow, rese
     if n % 64 or K % 64 or bv % 64 or V % bv:
         raise ValueError(f"state_pass_mosaic: expected n, K and block_v multiples of 64 (wgmma / swizzle tiles) "
                          f"and V a multiple of block_v, got n={n}, K={K}, V={V}, block_v={bv}")
+    size = jnp.dtype(keys.dtype).itemsize
+    ring = min(num_stages, N) * (2 * n * K * size + n * bv * size + 4 * n)  # k, w, u, G of the chunks in flight
+    if num_stages < 1 or ring + (2 * K * bv + n * bv) * size + 4 * K * bv > SHARED_BYTES:
+        raise ValueError(f"state_pass_mosaic: num_stages={num_stages}, block_v={bv}: expected at least 1 stage and "
+                         f"the stages' tiles plus the state tiles within {SHARED_BYTES} bytes of shared memory; "
+                         f"use fewer stages or a narrower block_v")
     if num_warps != 4:
         raise ValueError(f"state_pass_mosaic: num_warps: one warpgroup (4 warps) a CTA, got {num_warps}")
     if G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n) or S0.shape != (BH, K, V):
@@ -90,12 +97,11 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     chunks in flight in the TMA pipeline; ``num_warps`` must be 4 (one warpgroup).
     """
     BH, N, n, K, V, bv = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
-                                segments=segments, flow=flow, resets=resets, h0=h0)
+                                num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
-
     stages = min(num_stages, N)
 
     def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
@@ -127,7 +133,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                 plgpu.copy_smem_to_gmem(tile, s_in_ref.at[i, c, :, cols])
             wS = _product(w_s.at[slot], tile, (n, bv))
             G_end = g_s[slot, n - 1]
-            decay = jnp.exp(G_end - plgpu.load(g_s.at[slot], layout=plgpu.Layout.WGMMA.reduce(1)))
+            decay = jnp.exp(G_end - plgpu.load(g_s.at[slot], layout=rows))
             corrected = u_s.at[slot][...].astype(f32) - wS
             r_tile[...] = (lax.broadcast_in_dim(decay, (n, bv), (0,)) * corrected).astype(dtype)
             plgpu.commit_smem()
@@ -139,7 +145,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
             return S
 
-        s32[...] = lax.fori_loop(0, N, chunk, s32[...])
+        s32[...] = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, s32[...])  # int32 indices under x64
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s32, s_out_ref.at[i, :, cols])
         plgpu.wait_smem_to_gmem(0)
@@ -153,9 +159,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                plgpu.SMEM((2, K, bv), dtype, transforms=operand), plgpu.SMEM((n, bv), dtype, transforms=operand),
                plgpu.SMEM((K, bv), f32, transforms=state), plgpu.Barrier()]
     run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH, V // bv),
-                       grid_names=("programs", "columns"),
-                       compiler_params=plgpu.CompilerParams(), interpret=plgpu.InterpretGPUParams() if interpreted else None,
-                       kernel_name="flowssm_state_pass_mosaic")
+                       grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_mosaic",
+                       interpret=plgpu.InterpretGPUParams() if interpreted else None)
     out = run(keys, G, w, u, S0)
     return tuple(out) if write_states else out[0]
 
