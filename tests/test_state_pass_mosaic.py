@@ -55,13 +55,13 @@ def test_mosaic_state_pass_lowers_for_the_gpu_without_one():
     K = V = 128
     args = (S((BH, 64, n, K), jnp.bfloat16), S((BH, 64, n), jnp.float32), S((BH, 64, n, K), jnp.bfloat16),
             S((BH, 64, n, V), jnp.bfloat16), S((BH, K, V), jnp.float32))
-    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3))
+    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3))  # 192 KiB of shared memory
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(segments=2), ValueError, "plain pass"),
-    (dict(num_stages=4, block_v=128), ValueError, "shared memory"),
+    (dict(num_stages=0), ValueError, "num_stages"),
     (dict(num_warps=8), ValueError, "num_warps"),
     (dict(dtype=jnp.float32), TypeError, "bfloat16"),
 ])
@@ -72,3 +72,16 @@ def test_mosaic_state_pass_rejects_what_it_does_not_run(change, error, match):
         keys, w, u = (x.astype(dtype) for x in (keys, w, u))
     with pytest.raises(error, match=match):
         state_pass_mosaic(keys, G, w, u, S0, **change)
+
+
+def test_mosaic_state_pass_shared_memory_bounds_the_pipeline_depth():
+    """Stages beyond what fits are dropped (the Triton kernel's stage counts need not fit); a column block
+    too wide for even one stage is refused."""
+    S = jax.ShapeDtypeStruct
+    lower = lambda K, block_v, stages: jax.jit(functools.partial(
+        state_pass_mosaic, interpret=False, block_v=block_v, num_stages=stages)).trace(
+        S((1, 8, n, K), jnp.bfloat16), S((1, 8, n), jnp.float32), S((1, 8, n, K), jnp.bfloat16),
+        S((1, 8, n, K), jnp.bfloat16), S((1, K, K), jnp.float32)).lower(lowering_platforms=("cuda",))
+    lower(128, 128, 4)  # 1 stage of 48 KiB fits beside the 144 KiB of state tiles
+    with pytest.raises(ValueError, match="shared memory"):
+        lower(256, 256, 1)

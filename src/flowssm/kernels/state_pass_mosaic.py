@@ -5,16 +5,18 @@ Same recursion, for each chunk ``c`` (``G_end = G[-1]``, ``k~ = e^{G_end - G} k`
     S_in[c] = S,    S <- e^{G_end} S + k~^T (u - w S)
 
 One CTA (a single warpgroup) per (head, block of ``V`` columns) carries ``S: [K, block_v]`` in float32
-registers (wgmma accumulator layout) across the ``N`` chunks. ``emit_pipeline`` streams each chunk's
-``k, w: [n, K]``, ``u: [n, block_v]`` and ``G: [n]`` into shared memory by TMA, ``num_stages`` chunks ahead.
-A chunk is two wgmmas on bf16/f16 operands accumulated in float32:
+registers (wgmma accumulator layout) across the ``N`` chunks. A ring of ``num_stages`` shared-memory slots
+holds the chunks in flight: TMA loads each chunk's ``k, w: [n, K]``, ``u: [n, block_v]`` and ``G: [n]`` into
+a slot (one barrier a slot), and a slot is refilled with the chunk ``num_stages`` ahead as soon as its
+wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated in float32:
 
-    wS = w @ bf16(S)           (S written to shared memory: also the S_in[c] tile the pipeline stores)
-    S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))     (k read transposed from shared memory)
+    wS = w @ bf16(S)            (bf16(S) in shared memory is also the S_in[c] tile, stored by TMA)
+    S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
 
 the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Only the plain case:
-no segments, no flow mode, no packed sequences, bf16/f16 operands. On CPU it runs in Mosaic GPU's interpret
-mode (``plgpu.InterpretGPUParams``), which simulates the shared memory, TMA, barriers and wgmma.
+no segments, no flow mode, no packed sequences, bf16/f16 operands, ``n``, ``K``, ``block_v`` multiples of 64.
+On CPU it runs in Mosaic GPU's interpret mode (``plgpu.InterpretGPUParams``: simulated shared memory, TMA,
+barriers and wgmma).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _tiled(dtype) -> tuple:
 
 
 def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
-    """ValueError / TypeError for what this kernel does not run; returns (BH, N, n, K, V, bv)."""
+    """ValueError / TypeError for what this kernel does not run; returns (BH, N, n, K, V, bv, stages): the
+    pipeline depth is the largest up to ``num_stages`` (and ``N``) whose tiles fit in shared memory."""
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     if segments != 1 or flow or resets is not None or h0 is not None:
@@ -54,18 +57,21 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
     if n % 64 or K % 64 or bv % 64 or V % bv:
         raise ValueError(f"state_pass_mosaic: expected n, K and block_v multiples of 64 (wgmma / swizzle tiles) "
                          f"and V a multiple of block_v, got n={n}, K={K}, V={V}, block_v={bv}")
+    if num_stages < 1:
+        raise ValueError(f"state_pass_mosaic: num_stages: expected at least 1, got {num_stages}")
     size = jnp.dtype(keys.dtype).itemsize
-    ring = min(num_stages, N) * (2 * n * K * size + n * bv * size + 4 * n)  # k, w, u, G of the chunks in flight
-    if num_stages < 1 or ring + (2 * K * bv + n * bv) * size + 4 * K * bv > SHARED_BYTES:
-        raise ValueError(f"state_pass_mosaic: num_stages={num_stages}, block_v={bv}: expected at least 1 stage and "
-                         f"the stages' tiles plus the state tiles within {SHARED_BYTES} bytes of shared memory; "
-                         f"use fewer stages or a narrower block_v")
+    stage = 2 * n * K * size + n * bv * size + 4 * n  # k, w, u, G of one chunk in flight
+    state = (2 * K * bv + n * bv) * size + 4 * K * bv  # two S_in tiles, the corrected values, S0 / S_final
+    stages = min(num_stages, N, (SHARED_BYTES - state) // stage)
+    if stages < 1:
+        raise ValueError(f"state_pass_mosaic: block_v={bv}: one stage's tiles ({stage} bytes) and the state tiles "
+                         f"({state} bytes) exceed {SHARED_BYTES} bytes of shared memory; use a narrower block_v")
     if num_warps != 4:
         raise ValueError(f"state_pass_mosaic: num_warps: one warpgroup (4 warps) a CTA, got {num_warps}")
     if G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n) or S0.shape != (BH, K, V):
         raise ValueError(f"state_pass_mosaic: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], "
                          f"u [BH, N, n, V], S0 [BH, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, S0 {S0.shape}")
-    return BH, N, n, K, V, bv
+    return BH, N, n, K, V, bv, stages
 
 
 def _product(a, b, shape):
@@ -94,15 +100,15 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     [BH, K, V] float32); with ``write_states=False`` only S_final.
 
     The contract of :func:`flowssm.kernels.state_pass.state_pass_kernel` in its plain case; ``num_stages``:
-    chunks in flight in the TMA pipeline; ``num_warps`` must be 4 (one warpgroup).
+    chunks in flight in the TMA pipeline, fewer where their tiles do not fit in shared memory;
+    ``num_warps`` must be 4 (one warpgroup).
     """
-    BH, N, n, K, V, bv = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
+    BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
                                 num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
-    stages = min(num_stages, N)
 
     def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
         (s_in_ref, *refs) = refs if write_states else (None, *refs)
