@@ -1,6 +1,7 @@
 """The sequential state pass: Mosaic GPU (``state_pass_mosaic``) against the Triton lowering (``state_pass_kernel``).
 
-    python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1] [--stages 2,3] [--tiny]
+    python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1] [--mosaic 64:2,64:4,128:2,128:3]
+        [--hang-s 240] [--tiny]
 
 Per shape (B x T x H x K x V, bf16, chunk 64): the pass's operands as ``chunked_pallas`` hands them over
 (token-major unit keys, ``w, u`` from the exact transfer reference on fla's anchor inputs, gated cumulative
@@ -188,7 +189,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="0,1", help=f"indices into {SHAPES}")
-    parser.add_argument("--mosaic", default="64:2,64:3", help="Mosaic passes to run, block_v:stages,...")
+    parser.add_argument("--mosaic", default="64:2,64:4,128:2,128:3", help="Mosaic passes to run, block_v:stages,...")
     parser.add_argument("--hang-s", type=float, default=240.0, help="end the process if one pass's check and "
                         "timing take longer (a hung kernel)")
     parser.add_argument("--tiny", action="store_true", help=f"{TINY} only, interpret mode on CPU (smoke test)")

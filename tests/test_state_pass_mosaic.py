@@ -55,7 +55,7 @@ def test_mosaic_state_pass_lowers_for_the_gpu_without_one():
     K = V = 128
     args = (S((BH, 64, n, K), jnp.bfloat16), S((BH, 64, n), jnp.float32), S((BH, 64, n, K), jnp.bfloat16),
             S((BH, 64, n, V), jnp.bfloat16), S((BH, K, V), jnp.float32))
-    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3))  # 192 KiB of shared memory
+    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -82,6 +82,6 @@ def test_mosaic_state_pass_shared_memory_bounds_the_pipeline_depth():
         state_pass_mosaic, interpret=False, block_v=block_v, num_stages=stages)).trace(
         S((1, 8, n, K), jnp.bfloat16), S((1, 8, n), jnp.float32), S((1, 8, n, K), jnp.bfloat16),
         S((1, 8, n, K), jnp.bfloat16), S((1, K, K), jnp.float32)).lower(lowering_platforms=("cuda",))
-    lower(128, 128, 4)  # 1 stage of 48 KiB fits beside the 144 KiB of state tiles
+    lower(128, 128, 4)  # 3 stages of 48 KiB fit beside the 81 KiB of state tiles, 4 would not
     with pytest.raises(ValueError, match="shared memory"):
         lower(256, 256, 1)

@@ -61,7 +61,8 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
         raise ValueError(f"state_pass_mosaic: num_stages: expected at least 1, got {num_stages}")
     size = jnp.dtype(keys.dtype).itemsize
     stage = 2 * n * K * size + n * bv * size + 4 * n  # k, w, u, G of one chunk in flight
-    state = (2 * K * bv + n * bv) * size + 4 * K * bv  # two S_in tiles, the corrected values, S0 / S_final
+    # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
+    state = max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024)
     stages = min(num_stages, N, (SHARED_BYTES - state) // stage)
     if stages < 1:
         raise ValueError(f"state_pass_mosaic: block_v={bv}: one stage's tiles ({stage} bytes) and the state tiles "
@@ -112,7 +113,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
     def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
         (s_in_ref, *refs) = refs if write_states else (None, *refs)
-        s_out_ref, (k_s, g_s, w_s, u_s), loaded, s_tiles, r_tile, s32, s0_loaded = refs
+        s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), s0_loaded = refs
         i, j = lax.axis_index("programs"), lax.axis_index("columns")
         cols = pl.ds(j * bv, bv)
         head_keys = k_ref.at[i] if heads is None else k_ref.at[i // heads, :, :, i % heads]
@@ -151,7 +152,9 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
             return S
 
-        s32[...] = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, s32[...])  # int32 indices under x64
+        S = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, s32[...])  # int32 indices under x64
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last S_in tiles are read: s32 overwrites them
+        s32[...] = S
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s32, s_out_ref.at[i, :, cols])
         plgpu.wait_smem_to_gmem(0)
@@ -162,8 +165,10 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                    plgpu.SMEM((stages, n, K), dtype, transforms=operand),
                    plgpu.SMEM((stages, n, bv), dtype, transforms=operand)]
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
-               plgpu.SMEM((2, K, bv), dtype, transforms=operand), plgpu.SMEM((n, bv), dtype, transforms=operand),
-               plgpu.SMEM((K, bv), f32, transforms=state), plgpu.Barrier()]
+               plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # S0, S_final: before / after the loop
+                              [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles, corrected values
+                               plgpu.SMEM((n, bv), dtype, transforms=operand)]),
+               plgpu.Barrier()]
     run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH, V // bv),
                        grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_mosaic",
                        interpret=plgpu.InterpretGPUParams() if interpreted else None)
