@@ -105,7 +105,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     ``num_warps`` must be 4 (one warpgroup).
     """
     BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
-                                num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
+                                        num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
