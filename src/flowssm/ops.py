@@ -81,10 +81,11 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
     return jnp.moveaxis(o, 1, 2), S
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics"))
-def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "zero_h0"))
+def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics, zero_h0=False):
     """The packed computation behind the ops (validated arguments). q: [1, T, H, K], path: head-major,
-    h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V])."""
+    h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V]).
+    ``zero_h0``: no initial states were given (h0 is zeros; the kernels skip reading it)."""
     T = path.length
     qh = jnp.moveaxis(q[0].astype(path.keys.dtype), 1, 0)  # [H, T, K]
     h0h = jnp.moveaxis(h0, 0, 1)  # [H, N, K, V]
@@ -98,9 +99,9 @@ def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, 
         chunks = varlen.pallas_chunks(varlen.num_chunks(T, cu.shape[0] - 1, chunk_size))
         lay = varlen.layout(cu, T, chunk_size, chunks=chunks)
         slotted = varlen.slots_path(path, lay, operand_dtype(q, path))
-        o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), slotted, h0, scale=scale,
+        o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), slotted, None if zero_h0 else h0, scale=scale,
                                    chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
-                                   resets=lay.resets)
+                                   resets=lay.resets, num_seqs=h0.shape[0])
         return varlen.from_slots(o, lay, 1), finals
     C = min(chunk_size, T)
     lay = varlen.layout(cu, T, C)
@@ -162,7 +163,7 @@ def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, b
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = _packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
-                         backend=backend, semantics=semantics)
+                   backend=backend, semantics=semantics, zero_h0=initial_state is None)
     return o.astype(q.dtype), S
 
 

@@ -90,7 +90,8 @@ def _segment_cotangent_ends(P, b, dS_final):
     return reverse(ends), dS0
 
 
-def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None):
+def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
+                     zero_h0: bool = False):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n],
     w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -99,13 +100,14 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
     state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
     Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
-    Packed sequences (``resets``, ``h0``: see ``state_pass``): the passes restart at sequence starts, so
+    Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     opts = dict(heads=heads, segments=segments, block_v=tuning.block_v, num_warps=tuning.state_warps,
-                num_stages=tuning.state_stages, **({} if resets is None else dict(resets=resets, h0=h0)))
+                num_stages=tuning.state_stages,
+                **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0)))
     flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **opts).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
@@ -143,6 +145,7 @@ class _Static:
     mode: str
     tuning: Tuning
     heads: int
+    zero_h0: bool = False  # packed sequences without initial states: the kernels skip reading them
 
 
 def _kernel_backward_transfer(solver: FlowSolver) -> bool:
@@ -168,7 +171,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     segments = auto_segments(st.scan, N, BH * (V // min(t.block_v, V)), t)
     P = None
-    h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0)
+    h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     if st.scan == "associative" and t.assoc == "xla":
@@ -258,12 +261,14 @@ _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning = Tuning(), resets: varlen.Resets | None = None):
+                   semantics: str, tuning: Tuning = Tuning(), resets: varlen.Resets | None = None,
+                   num_seqs: int | None = None):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
     With ``resets`` (packed sequences in :mod:`flowssm.varlen`'s chunk-aligned layout, ``B = 1``, ``T`` a
-    multiple of ``chunk_size``): S0 and the final state are [Ns, H, K, V], one per sequence.
+    multiple of ``chunk_size``): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then
+    be ``None`` with ``num_seqs`` given: no initial states (zeros, which the kernels then never read).
 
     q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.
@@ -298,6 +303,11 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
             outs.append(o)
         return jnp.concatenate(outs, axis=1), S
     od = operand_dtype(q, path)
+    zero_h0 = S0 is None
+    if zero_h0:
+        if resets is None or num_seqs is None:
+            raise ValueError("S0: None (no initial states) needs packed sequences: resets and num_seqs")
+        S0 = jnp.zeros((num_seqs, H, K, V), path.beta.dtype)  # the path dtype (keys may be in the operand dtype)
     tuning = tuning.resolve(od, Kp, Vp, C, n)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
@@ -309,7 +319,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
-    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H)
+    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0)
     o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets)
     o = o.reshape(B, N * C, H, Vp)[:, :T, :, :V]
     S_final = S_final.reshape(B, H, Kp, Vp) if resets is None else jnp.moveaxis(S_final, 1, 0)

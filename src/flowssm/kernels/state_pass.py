@@ -50,12 +50,12 @@ def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[p
     the per-sequence states (``h0`` or ``dfinals``); nothing unpacked."""
     if resets is None:
         return []
-    return [pl.BlockSpec(resets.seq.shape, lambda i, j: (0,))] * 3 + [h0_spec]
+    return [pl.BlockSpec(resets.seq.shape, lambda i, j: (0,))] * 3 + ([h0_spec] if h0_spec else [])
 
 
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool | None = None, resets: Resets | None = None, h0=None):
+                      interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n]; u: [BH, N, n, V];
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
     [BH * segments, K, V] in the dtype of ``S0``); with ``write_states=False`` only S_final.
@@ -68,10 +68,12 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
     ``resets`` (int32 ``[N]`` vectors) and ``h0: [BH, Ns, K, V]``: packed sequences (module docstring); then
     (unless ``flow``) a last output ``finals: [BH, Ns, K, V]`` in the dtype of ``h0`` (rows of sequences
-    owning no chunk are not written).
+    owning no chunk are not written). ``zero_h0``: every ``h0`` row is 0; the kernel then never reads
+    ``h0`` (only its shape and dtype): a restart multiplies the state by 0, with no tile load in the loop.
     """
     BH, N, n, K = layout_dims(keys, heads)
     packed = resets is not None
+    read_h0 = packed and not zero_h0
     V = u.shape[-1]
     if flow and (write_states or S0 is not None):
         raise ValueError("state_pass_kernel: flow=True computes segment flows from [I | 0]: pass S0=None and "
@@ -85,7 +87,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
         s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
-        (seq_ref, start_ref, end_ref, h0_ref), refs = (refs[:4], refs[4:]) if packed else ((None,) * 4, refs)
+        (seq_ref, start_ref, end_ref), refs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
+        h0_ref, refs = (refs[0], refs[1:]) if read_h0 else (None, refs)
         fin_ref, refs = (refs[-1], refs[:-1]) if packed and not flow else (None, refs)
         *s_in_ref, s_out_ref = refs
         j = pl.program_id(1)
@@ -100,8 +103,11 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         def step(c, S):
             if packed:
                 seq = seq_ref[base + c]
-                restart = h0_ref[seq].astype(S.dtype) * values  # [0 | h0] for a segment flow
-                S = jnp.where(start_ref[base + c] > 0, restart, S)
+                if read_h0:
+                    restart = h0_ref[seq].astype(S.dtype) * values  # [0 | h0] for a segment flow
+                    S = jnp.where(start_ref[base + c] > 0, restart, S)
+                else:
+                    S = S * (1 - start_ref[base + c]).astype(S.dtype)
             if write_states:
                 s_in_ref[0][c] = S.astype(dtype)
             G = g_ref[c]
@@ -136,12 +142,12 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         kernel,
         out_shape=out_shape,
         grid=(BH * segments, (K + V if flow else V) // bv),
-        in_specs=(in_specs if flow else in_specs + [state]) + _packed_specs(resets, packed and per_seq(u_col)),
+        in_specs=(in_specs if flow else in_specs + [state]) + _packed_specs(resets, read_h0 and per_seq(u_col)),
         out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, w, u, *(() if flow else (S0,)), *((*resets, h0) if packed else ()))
+    )(keys, G, w, u, *(() if flow else (S0,)), *(resets if packed else ()), *((h0,) if read_h0 else ()))
     return out if len(out) > 1 else out[0]
 
 
@@ -160,10 +166,11 @@ def _by_segment(x, segments: int):
 
 def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                          flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                         interpret: bool | None = None, resets: Resets | None = None, h0=None):
+                         interpret: bool | None = None, resets: Resets | None = None, h0=None,
+                         zero_h0: bool = False):
     """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential), or
     ``flowssm.varlen.chunk_states`` when packed (there an empty sequence's final state is its ``h0`` row)."""
-    del block_v, num_warps, num_stages, interpret
+    del block_v, num_warps, num_stages, interpret, zero_h0  # h0 is read either way
     keys = head_major(keys, heads)
     BH, N, n, K = keys.shape
     V = u.shape[-1]
