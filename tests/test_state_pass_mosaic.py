@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flowssm.kernels.state_pass import state_pass_kernel, state_pass_reference
-from flowssm.kernels.state_pass_mosaic import state_pass_mosaic
+from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
+                                       state_pass_reference)
+from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
 
 BH, N, n = 2, 4, 64
 
@@ -85,3 +86,26 @@ def test_mosaic_state_pass_shared_memory_bounds_the_pipeline_depth():
     lower(128, 128, 4)  # 3 stages of 48 KiB fit beside the 81 KiB of state tiles, 4 would not
     with pytest.raises(ValueError, match="shared memory"):
         lower(256, 256, 1)
+
+
+def bwd_operands(seed=2):
+    """bf16 q, keys, w, do and float32 G, dS_final (K = V = 64) for the backward pass, head-major."""
+    keys, G, w, do, dS_final = operands(64, 64, seed)
+    q = (jax.random.normal(jax.random.PRNGKey(seed + 1), keys.shape) / 8).astype(jnp.bfloat16)
+    return q, keys, G, w, do, dS_final
+
+
+def test_mosaic_state_pass_bwd_matches_reference_and_triton_kernel():
+    args, kw = bwd_operands(), dict(rank=1, scale=0.125)
+    out = state_pass_bwd_mosaic(*args, **kw)
+    ref, tri = state_pass_bwd_reference(*args, **kw), state_pass_bwd_kernel(*args, **kw)
+    assert [x.dtype for x in out] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    for got, want, triton in zip(out, ref, tri):
+        assert rel(got, want) < 2e-2 and rel(got, triton) < 1e-2  # bf16 operands; summation order differs
+
+
+@pytest.mark.parametrize("change, match", [(dict(rank=2), "rank"), (dict(segments=2), "plain pass"),
+                                           (dict(num_warps=8), "num_warps")])
+def test_mosaic_state_pass_bwd_rejects_what_it_does_not_run(change, match):
+    with pytest.raises(ValueError, match=match):
+        state_pass_bwd_mosaic(*bwd_operands(), **{"rank": 1, "scale": 0.125, **change})

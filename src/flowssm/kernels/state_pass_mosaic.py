@@ -39,36 +39,48 @@ def _tiled(dtype) -> tuple:
     return plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(SWIZZLE)
 
 
+def _pipeline(name, operands, *, dims, block_v, num_warps, num_stages, N, stage, state):
+    """Checks shared by both passes (``operands``: name -> array that must be bf16/f16 alike, ``dims``:
+    name -> size that must be a multiple of 64); returns the pipeline depth: the largest up to
+    ``num_stages`` (and ``N``) whose ``stage``-byte chunk tiles fit in shared memory beside ``state`` bytes."""
+    dtypes = {k: x.dtype for k, x in operands.items()}
+    first = next(iter(dtypes.values()))
+    if first not in map(jnp.dtype, OPERAND_DTYPES) or any(d != first for d in dtypes.values()):
+        raise TypeError(f"{name}: {', '.join(dtypes)}: expected one dtype among bfloat16/float16 (wgmma operands), "
+                        f"got {', '.join(map(str, dtypes.values()))}")
+    if any(d % 64 for d in dims.values()):
+        raise ValueError(f"{name}: expected {', '.join(dims)} multiples of 64 (wgmma / swizzle tiles), got "
+                         + ", ".join(f"{k}={d}" for k, d in dims.items()))
+    if num_stages < 1:
+        raise ValueError(f"{name}: num_stages: expected at least 1, got {num_stages}")
+    if num_warps != 4:
+        raise ValueError(f"{name}: num_warps: one warpgroup (4 warps) a CTA, got {num_warps}")
+    stages = min(num_stages, N, (SHARED_BYTES - state) // stage)
+    if stages < 1:
+        raise ValueError(f"{name}: block_v={block_v}: one stage's tiles ({stage} bytes) and the state tiles "
+                         f"({state} bytes) exceed {SHARED_BYTES} bytes of shared memory; use a narrower block_v")
+    return stages
+
+
 def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
-    """ValueError / TypeError for what this kernel does not run; returns (BH, N, n, K, V, bv, stages): the
-    pipeline depth is the largest up to ``num_stages`` (and ``N``) whose tiles fit in shared memory."""
+    """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
     if segments != 1 or flow or resets is not None or h0 is not None:
         raise ValueError("state_pass_mosaic: only the plain pass (segments=1, flow=False, no resets / h0), got "
                          f"segments={segments}, flow={flow}, resets={'set' if resets is not None else None}")
-    if keys.dtype not in map(jnp.dtype, OPERAND_DTYPES) or w.dtype != keys.dtype or u.dtype != keys.dtype:
-        raise TypeError(f"state_pass_mosaic: keys, w, u: expected one of bfloat16/float16 (wgmma operands), got "
-                        f"{keys.dtype}, {w.dtype}, {u.dtype}")
     if G.dtype != jnp.float32 or S0 is None or S0.dtype != jnp.float32:
         raise TypeError(f"state_pass_mosaic: G and S0: expected float32, got {G.dtype}, "
                         f"{None if S0 is None else S0.dtype}")
     bv = min(block_v, V)
-    if n % 64 or K % 64 or bv % 64 or V % bv:
-        raise ValueError(f"state_pass_mosaic: expected n, K and block_v multiples of 64 (wgmma / swizzle tiles) "
-                         f"and V a multiple of block_v, got n={n}, K={K}, V={V}, block_v={bv}")
-    if num_stages < 1:
-        raise ValueError(f"state_pass_mosaic: num_stages: expected at least 1, got {num_stages}")
+    if V % bv:
+        raise ValueError(f"state_pass_mosaic: expected V a multiple of block_v, got V={V}, block_v={bv}")
     size = jnp.dtype(keys.dtype).itemsize
-    stage = 2 * n * K * size + n * bv * size + 4 * n  # k, w, u, G of one chunk in flight
     # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
-    state = max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024)
-    stages = min(num_stages, N, (SHARED_BYTES - state) // stage)
-    if stages < 1:
-        raise ValueError(f"state_pass_mosaic: block_v={bv}: one stage's tiles ({stage} bytes) and the state tiles "
-                         f"({state} bytes) exceed {SHARED_BYTES} bytes of shared memory; use a narrower block_v")
-    if num_warps != 4:
-        raise ValueError(f"state_pass_mosaic: num_warps: one warpgroup (4 warps) a CTA, got {num_warps}")
+    stages = _pipeline("state_pass_mosaic", dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
+                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=N,
+                       stage=2 * n * K * size + n * bv * size + 4 * n,  # k, w, u, G of one chunk in flight
+                       state=max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024))
     if G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n) or S0.shape != (BH, K, V):
         raise ValueError(f"state_pass_mosaic: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], "
                          f"u [BH, N, n, V], S0 [BH, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, S0 {S0.shape}")
@@ -85,12 +97,22 @@ def _product(a, b, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _accumulate(init, a, b, *, interpret: bool):
-    """``init + a @ b``: compiled, the wgmma accumulates into ``init``'s registers; the interpreter has no
-    ``run_state``, so there the product is added afterwards."""
+def _accumulate(init, *products, interpret: bool):
+    """``init + sum a @ b`` over the ``(a, b)`` pairs of ``products``: compiled, the wgmmas accumulate into
+    ``init``'s registers; the interpreter has no ``run_state``, so there the products are added afterwards."""
     if interpret:
-        return init + _product(a, b, init.shape)
-    return pl.run_state(lambda acc: plgpu.wgmma(acc, a, b))(plgpu.ACC.init(init))
+        return init + sum(_product(a, b, init.shape) for a, b in products)
+
+    def run(acc):
+        for a, b in products:
+            plgpu.wgmma(acc, a, b)
+
+    return pl.run_state(run)(plgpu.ACC.init(init))
+
+
+def _head(ref, i, heads: int | None):
+    """Head ``i``'s [N, r, d] view of a head-major [BH, N, r, d] or token-major [B, N, r, H, d] operand."""
+    return ref.at[i] if heads is None else ref.at[i // heads, :, :, i % heads]
 
 
 def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
@@ -116,7 +138,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), s0_loaded = refs
         i, j = lax.axis_index("programs"), lax.axis_index("columns")
         cols = pl.ds(j * bv, bv)
-        head_keys = k_ref.at[i] if heads is None else k_ref.at[i // heads, :, :, i % heads]
+        head_keys = _head(k_ref, i, heads)
 
         def fetch(c, slot):
             """TMA of chunk ``c``'s k, G, w, u tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
@@ -144,7 +166,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             corrected = u_s.at[slot][...].astype(f32) - wS
             r_tile[...] = (lax.broadcast_in_dim(decay, (n, bv), (0,)) * corrected).astype(dtype)
             plgpu.commit_smem()
-            S = _accumulate(jnp.exp(G_end) * S, k_s.at[slot].T, r_tile, interpret=interpreted)
+            S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
 
             @pl.when(c + stages < N)
             def _():  # this slot's wgmmas are done: refill it
@@ -175,3 +197,139 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out = run(keys, G, w, u, S0)
     return tuple(out) if write_states else out[0]
 
+
+
+def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, write_states,
+               resets, dfinals):
+    """ValueError / TypeError for what the backward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
+    name = "state_pass_bwd_mosaic"
+    BH, N, C, K = layout_dims(q, heads)
+    n, V = keys.shape[2], do.shape[-1]
+    if rank != 1:
+        raise ValueError(f"{name}: rank: only rank 1 (one micro-step a token, C = n), got {rank}")
+    if segments != 1 or resets is not None or dfinals is not None:
+        raise ValueError(f"{name}: only the plain pass (segments=1, no resets / dfinals), got segments={segments}, "
+                         f"resets={'set' if resets is not None else None}")
+    if G.dtype != jnp.float32 or dS_final.dtype != jnp.float32:
+        raise TypeError(f"{name}: G and dS_final: expected float32, got {G.dtype}, {dS_final.dtype}")
+    bv = min(block_v, V)
+    if V % bv:
+        raise ValueError(f"{name}: expected V a multiple of block_v, got V={V}, block_v={bv}")
+    size = jnp.dtype(keys.dtype).itemsize
+    # dS_final / dS0 (float32) share their bytes with the dS_out and dv' tile pairs, A and the decayed do
+    stages = _pipeline(name, dict(q=q, keys=keys, w=w, do=do), dims=dict(n=n, K=K, block_v=bv), block_v=bv,
+                       num_warps=num_warps, num_stages=num_stages, N=N,
+                       stage=3 * n * K * size + n * bv * size + 4 * n,  # q, k, w, do, G of one chunk in flight
+                       state=max(4 * K * bv, (2 * K * bv + 3 * n * bv + n * n) * size + 1024))
+    if (C != n or G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or layout_dims(keys, heads) != (BH, N, n, K)
+            or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH, K, V)):
+        raise ValueError(f"{name}: expected q, keys, w [BH, N, n, K] = {(BH, N, C, K)}, G [BH, N, n], "
+                         f"do [BH, N, n, V], dS_final [BH, K, V] (q, keys, do token-major with heads); got q {q.shape}, "
+                         f"keys {keys.shape}, G {G.shape}, w {w.shape}, do {do.shape}, dS_final {dS_final.shape}")
+    return BH, N, n, K, V, bv, stages
+
+
+def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
+                          segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
+                          num_stages: int = 2, interpret: bool | None = None, resets=None, dfinals=None):
+    """q, keys, w: [BH, N, n, K]; G: [BH, N, n] float32 (cumulative); do: [BH, N, n, V] (q, keys, do token-major
+    [B, N, n, H, .] with ``heads=H``); dS_final: [BH, K, V] float32 -> (dS_out: [BH, N, K, V], dv': [BH, N, n, V]
+    in the dtype of ``keys``, dS0: [BH, K, V] float32); with ``write_states=False`` only dS0.
+
+    The contract of :func:`flowssm.kernels.state_pass.state_pass_bwd_kernel` in its plain case, rank 1
+    (``C = n``). Per chunk, in reverse, with ``dS`` in float32 registers (one warpgroup per (head, block of
+    ``V`` columns)), ``A = q k^T`` masked (``m <= t``) and decayed (``e^{G_t - G_m}``), operands rounded as in
+    the Triton kernel:
+
+        dS_out[c] = bf16(dS)                          (the shared-memory tile is also the k @ dS operand)
+        dv' = scale A^T @ do + e^{G_end - G} (k @ bf16(dS))
+        dS <- -(-e^{G_end} dS + w^T @ bf16(dv') + q^T @ bf16(-scale e^{G} do))    (one accumulator)
+
+    q, k, w, do and G of ``num_stages`` chunks are in flight in a TMA ring (fewer where they do not fit).
+    """
+    BH, N, n, K, V, bv, stages = _check_bwd(
+        q, keys, G, w, do, dS_final, rank=rank, heads=heads, block_v=block_v, num_warps=num_warps,
+        num_stages=num_stages, segments=segments, write_states=write_states, resets=resets, dfinals=dfinals)
+    dtype, f32 = keys.dtype, jnp.float32
+    operand, state = _tiled(dtype), _tiled(f32)
+    interpreted = resolve_interpret(interpret)
+    rows, columns = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
+    tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
+
+    def kernel(q_ref, k_ref, g_ref, w_ref, do_ref, dsf_ref, *refs):
+        (ds_out_ref, dv_ref, *refs) = refs if write_states else (None, None, *refs)
+        ds0_ref, (q_s, k_s, g_s, w_s, do_s), loaded, (s32, (ds_tiles, dv_tiles, a_tile, dd_tile)), s_loaded = refs
+        i, j = lax.axis_index("programs"), lax.axis_index("columns")
+        cols = pl.ds(j * bv, bv)
+        head_q, head_k, head_do = _head(q_ref, i, heads), _head(k_ref, i, heads), _head(do_ref, i, heads)
+
+        def fetch(c, slot):
+            """TMA of chunk ``c``'s q, k, G, w, do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
+            for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
+                             (head_do.at[c, :, cols], do_s)):
+                plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
+
+        plgpu.copy_gmem_to_smem(dsf_ref.at[i, :, cols], s32, s_loaded)
+        for step in range(stages):
+            fetch(N - 1 - step, step)
+        plgpu.barrier_wait(s_loaded)
+        seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
+
+        def chunk(step, dS):
+            c, slot, ds_tile, dv_tile = N - 1 - step, step % stages, ds_tiles.at[step % 2], dv_tiles.at[step % 2]
+            plgpu.barrier_wait(loaded.at[slot])
+            if write_states:  # the stores issued two chunks ago have read this pair of tiles
+                plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+            ds_tile[...] = dS.astype(dtype)
+            G_end = g_s[slot, n - 1]
+            G_t = plgpu.load(g_s.at[slot], layout=rows)
+            G_m = tile(lax.broadcast_in_dim(plgpu.load(g_s.at[slot], layout=columns), (n, n), (1,)))
+            decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
+            attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
+            a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
+            do = plgpu.load(do_s.at[slot], layout=plgpu.Layout.WGMMA).astype(f32)
+            dd_tile[...] = tile(row_vector(-(scale * jnp.exp(G_t)), (n, bv)) * do).astype(dtype)
+            plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
+            if write_states:
+                plgpu.copy_smem_to_gmem(ds_tile, ds_out_ref.at[i, c, :, cols])
+            dv = (scale * _product(a_tile.T, do_s.at[slot], (n, bv))
+                  + row_vector(jnp.exp(G_end - G_t), (n, bv)) * _product(k_s.at[slot], ds_tile, (n, bv)))
+            dv_tile[...] = tile(dv).astype(dtype)
+            plgpu.commit_smem()
+            if write_states:
+                plgpu.copy_smem_to_gmem(dv_tile, dv_ref.at[i, c, :, cols])
+            dS = -_accumulate(-jnp.exp(G_end) * dS, (w_s.at[slot].T, dv_tile), (q_s.at[slot].T, dd_tile),
+                              interpret=interpreted)
+
+            @pl.when(step + stages < N)
+            def _():  # this slot's wgmmas are done: refill it
+                fetch(c - stages, slot)
+
+            return dS
+
+        dS = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, tile(s32[...]))  # int32 indices under x64
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tiles are read: s32 overwrites them
+        s32[...] = dS
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s32, ds0_ref.at[i, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    dS0 = jax.ShapeDtypeStruct((BH, K, V), f32)
+    out_type = ([jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype), dS0]
+                if write_states else [dS0])
+    rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
+    chunk_tiles = [rows_k(), rows_k(), plgpu.SMEM((stages, n), f32), rows_k(),
+                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand)]
+    scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
+               plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # dS_final, dS0: before / after the loop
+                              [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # dS_out tiles
+                               plgpu.SMEM((2, n, bv), dtype, transforms=operand),  # dv' tiles
+                               plgpu.SMEM((n, n), dtype, transforms=operand),  # A
+                               plgpu.SMEM((n, bv), dtype, transforms=operand)]),  # -scale e^{G} do
+               plgpu.Barrier()]
+    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH, V // bv),
+                       grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_bwd_mosaic",
+                       interpret=plgpu.InterpretGPUParams() if interpreted else None)
+    out = run(q, keys, G, w, do, dS_final)
+    return tuple(out) if write_states else out[0]
