@@ -1,7 +1,7 @@
 """The sequential state pass: Mosaic GPU (``state_pass_mosaic``) against the Triton lowering (``state_pass_kernel``).
 
     python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1]
-        [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny]
+        [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny] [--backward 64:2,64:3]
 
 Per shape (B x T x H x K x V, bf16, chunk 64): the pass's operands as ``chunked_pallas`` hands them over
 (token-major unit keys, ``w, u`` from the exact transfer reference on fla's anchor inputs, cumulative
@@ -20,6 +20,10 @@ Triton (at ``Tuning``'s bf16 launch options) runs on every shape first, then eac
 reported with its traceback and the others still run; one that takes longer than ``--hang-s`` ends the
 process after saving. ``--tiny``: one 1x256x2x64x64 shape, both kernels in interpret mode on CPU. JSON goes
 to ``DIR/bench_state_pass.json`` (``--out``, default ``$OUT``) after every step; a table is printed at the end.
+
+``--backward`` (block_v:stages items): the backward pass instead (``state_pass_bwd_mosaic`` against
+``state_pass_bwd_kernel``, rank 1, unit-norm token-major q, random do and dS_final), checked on
+(dS_out, dv', dS0) against ``state_pass_bwd_reference`` (float32) and timed the same way.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import jax.numpy as jnp
 
 from flowssm.kernels import Tuning
 from flowssm.kernels import chunk_transfer as ct
-from flowssm.kernels.state_pass import state_pass_kernel, state_pass_reference
-from flowssm.kernels.state_pass_mosaic import state_pass_mosaic
+from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
+                                       state_pass_reference)
+from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
 from flowssm.solvers import get_solver
 from timing import rel, timed
 
@@ -67,12 +72,30 @@ def operands(seed: int, B: int, T: int, H: int, K: int, V: int):
     return keys, ct.micro_log_decay(ld, 1), w, u, S0
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def bwd_operands(seed: int, B: int, T: int, H: int, K: int, V: int):
+    """(q, keys token-major [B, N, C, H, K] bf16, G [BH, N, C] f32, w [BH, N, C, K] bf16, do token-major
+    [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): the forward's operands, unit q and N(0, 1) cotangents."""
+    keys, G, w, _, _ = operands(seed, B, T, H, K, V)
+    kq, kd, ks = jax.random.split(jax.random.PRNGKey(seed + 1), 3)
+    q = jax.random.normal(kq, keys.shape)
+    q = (q / jnp.linalg.norm(q, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+    do = jax.random.normal(kd, (*keys.shape[:-1], V)).astype(jnp.bfloat16)
+    return q, keys, G, w, do, jax.random.normal(ks, (B * H, K, V), jnp.float32)
+
+
 def poisoned(fn, *args):
     """``fn(*args)`` right after NaN buffers of its outputs' shapes were allocated and freed."""
     poison = [jnp.full(s.shape, jnp.nan, s.dtype) for s in jax.tree.leaves(jax.eval_shape(fn, *args))]
     jax.block_until_ready(poison)
     del poison
     return jax.block_until_ready(fn(*args))
+
+
+def bwd_errors(out, ref) -> dict:
+    """Relative errors of (dS_out, dv', dS0) against ``ref`` and finiteness."""
+    return {**{name: rel(x, r) for name, x, r in zip(("dS_out", "dv", "dS0"), out, ref)},
+            "finite": all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in out)}
 
 
 def errors(out, ref) -> dict:
@@ -118,7 +141,7 @@ def watchdog(seconds: float, on_timeout):
 
 
 def measure(label: str, fn, args, ref, baseline, *, N: int, moved: int, reps: int, batch: int, say, entry: dict,
-            save, hang_s: float):
+            save, hang_s: float, check=errors):
     """Errors (against the reference and ``baseline`` outputs, if any) and timing of one pass into ``entry``;
     returns its outputs, or None when it failed (reported with its traceback)."""
     def hung():
@@ -130,9 +153,9 @@ def measure(label: str, fn, args, ref, baseline, *, N: int, moved: int, reps: in
     try:
         with watchdog(hang_s, hung):
             out = poisoned(fn, *args)
-            entry["vs_reference"] = errors(out, ref)
+            entry["vs_reference"] = check(out, ref)
             if baseline is not None:
-                entry["vs_triton"] = errors(out, baseline)
+                entry["vs_triton"] = check(out, baseline)
             say(label, "errors", entry)
             save()
             ms = timed(fn, *args, reps=reps, batch=batch)
@@ -172,6 +195,41 @@ def bench(shapes, *, reps: int, batch: int, mosaic: str, hang_s: float, say, row
                     **common)
 
 
+def bench_backward(shapes, *, reps: int, batch: int, spec: str, hang_s: float, say, rows: list, save):
+    """Per shape: the backward operands and reference, the Triton backward pass, then one Mosaic backward
+    pass per ``block_v:stages`` item of ``spec``, each checked against the reference and Triton and timed."""
+    for shape in shapes:
+        B, T, H, K, V = shape
+        N, BH = T // CHUNK, B * H
+        row = {"shape": "x".join(map(str, shape)) + " bwd", "variants": {}}
+        rows.append(row)
+        try:
+            args = jax.block_until_ready(bwd_operands(0, *shape))
+            kw = dict(rank=1, scale=K**-0.5, heads=H)
+            ref = jax.block_until_ready(jax.jit(functools.partial(state_pass_bwd_reference, **kw))(*args))
+        except Exception as e:  # report and go on with the next shape
+            row["error"] = f"{type(e).__name__}: {e}"
+            say(row["shape"], "operands / reference FAILED", traceback.format_exc())
+            save()
+            continue
+        say(row["shape"], "operands and reference ready")
+        moved = BH * N * CHUNK * ((3 * K + 2 * V) * 2 + 4) + BH * N * K * V * 2  # q, k, w, do, G in; dv', dS_out out
+        common = dict(N=N, moved=moved, reps=reps, batch=batch, say=say, save=save, hang_s=hang_s, check=bwd_errors)
+        t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+        bv = min(t.block_v, V)
+        name = f"triton_bv{bv}_w{t.state_warps}_s{t.state_stages}"
+        triton = jax.jit(functools.partial(state_pass_bwd_kernel, block_v=bv, num_warps=t.state_warps,
+                                           num_stages=t.state_stages, **kw))
+        baseline = measure(f"{row['shape']} {name}", triton, args, ref, None,
+                           entry=row["variants"].setdefault(name, {}), **common)
+        for item in spec.split(","):
+            bv, stages = (int(x) for x in item.split(":"))
+            name = f"mosaic_bv{min(bv, V)}_s{stages}"
+            fn = jax.jit(functools.partial(state_pass_bwd_mosaic, block_v=min(bv, V), num_stages=stages, **kw))
+            measure(f"{row['shape']} {name}", fn, args, ref, baseline, entry=row["variants"].setdefault(name, {}),
+                    **common)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table: ms a call and errors against the reference, one line per (shape, variant)."""
     lines = ["| shape | variant | ms | us/chunk | GB/s | rel err S_in / S_final (ref) | vs triton | finite |",
@@ -183,6 +241,8 @@ def table(rows: list[dict]) -> str:
                 continue
             r, t = e.get("vs_reference", {}), e.get("vs_triton")
             fmt = lambda x, key: f"{x[key]:.2e}" if x and key in x else "-"
+            if "dv" in r:  # backward rows: dS_out / dv' in the S_in / S_final columns
+                r, t = ({"S_in": x["dS_out"], "S_final": x["dv"], "finite": x["finite"]} if x else x for x in (r, t))
             lines.append(f"| {row['shape']} | {name} | {e.get('ms', float('nan')):.4f} | "
                          f"{e.get('us_per_chunk', float('nan')):.3f} | {e.get('GBps', float('nan')):.0f} | "
                          f"{fmt(r, 'S_in')} / {fmt(r, 'S_final')} | {fmt(t, 'S_in')} / {fmt(t, 'S_final')} | "
@@ -198,6 +258,8 @@ def main(argv=None):
     parser.add_argument("--hang-s", type=float, default=240.0, help="end the process if one pass's check and "
                         "timing take longer (a hung kernel)")
     parser.add_argument("--tiny", action="store_true", help=f"{TINY} only, interpret mode on CPU (smoke test)")
+    parser.add_argument("--backward", default="", help="backward passes instead: Mosaic block_v:stages,... "
+                        "(Triton always), e.g. 64:2,64:3")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -212,8 +274,12 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     shapes = [TINY] if args.tiny else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    bench(shapes, reps=1 if args.tiny else args.reps, batch=1 if args.tiny else 10, mosaic=args.mosaic,
-          hang_s=args.hang_s, say=say, rows=result["rows"], save=save)
+    timing = dict(reps=1 if args.tiny else args.reps, batch=1 if args.tiny else 10, hang_s=args.hang_s, say=say,
+                  rows=result["rows"], save=save)
+    if args.backward:
+        bench_backward(shapes, spec=args.backward, **timing)
+    else:
+        bench(shapes, mosaic=args.mosaic, **timing)
     print(table(result["rows"]), flush=True)
     return result
 

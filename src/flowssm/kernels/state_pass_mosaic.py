@@ -219,7 +219,7 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     # dS_final / dS0 (float32) share their bytes with the dS_out and dv' tile pairs, A and the decayed do
     stages = _pipeline(name, dict(q=q, keys=keys, w=w, do=do), dims=dict(n=n, K=K, block_v=bv), block_v=bv,
                        num_warps=num_warps, num_stages=num_stages, N=N,
-                       stage=3 * n * K * size + n * bv * size + 4 * n,  # q, k, w, do, G of one chunk in flight
+                       stage=3 * n * K * size + n * bv * size + 8 * n,  # q, k, w, do, G (twice) of one chunk in flight
                        state=max(4 * K * bv, (2 * K * bv + 3 * n * bv + n * n) * size + 1024))
     if (C != n or G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or layout_dims(keys, heads) != (BH, N, n, K)
             or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH, K, V)):
@@ -259,15 +259,16 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
 
     def kernel(q_ref, k_ref, g_ref, w_ref, do_ref, dsf_ref, *refs):
         (ds_out_ref, dv_ref, *refs) = refs if write_states else (None, None, *refs)
-        ds0_ref, (q_s, k_s, g_s, w_s, do_s), loaded, (s32, (ds_tiles, dv_tiles, a_tile, dd_tile)), s_loaded = refs
+        ds0_ref, (q_s, k_s, g_s, gc_s, w_s, do_s), loaded, (s32, (ds_tiles, dv_tiles, a_tile, dd_tile)), s_loaded = refs
         i, j = lax.axis_index("programs"), lax.axis_index("columns")
         cols = pl.ds(j * bv, bv)
         head_q, head_k, head_do = _head(q_ref, i, heads), _head(k_ref, i, heads), _head(do_ref, i, heads)
 
         def fetch(c, slot):
-            """TMA of chunk ``c``'s q, k, G, w, do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
-            for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
-                             (head_do.at[c, :, cols], do_s)):
+            """TMA of chunk ``c``'s q, k, G (twice: row and column vectors, two loads that cannot be merged), w,
+            do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
+            for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (g_ref.at[i, c], gc_s),
+                             (w_ref.at[i, c], w_s), (head_do.at[c, :, cols], do_s)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
         plgpu.copy_gmem_to_smem(dsf_ref.at[i, :, cols], s32, s_loaded)
@@ -284,7 +285,7 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             ds_tile[...] = dS.astype(dtype)
             G_end = g_s[slot, n - 1]
             G_t = plgpu.load(g_s.at[slot], layout=rows)
-            G_m = tile(lax.broadcast_in_dim(plgpu.load(g_s.at[slot], layout=columns), (n, n), (1,)))
+            G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
             decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
             attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
             a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
@@ -319,7 +320,7 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     out_type = ([jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype), dS0]
                 if write_states else [dS0])
     rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
-    chunk_tiles = [rows_k(), rows_k(), plgpu.SMEM((stages, n), f32), rows_k(),
+    chunk_tiles = [rows_k(), rows_k(), plgpu.SMEM((stages, n), f32), plgpu.SMEM((stages, n), f32), rows_k(),
                    plgpu.SMEM((stages, n, bv), dtype, transforms=operand)]
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # dS_final, dS0: before / after the loop
