@@ -51,17 +51,30 @@ def test_mosaic_state_pass_token_major_keys_and_column_blocks():
     assert rel(S_final, state_pass_reference(keys, G, w, u, S0, write_states=False)) < 1e-2
 
 
+def test_mosaic_state_pass_segments_run_from_their_own_states():
+    """Two segments of two chunks, each from its own S0 row, against the Triton kernel's segments."""
+    keys, G, w, u, S0 = operands(64, 64, seed=3)
+    S0 = jnp.concatenate([S0, -S0])  # [BH * 2, K, V]: different rows per (head, segment)
+    S_in, S_final = state_pass_mosaic(keys, G, w, u, S0, segments=2)
+    tri_in, tri_final = state_pass_kernel(keys, G, w, u, S0, segments=2)
+    ref_in, ref_final = state_pass_reference(keys, G, w, u, S0, segments=2)
+    assert S_final.shape == (2 * BH, 64, 64)
+    assert rel(S_in, tri_in) < 1e-4 and rel(S_final, tri_final) < 1e-4
+    assert rel(S_in, ref_in) < 1e-2 and rel(S_final, ref_final) < 1e-2
+
+
 def test_mosaic_state_pass_lowers_for_the_gpu_without_one():
     S = jax.ShapeDtypeStruct
     K = V = 128
     args = (S((BH, 64, n, K), jnp.bfloat16), S((BH, 64, n), jnp.float32), S((BH, 64, n, K), jnp.bfloat16),
-            S((BH, 64, n, V), jnp.bfloat16), S((BH, K, V), jnp.float32))
-    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3))
+            S((BH, 64, n, V), jnp.bfloat16), S((BH * 2, K, V), jnp.float32))
+    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=3, segments=2))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(segments=2), ValueError, "plain pass"),
+    (dict(flow=True), ValueError, "plain pass"),
+    (dict(segments=3), ValueError, "segments"),
     (dict(num_stages=0), ValueError, "num_stages"),
     (dict(num_warps=8), ValueError, "num_warps"),
     (dict(dtype=jnp.float32), TypeError, "bfloat16"),

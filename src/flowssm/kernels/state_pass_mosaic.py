@@ -66,9 +66,11 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
     """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
-    if segments != 1 or flow or resets is not None or h0 is not None:
-        raise ValueError("state_pass_mosaic: only the plain pass (segments=1, flow=False, no resets / h0), got "
-                         f"segments={segments}, flow={flow}, resets={'set' if resets is not None else None}")
+    if flow or resets is not None or h0 is not None:
+        raise ValueError("state_pass_mosaic: only the plain pass (flow=False, no resets / h0), got "
+                         f"flow={flow}, resets={'set' if resets is not None else None}")
+    if segments < 1 or N % segments:
+        raise ValueError(f"state_pass_mosaic: segments: expected a divisor of the number of chunks {N}, got {segments}")
     if G.dtype != jnp.float32 or S0 is None or S0.dtype != jnp.float32:
         raise TypeError(f"state_pass_mosaic: G and S0: expected float32, got {G.dtype}, "
                         f"{None if S0 is None else S0.dtype}")
@@ -78,12 +80,14 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
     size = jnp.dtype(keys.dtype).itemsize
     # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
     stages = _pipeline("state_pass_mosaic", dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
-                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=N,
+                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=N // segments,
                        stage=2 * n * K * size + n * bv * size + 4 * n,  # k, w, u, G of one chunk in flight
                        state=max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024))
-    if G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n) or S0.shape != (BH, K, V):
+    if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
+            or S0.shape != (BH * segments, K, V)):
         raise ValueError(f"state_pass_mosaic: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], "
-                         f"u [BH, N, n, V], S0 [BH, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, S0 {S0.shape}")
+                         f"u [BH, N, n, V], S0 [BH * segments, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, "
+                         f"S0 {S0.shape}")
     return BH, N, n, K, V, bv, stages
 
 
@@ -119,15 +123,18 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool | None = None, resets=None, h0=None):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] float32;
-    u: [BH, N, n, V]; S0: [BH, K, V] float32 -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
-    [BH, K, V] float32); with ``write_states=False`` only S_final.
+    u: [BH, N, n, V]; S0: [BH * segments, K, V] float32 -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
+    S_final: [BH * segments, K, V] float32); with ``write_states=False`` only S_final.
 
-    The contract of :func:`flowssm.kernels.state_pass.state_pass_kernel` in its plain case; ``num_stages``:
+    The contract of :func:`flowssm.kernels.state_pass.state_pass_kernel` without flow mode or packed
+    sequences: ``segments`` stretches of ``M = N / segments`` chunks, each run by its own programs from its
+    own ``S0[head * segments + segment]``; ``num_stages``:
     chunks in flight in the TMA pipeline, fewer where their tiles do not fit in shared memory;
     ``num_warps`` must be 4 (one warpgroup).
     """
     BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
                                         num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
+    M = N // segments
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
@@ -136,17 +143,20 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
         (s_in_ref, *refs) = refs if write_states else (None, *refs)
         s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), s0_loaded = refs
-        i, j = lax.axis_index("programs"), lax.axis_index("columns")
+        p, j = lax.axis_index("programs"), lax.axis_index("columns")
+        i, base = p // segments, p % segments * M  # the head and its segment's first chunk
         cols = pl.ds(j * bv, bv)
         head_keys = _head(k_ref, i, heads)
 
         def fetch(c, slot):
-            """TMA of chunk ``c``'s k, G, w, u tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
+            """TMA of the segment's chunk ``c``'s k, G, w, u tiles into ``slot``; ``loaded[slot]`` completes when
+            all landed."""
+            c = base + c
             for src, dst in ((head_keys.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
                              (u_ref.at[i, c, :, cols], u_s)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
-        plgpu.copy_gmem_to_smem(s0_ref.at[i, :, cols], s32, s0_loaded)
+        plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded)
         for c in range(stages):
             fetch(c, c)
         plgpu.barrier_wait(s0_loaded)
@@ -159,7 +169,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             tile[...] = S.astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
             if write_states:
-                plgpu.copy_smem_to_gmem(tile, s_in_ref.at[i, c, :, cols])
+                plgpu.copy_smem_to_gmem(tile, s_in_ref.at[i, base + c, :, cols])
             wS = _product(w_s.at[slot], tile, (n, bv))
             G_end = g_s[slot, n - 1]
             decay = jnp.exp(G_end - plgpu.load(g_s.at[slot], layout=rows))
@@ -168,20 +178,20 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             plgpu.commit_smem()
             S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
 
-            @pl.when(c + stages < N)
+            @pl.when(c + stages < M)
             def _():  # this slot's wgmmas are done: refill it
                 fetch(c + stages, slot)
 
             return S
 
-        S = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, s32[...])  # int32 indices under x64
+        S = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, s32[...])  # int32 indices under x64
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last S_in tiles are read: s32 overwrites them
         s32[...] = S
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(s32, s_out_ref.at[i, :, cols])
+        plgpu.copy_smem_to_gmem(s32, s_out_ref.at[p, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    S_final = jax.ShapeDtypeStruct((BH, K, V), f32)
+    S_final = jax.ShapeDtypeStruct((BH * segments, K, V), f32)
     out_type = [jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final] if write_states else [S_final]
     chunk_tiles = [plgpu.SMEM((stages, n, K), dtype, transforms=operand), plgpu.SMEM((stages, n), f32),
                    plgpu.SMEM((stages, n, K), dtype, transforms=operand),
@@ -191,7 +201,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles, corrected values
                                plgpu.SMEM((n, bv), dtype, transforms=operand)]),
                plgpu.Barrier()]
-    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH, V // bv),
+    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH * segments, V // bv),
                        grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_mosaic",
                        interpret=plgpu.InterpretGPUParams() if interpreted else None)
     out = run(keys, G, w, u, S0)
