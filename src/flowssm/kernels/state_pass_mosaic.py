@@ -13,8 +13,13 @@ wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated in float
     wS = w @ bf16(S)            (bf16(S) in shared memory is also the S_in[c] tile, stored by TMA)
     S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
 
-the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Only the plain case:
-no segments, no flow mode, no packed sequences, bf16/f16 operands, ``n``, ``K``, ``block_v`` multiples of 64.
+the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Segments as in the
+Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row); no flow mode, no packed
+sequences; bf16/f16 operands; ``n``, ``K``, ``block_v`` multiples of 64.
+
+:func:`state_pass_bwd_mosaic`: the backward pass (``state_pass_bwd_kernel``'s plain case, rank 1), the same
+ring of chunk tiles (q, k, w, do, G) and one warpgroup carrying ``dS`` in registers, four wgmmas a chunk
+plus the attention block's.
 On CPU it runs in Mosaic GPU's interpret mode (``plgpu.InterpretGPUParams``: simulated shared memory, TMA,
 barriers and wgmma).
 """
@@ -209,8 +214,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
 
 
-def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, write_states,
-               resets, dfinals):
+def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, resets,
+               dfinals):
     """ValueError / TypeError for what the backward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     name = "state_pass_bwd_mosaic"
     BH, N, C, K = layout_dims(q, heads)
@@ -234,8 +239,9 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     if (C != n or G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or layout_dims(keys, heads) != (BH, N, n, K)
             or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH, K, V)):
         raise ValueError(f"{name}: expected q, keys, w [BH, N, n, K] = {(BH, N, C, K)}, G [BH, N, n], "
-                         f"do [BH, N, n, V], dS_final [BH, K, V] (q, keys, do token-major with heads); got q {q.shape}, "
-                         f"keys {keys.shape}, G {G.shape}, w {w.shape}, do {do.shape}, dS_final {dS_final.shape}")
+                         f"do [BH, N, n, V], dS_final [BH, K, V] (q, keys, do token-major with heads); got "
+                         f"q {q.shape}, keys {keys.shape}, G {G.shape}, w {w.shape}, do {do.shape}, "
+                         f"dS_final {dS_final.shape}")
     return BH, N, n, K, V, bv, stages
 
 
@@ -259,7 +265,7 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     """
     BH, N, n, K, V, bv, stages = _check_bwd(
         q, keys, G, w, do, dS_final, rank=rank, heads=heads, block_v=block_v, num_warps=num_warps,
-        num_stages=num_stages, segments=segments, write_states=write_states, resets=resets, dfinals=dfinals)
+        num_stages=num_stages, segments=segments, resets=resets, dfinals=dfinals)
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
