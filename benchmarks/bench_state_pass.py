@@ -1,7 +1,7 @@
 """The sequential state pass: Mosaic GPU (``state_pass_mosaic``) against the Triton lowering (``state_pass_kernel``).
 
     python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1]
-        [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny] [--backward 64:2,64:3]
+        [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny] [--backward 64:2,64:1,128:1]
 
 Per shape (B x T x H x K x V, bf16, chunk 64): the pass's operands as ``chunked_pallas`` hands them over
 (token-major unit keys, ``w, u`` from the exact transfer reference on fla's anchor inputs, cumulative
