@@ -39,6 +39,17 @@ def _tiled(dtype) -> tuple:
     return plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(SWIZZLE)
 
 
+def _tiles_fit(n: int, K: int, V: int, bv: int) -> bool:
+    """wgmma / swizzle tiles: ``n``, ``K`` and the column block multiples of 64, ``V`` a multiple of the block."""
+    return not (n % 64 or K % 64 or bv % 64 or V % bv)
+
+
+def mosaic_runs(dtype, g_dtype, n: int, K: int, V: int, block_v: int) -> bool:
+    """Whether :func:`state_pass_mosaic` runs the plain pass for these operand / decay dtypes and sizes."""
+    return (jnp.dtype(dtype) in map(jnp.dtype, OPERAND_DTYPES) and jnp.dtype(g_dtype) == jnp.float32
+            and _tiles_fit(n, K, V, min(block_v, V)))
+
+
 def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
     """ValueError / TypeError for what this kernel does not run; returns (BH, N, n, K, V, bv, stages): the
     pipeline depth is the largest up to ``num_stages`` (and ``N``) whose tiles fit in shared memory."""
@@ -54,7 +65,7 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
         raise TypeError(f"state_pass_mosaic: G and S0: expected float32, got {G.dtype}, "
                         f"{None if S0 is None else S0.dtype}")
     bv = min(block_v, V)
-    if n % 64 or K % 64 or bv % 64 or V % bv:
+    if not _tiles_fit(n, K, V, bv):
         raise ValueError(f"state_pass_mosaic: expected n, K and block_v multiples of 64 (wgmma / swizzle tiles) "
                          f"and V a multiple of block_v, got n={n}, K={K}, V={V}, block_v={bv}")
     if num_stages < 1:
