@@ -303,20 +303,32 @@ def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
     return row
 
 
-def sweep(shape, reps, say):
+SWEEP = (Tuning(), Tuning(state_lowering="triton"), Tuning(mosaic_stages=2), Tuning(backward_warps=8),
+         Tuning(block_k=32), Tuning(block_k=128), Tuning(output_warps=8), Tuning(state_stages=2),
+         Tuning(transfer_mode="operand"))
+
+
+def tunings(text: str) -> tuple[Tuning, ...]:
+    """``--sweep-tunings``: ``;``-separated variants of ``,``-separated ``field=value`` (``default``: Tuning())."""
+    def value(v: str):
+        return int(v) if v.isdigit() else None if v == "None" else v
+    return tuple(Tuning(**{k: value(v) for k, v in (kv.split("=") for kv in item.split(",") if kv != "default")})
+                 for item in text.split(";"))
+
+
+def sweep(shape, reps, say, variants=SWEEP):
     """Launch variants of the whole pallas forward and forward+backward (ungated, sequential) on ``shape``."""
     q, k, v, beta, g, do = inputs(0, *shape)
     B, _, H, K, V = shape
     S0_shape = (B, H, K, V)
     out = {}
-    for tuning in (Tuning(), Tuning(backward_warps=8), Tuning(block_k=32), Tuning(block_k=128), Tuning(output_warps=8),
-                   Tuning(state_stages=3), Tuning(transfer_mode="operand")):
+    for tuning in variants:
         label = ", ".join(f"{f.name}={getattr(tuning, f.name)!r}" for f in dataclasses.fields(tuning)
                           if getattr(tuning, f.name) != f.default) or "default"
         try:
             f = lambda q_, k_, v_, b_: chunked_pallas(
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
-                solver=get_solver({"name": "exact", "method": "doubling"}), scan="sequential", semantics="discrete", tuning=tuning)
+                solver=get_solver("exact"), scan="sequential", semantics="discrete", tuning=tuning)
             loss = lambda *a: jnp.sum(f(*a[:4])[0].astype(jnp.float32) * a[4].astype(jnp.float32))
             out[label] = (timed(jax.jit(f), q, k, v, beta, reps=reps),
                                  timed(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, beta, do, reps=reps))
@@ -371,6 +383,8 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="0,1,2,3")
     parser.add_argument("--sweep", action="store_true", help="launch variants on the first shape")
+    parser.add_argument("--sweep-tunings", type=tunings, default=SWEEP,
+                        help="with --sweep: e.g. 'default;state_lowering=triton;mosaic_stages=2'")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
@@ -415,7 +429,7 @@ def main():
                     row=result["rows"][-1], save=save)
         save()
         if args.sweep and j == 0:
-            result["sweep"] = sweep(shape, args.reps, say)
+            result["sweep"] = sweep(shape, args.reps, say, args.sweep_tunings)
             save()
     if args.packed or packed_only:
         CHUNK = 16 if args.tiny else CHUNK

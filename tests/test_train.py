@@ -31,13 +31,13 @@ def _spawn(tmp_path: Path, name: str, steps: int) -> subprocess.Popen:
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(f"name: {name}\ntrain: {{out_dir: {tmp_path}}}\n")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    args = [*TINY, f"train.steps={steps}", "train.eval_every=150", "train.checkpoint_every=100"]
+    args = [*TINY, f"train.steps={steps}", "train.eval_every=60", "train.checkpoint_every=40"]
     return subprocess.Popen([sys.executable, "-m", "flowssm.train", str(cfg), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
-    steps = 300
+    steps = 200  # seconds of steps after the first record: the signal lands mid-run
     reference = _spawn(tmp_path, "reference", steps)
     interrupted = _spawn(tmp_path, "resumed", steps)
     log = tmp_path / "resumed" / "metrics.jsonl"

@@ -33,13 +33,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
-from flowssm.kernels.common import head_major, layout_dims
+from flowssm.kernels.common import head_major, layout_dims, resolve_interpret
 from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
+from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_mosaic
 from flowssm import varlen
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, map_path, pad_path
@@ -116,17 +118,18 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
-                         tuning: Tuning, resets=None, dfinals=None):
+                         tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
     reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
-    (``resets``, ``dfinals``): the final states' cotangents enter inside the passes; a last output, dh0."""
+    (``resets``, ``dfinals``, ``zero_dfinals``): the final states' cotangents enter inside the passes; a last
+    output, dh0."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
     opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v,
                 num_warps=tuning.state_warps, num_stages=tuning.state_stages,
-                **({} if resets is None else dict(resets=resets, dfinals=dfinals)))
+                **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)))
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
     b = state_pass_bwd_kernel(qc, keys, G, w, do, zero, write_states=False, **opts).reshape(BH, segments, K, V)
     ends, dS0 = _segment_cotangent_ends(P, b, dS_final)
@@ -152,6 +155,15 @@ def _kernel_backward_transfer(solver: FlowSolver) -> bool:
     """Whether ``chunk_transfer_bwd_kernel`` covers the solver's program (``T = (I + L)^{-1}`` or ``T = I``),
     else the reference's vjp."""
     return solver.program().structure in (IDENTITY, INVERSE)
+
+
+def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
+    """Whether the sequential, unpacked forward state pass runs on Mosaic GPU (``Tuning.state_lowering``):
+    "auto" on a GPU where it runs the pass; "mosaic" also in interpret mode (``state_pass_mosaic`` refuses
+    dtypes and sizes it cannot run). Segmented and packed passes stay on Triton."""
+    if t.state_lowering == "auto":
+        return not resolve_interpret(None) and mosaic_runs(keys.dtype, G.dtype, n, keys.shape[-1], V, t.block_v)
+    return t.state_lowering == "mosaic"
 
 
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, *, save: bool):
@@ -184,6 +196,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     elif segments > 1:
         S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed)
         S_final = finals[0] if finals else S_final
+    elif resets is None and _use_mosaic(t, keys, G, n, V):
+        S_in, S_final = state_pass_mosaic(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     else:  # sequential, or too few chunks to split
         S_in, S_final, *finals = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v,
                                                    num_warps=t.state_warps, num_stages=t.state_stages, **packed)
@@ -217,14 +231,24 @@ def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, rese
     return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, save=False)[0]
 
 
-def _pallas_flow_fwd(st: _Static, *args):
+def _pallas_flow_fwd(st: _Static, *primals):
+    args = tuple(jax.tree.map(lambda p: p.value, x, is_leaf=lambda p: isinstance(p, CustomVJPPrimal)) for x in primals)
     out, saved = _stages(st, *args, save=st.tuning.backward == "kernels")
     return out, (args, saved)
+
+
+def _dense(cotangent):
+    """A cotangent as an array (symbolic zeros: ``defvjp(..., symbolic_zeros=True)``)."""
+    return jnp.zeros(cotangent.aval.shape, cotangent.aval.dtype) if isinstance(cotangent, SymbolicZero) else cotangent
 
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     args, (w, u, T, S_in, corrected, P) = residuals
     *args, resets = args
+    # packed: when the final states' cotangent is a symbolic zero (a loss of the outputs alone), the
+    # reverse passes never read it
+    zero_dfinals = resets is not None and isinstance(cotangents[1], SymbolicZero)
+    cotangents = tuple(map(_dense, cotangents))
     if st.tuning.backward == "reference":
         return (*jax.vjp(lambda *a: _reference_stages(st, *a, resets), *args)[1](cotangents), None)
     qc, keys, values, beta, alpha, log_decay, S0 = args
@@ -235,7 +259,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     G = micro_log_decay(log_decay, R)
     dfinals, packed = dS_final.astype(S0.dtype), {}
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
-        packed = dict(resets=resets, dfinals=dfinals)
+        packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
         dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
     if P is None:
         dS_out, dv, dS0, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
@@ -257,7 +281,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None)
 
 
-_pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd)
+_pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,

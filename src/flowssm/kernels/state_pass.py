@@ -213,7 +213,7 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                          dfinals=None):
+                          dfinals=None, zero_dfinals: bool = False):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
@@ -223,9 +223,11 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     state entering each segment, in the dtype of ``dS_final``); with ``write_states=False`` only dS0.
     ``segments`` as in :func:`state_pass_kernel`. Packed (``resets``, ``dfinals: [BH, Ns, K, V]``, the final
     states' cotangents; module docstring): with ``write_states`` a last output ``dh0: [BH, Ns, K, V]`` in the
-    dtype of ``dfinals`` (rows of sequences owning no chunk are not written).
+    dtype of ``dfinals`` (rows of sequences owning no chunk are not written). ``zero_dfinals``: every
+    ``dfinals`` row is 0; it is then never read (only its shape and dtype), the cotangent is cut by a product.
     """
     packed = resets is not None
+    read_dfinals = packed and not zero_dfinals
     BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
     V = do.shape[-1]
@@ -236,7 +238,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     G_tok = G[..., rank - 1 :: rank]
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, *refs):
-        (seq_ref, start_ref, end_ref, dfin_ref), outs = (refs[:4], refs[4:]) if packed else ((None,) * 4, refs)
+        (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
+        dfin_ref, outs = (outs[0], outs[1:]) if read_dfinals else (None, outs)
         dh0_ref, outs = (outs[-1], outs[:-1]) if packed and write_states else (None, outs)
         *written, ds0_ref = outs
         acc = jnp.promote_types(dtype, jnp.promote_types(dsf_ref.dtype, g_ref.dtype))
@@ -246,7 +249,10 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             c = M - 1 - i
             if packed:  # the cotangent of a sequence's final state enters at its last chunk
                 seq = seq_ref[base + c]
-                dS = jnp.where(end_ref[base + c] > 0, dfin_ref[seq].astype(acc), dS)
+                if read_dfinals:
+                    dS = jnp.where(end_ref[base + c] > 0, dfin_ref[seq].astype(acc), dS)
+                else:
+                    dS = dS * (1 - end_ref[base + c]).astype(acc)
             if write_states:
                 written[0][c] = dS.astype(written[0].dtype)
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
@@ -259,6 +265,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                 def _():
                     dh0_ref[seq] = dS.astype(dh0_ref.dtype)
 
+            if packed:  # a starting chunk reads h0, not the state before it: no cotangent flows back
+                dS = dS * (1 - start_ref[base + c]).astype(acc)
             return dS
 
         ds0_ref[...] = lax.fori_loop(0, M, step, dsf_ref[...].astype(acc)).astype(ds0_ref.dtype)
@@ -278,22 +286,22 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         out_shape=out_shape,
         grid=(BH * segments, V // bv),
         in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads), vec(n), vec(C), whole(n, K),
-                  token_spec(cols(C), heads), state] + _packed_specs(resets, per_seq),
+                  token_spec(cols(C), heads), state] + _packed_specs(resets, read_dfinals and per_seq),
         out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, w, do, dS_final, *((*resets, dfinals) if packed else ()))
+    )(q, keys, G, G_tok, w, do, dS_final, *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
     return out if len(out) > 1 else out[0]
 
 
 def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                              segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                              num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                             dfinals=None):
+                             dfinals=None, zero_dfinals: bool = False):
     """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision (packed: an
     empty sequence's dh0 row is 0)."""
-    del block_v, num_warps, num_stages, interpret
+    del block_v, num_warps, num_stages, interpret, zero_dfinals  # dfinals is read either way
     q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     BH, N = G.shape[:2]
     M, _ = _segment_blocks(N, segments)
@@ -314,7 +322,7 @@ def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: f
             dv, dS_prev = _reverse_step(q, k, w, G, G[rank - 1 :: rank], G[-1], do, dS, rank=rank, scale=scale,
                                         matmul=reference_dot, operand_dtype=keys.dtype)
             dh0 = jnp.where(start > 0, dh0.at[seq].set(dS_prev), dh0)
-            return (dS_prev, dh0), (dS, dv)
+            return (jnp.where(start > 0, 0.0, dS_prev), dh0), (dS, dv)  # a start reads h0, not the earlier state
 
         init = (dS.astype(acc), jnp.zeros_like(dfinal))
         (dS0, dh0), (dS_out, dv) = lax.scan(step, init, (q, k, G, w, do, *piece), reverse=True)

@@ -44,6 +44,17 @@ def _tiled(dtype) -> tuple:
     return plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(SWIZZLE)
 
 
+def _tiles_fit(n: int, K: int, V: int, bv: int) -> bool:
+    """wgmma / swizzle tiles: ``n``, ``K`` and the column block multiples of 64, ``V`` a multiple of the block."""
+    return not (n % 64 or K % 64 or bv % 64 or V % bv)
+
+
+def mosaic_runs(dtype, g_dtype, n: int, K: int, V: int, block_v: int) -> bool:
+    """Whether :func:`state_pass_mosaic` runs the plain pass for these operand / decay dtypes and sizes."""
+    return (jnp.dtype(dtype) in map(jnp.dtype, OPERAND_DTYPES) and jnp.dtype(g_dtype) == jnp.float32
+            and _tiles_fit(n, K, V, min(block_v, V)))
+
+
 def _pipeline(name, operands, *, dims, block_v, num_warps, num_stages, N, stage, state):
     """Checks shared by both passes (``operands``: name -> array that must be bf16/f16 alike, ``dims``:
     name -> size that must be a multiple of 64); returns the pipeline depth: the largest up to
