@@ -41,7 +41,7 @@ from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_tra
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret
 from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
-from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_mosaic
+from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
 from flowssm import varlen
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, map_path, pad_path
@@ -93,7 +93,7 @@ def _segment_cotangent_ends(P, b, dS_final):
 
 
 def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
-                     zero_h0: bool = False):
+                     zero_h0: bool = False, mosaic: bool = False):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n],
     w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -102,6 +102,7 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
     state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
     Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
+    ``mosaic``: step (3) on Mosaic GPU (``state_pass_mosaic``; unpacked only).
     Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
     """
@@ -113,7 +114,12 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **opts).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
-    S_in, _, *finals = state_pass_kernel(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), **opts)
+    starts = starts.reshape(BH * segments, K, V).astype(S0.dtype)
+    if mosaic:
+        S_in, _ = state_pass_mosaic(keys, G, w, u, starts, heads=heads, segments=segments, block_v=tuning.block_v,
+                                    num_stages=tuning.mosaic_stages)
+        return S_in, S_final.astype(S0.dtype), P
+    S_in, _, *finals = state_pass_kernel(keys, G, w, u, starts, **opts)
     return S_in, S_final.astype(S0.dtype), P, *finals
 
 
@@ -194,7 +200,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
             S_in, S_final = jax.vmap(lambda f, h: varlen.chunk_states(f, h, resets, "associative"))(flows, h0)
         S_in = S_in.astype(keys.dtype)
     elif segments > 1:
-        S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed)
+        S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed,
+                                                     mosaic=resets is None and _use_mosaic(t, keys, G, n, V))
         S_final = finals[0] if finals else S_final
     elif resets is None and _use_mosaic(t, keys, G, n, V):
         S_in, S_final = state_pass_mosaic(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
@@ -261,7 +268,10 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
         packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
         dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
-    if P is None:
+    if P is None and resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1]):
+        dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+                                                heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+    elif P is None:
         dS_out, dv, dS0, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
                                                       scale=st.scale, heads=H, block_v=t.block_v,
                                                       num_warps=t.state_warps, num_stages=t.state_stages, **packed)

@@ -36,10 +36,11 @@ class Tuning:
     ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
-    sequential, unpacked forward state pass through Pallas's Triton lowering or Mosaic GPU
-    (``state_pass_mosaic``: bf16/f16 operands, sizes multiples of 64; 1.45x faster than Triton at
+    unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
+    forward pass, also the last pass of the segmented scan, and the sequential backward pass at rank 1;
+    bf16/f16 operands, sizes multiples of 64; the forward pass 1.45x faster than Triton at
     1 x 65536 x 16 heads on an H200); "auto": Mosaic on a GPU wherever it runs the pass, else Triton;
-    "mosaic": also in interpret mode (CPU tests). Segmented and packed passes stay on Triton.
+    "mosaic": also in interpret mode (CPU tests). Segment flows and packed passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
     """
 
