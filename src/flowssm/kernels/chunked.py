@@ -298,15 +298,14 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
             outs.append(o)
         return jnp.concatenate(outs, axis=1), S
     od = operand_dtype(q, path)
-    tuning = tuning.resolve(od, Kp, Vp, C, n)
+    tuning = tuning.resolve(od, Kp, Vp, C, n, per_channel=path.per_channel)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
     # make_path's head-major transpose and the round trip through the path dtype
     token_major = lambda x, d: jnp.moveaxis(_pad_to(x, {3: Rp, 4: d}), 1, 3).astype(od).reshape(B, N, n, H, d)
     keys, values = token_major(path.keys, Kp), token_major(path.values, Vp)
     beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
-    per_channel = path.log_decay.ndim == 4  # [B, H, T, K]: a decay per key channel (padded channels: 0)
-    log_decay = (_pad_to(path.log_decay, {3: Kp}).reshape(BH, N, C, Kp) if per_channel
+    log_decay = (_pad_to(path.log_decay, {3: Kp}).reshape(BH, N, C, Kp) if path.per_channel  # padded channels: 0
                  else path.log_decay.reshape(BH, N, C))
     qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
