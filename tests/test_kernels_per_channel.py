@@ -44,9 +44,9 @@ def inputs(seed, strength=1.0, dtype=F64):
     return tuple(jnp.asarray(x, dtype) for x in arrays)
 
 
-@pytest.mark.parametrize("C, R", [(32, 1), (16, 2)])
-def test_decayed_scores_and_vjp_match_the_jnp_scores(C, R):
-    """``decay.scores`` (transfer and output masks) and its vjp equal ``chunks.decayed_scores`` and autodiff."""
+def test_decayed_scores_and_vjp_match_the_jnp_scores(C=32, R=2):
+    """``decay.scores`` (transfer and output masks, two time blocks, two micro-steps a token) and its vjp
+    equal ``chunks.decayed_scores`` and autodiff."""
     r = np.random.default_rng(C)
     n = C * R
     G_tok = jnp.cumsum(-r.uniform(0, 5, (C, K)), axis=0)
@@ -129,10 +129,11 @@ def _ops(family, q, k, v, beta, g, S0, **kw):
     return flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, **kw)
 
 
-@pytest.mark.parametrize("family, scan", [("gla", "sequential"), ("kda", "sequential"), ("kda", "associative")])
+@pytest.mark.parametrize("family, scan", [("gla", "sequential"), ("kda", "associative")])
 def test_ops_and_gradients_match_xla(family, scan):
     """Outputs, final states and the gradients of every input (g included) equal backend "xla" in float64;
-    ``associative`` runs the segmented scan (segment flows with per-row decay)."""
+    ``associative`` runs the segmented scan (segment flows with per-row decay) forward and backward (the
+    sequential passes: the stage test above)."""
     args = inputs(4, strength=1.0)
     r = np.random.default_rng(5)
     do, dS = jnp.asarray(r.normal(size=(B, T, H, V))), jnp.asarray(r.normal(size=(B, H, K, V)))
@@ -177,3 +178,17 @@ def test_dplr_is_still_refused_on_pallas():
     q, k, v, _, g, _ = inputs(9)
     with pytest.raises(ValueError, match="dplr"):
         flowssm.dplr_delta_rule(q, k, v, -k, k, g, backend="pallas")
+
+
+def test_float32_per_channel_chunks_are_limited_by_shared_memory():
+    """float32, K = 128, chunk 64: the output and transfer backward kernels outgrow shared memory (per channel
+    only); chunk 32 and bfloat16 run."""
+    from flowssm import backends
+    from flowssm.solvers import get_solver
+
+    request = lambda dtype, C, transition: backends.Request(get_solver("exact"), "discrete", C, 1, 128, 128, dtype,
+                                                            transition)
+    (option, why), = backends.pallas_limits(request(jnp.float32, 64, "per_channel"))
+    assert option == "chunk_size" and "per-channel" in why
+    for args in ((jnp.float32, 32, "per_channel"), (jnp.bfloat16, 64, "per_channel"), (jnp.float32, 64, "scalar")):
+        assert backends.pallas_limits(request(*args)) == []
