@@ -154,14 +154,17 @@ def test_ops_and_gradients_match_xla(family, scan):
 
 
 def test_packed_sequences_match_xla():
-    """Packed sequences (``cu_seqlens``) restart the per-channel pass at each sequence start."""
+    """Packed sequences (``cu_seqlens``) restart the per-channel passes at each sequence start, sequential
+    and segmented."""
     q, k, v, beta, g, _ = inputs(6)
     cu = jnp.asarray([0, 20, 64], jnp.int32)
     h0 = jnp.asarray(np.random.default_rng(7).normal(size=(2, H, K, V)))
-    run = lambda backend: flowssm.delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu, chunk_size=16,
-                                             backend=backend)
-    for a, b in zip(run("pallas"), run("xla")):
-        assert rel(a, b) < 1e-10
+    run = lambda backend, scan: flowssm.delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu, chunk_size=16,
+                                                   scan=scan, backend=backend)
+    want = run("xla", "sequential")
+    for scan in ("sequential", "associative"):
+        for a, b in zip(run("pallas", scan), want):
+            assert rel(a, b) < 1e-10
 
 
 def test_strong_decays_in_float32_match_the_float64_token_loop():
