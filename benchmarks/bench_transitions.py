@@ -8,8 +8,10 @@ q, k, v, a, b and log-decays (as fla's tests): flowssm's op (``--backend auto``:
 and KDA, per-channel decays; xla for DPLR, which the kernels do not run; ``--backend xla``: xla for all)
 forward and forward+backward, timed (median ms a call), and fla 0.6.0's
 ``chunk_gla`` / ``chunk_kda`` / ``chunk_dplr_delta_rule`` on the same inputs (triton's do_bench), with
-the relative error of flowssm's outputs and final state against fla's. Without fla (or ``--no-fla``)
-the outputs are checked against flowssm's float32 token loop instead (tiny shapes only: it is slow).
+the relative error of flowssm's outputs and final state against fla's; a pallas row also reports its
+outputs', final state's and largest input gradient's errors against the xla backend (``err_*_vs_xla``).
+Without fla (or ``--no-fla``) the outputs are checked against flowssm's float32 token loop instead (tiny
+shapes only: it is slow).
 Conventions (both sides): ``S_t = diag(e^{g_t}) S_{t-1} + k v^T`` (GLA, fla's ``g``);
 ``S_t = (I - beta k k^T) diag(e^{g_t}) S_{t-1} + beta k v^T`` (KDA, fla's ``g``, ``beta``);
 ``S_t = (diag(e^{gk_t}) + b a^T) S_{t-1} + k v^T`` (DPLR, fla's ``a, b, gk``); scale ``K^-0.5``.
@@ -32,6 +34,7 @@ from timing import rel, timed
 
 SHAPE, TINY = (4, 4096, 16, 128, 128), (1, 64, 2, 16, 16)
 KINDS = ("gla", "kda", "dplr")
+INPUTS = {"gla": ("q", "k", "v", "g"), "kda": ("q", "k", "v", "beta", "g"), "dplr": ("q", "k", "v", "a", "b", "g")}
 
 
 def inputs(seed, B, T, H, K, V):
@@ -113,6 +116,12 @@ def row(kind, shape, reps, fla_ok, say, chunk_size, backend="auto"):
     o, S = fwd(x)
     r = {"kind": kind, "backend": backend, "shape": "x".join(map(str, shape)),
          "flowssm_fwd": timed(fwd, x, reps=reps), "flowssm_fwdbwd": timed(fwdbwd, x, x["do"], reps=reps)}
+    if backend != "xla":  # the kernels against the xla path: outputs, final state, every input's gradient
+        xla_fwd, xla_fwdbwd = flowssm_fns(kind, chunk_size, "xla")
+        o_xla, S_xla = xla_fwd(x)
+        grads, grads_xla = fwdbwd(x, x["do"]), xla_fwdbwd(x, x["do"])
+        r.update(err_o_vs_xla=rel(o, o_xla), err_S_vs_xla=rel(S, S_xla),
+                 err_grad_vs_xla=max(rel(grads[n], grads_xla[n]) for n in INPUTS[kind]))
     if fla_ok:
         fl = fla_run(kind, x, reps_ms=200)
         r.update(fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], err_o_vs_fla=rel(o, fl["o"]), err_S_vs_fla=rel(S, fl["S"]))

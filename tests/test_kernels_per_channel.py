@@ -28,12 +28,6 @@ def rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def inputs(seed, strength=1.0, dtype=F64):
     """q, k, v, beta, per-channel g (per-token log-decays in [-strength, 0]), S0 in fla's layout."""
     r = np.random.default_rng(seed)
