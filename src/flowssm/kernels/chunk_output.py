@@ -41,24 +41,24 @@ def _blocks(q) -> int:
     return chunks.score_blocks(q.shape[0])
 
 
-def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, item_rows=None):
+def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None):
     """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
     channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
-    its ``item_rows``)."""
+    its kernel ``rows`` loaders)."""
     if G.ndim == 2:
         return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank, matmul=matmul,
-                            operand_dtype=operand_dtype, item_rows=item_rows)
+                            operand_dtype=operand_dtype, rows=rows)
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * pair_decay, 0.0)
 
 
-def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, item_rows=None):
+def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None):
     """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
-    corrected ``u - w S``: [n, V]) in float32; ``item_rows`` as in :func:`attention_block`."""
+    corrected ``u - w S``: [n, V]) in float32; ``rows`` as in :func:`attention_block`."""
     acc = S.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     corrected = u.astype(acc) - mm(w, S)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, item_rows=item_rows)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
     if G.ndim == 2:
         return scale * (mm(jnp.exp(G_tok) * q.astype(acc), S) + mm(att, corrected)), corrected
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected
@@ -84,7 +84,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *r_ref):
         o, corrected = _output_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], w_ref[...], u_ref[...],
                                      s_ref[...].astype(g_ref.dtype), rank=rank, scale=scale, matmul=dot,
-                                     operand_dtype=dtype, item_rows=decay.ref_rows(k_ref, g_ref))
+                                     operand_dtype=dtype,
+                                     rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
             r_ref[0][...] = corrected.astype(dtype)
@@ -119,7 +120,7 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
 
 
 def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
-                      operand_dtype, item_rows=None):
+                      operand_dtype, rows=None):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
@@ -134,7 +135,7 @@ def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, ra
     if G.ndim == 2:
         d_att = scale * mm(do, corrected, trans_b=True)
         dq_att, dk_att = decay.scores_vjp(q, G_tok, k, G, d_att, blocks=_blocks(q), rank=rank, shift=rank,
-                                          matmul=matmul, operand_dtype=operand_dtype, item_rows=item_rows)
+                                          matmul=matmul, operand_dtype=operand_dtype, rows=rows)
         q32, k32 = q.astype(acc), k.astype(acc)
         dq_state = scale * jnp.exp(G_tok) * mm(do, S, trans_b=True)
         dk_state = jnp.exp(G_end[None, :] - G) * mm(corrected, dS_out, trans_b=True)
@@ -182,7 +183,8 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
         grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], r_ref[...],
                                   s_ref[...], ds_ref[...], do_ref[...], dv_ref[...], rank=rank, scale=scale,
-                                  matmul=dot, operand_dtype=dtype, item_rows=decay.ref_rows(k_ref, g_ref))
+                                  matmul=dot, operand_dtype=dtype,
+                                  rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
             ref[...] = x.astype(ref.dtype)
 

@@ -32,29 +32,29 @@ def micro_log_decay(log_decay, rank: int):
     return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype), axis=2), rank, axis=2)
 
 
-def _key_scores(k, G, *, blocks: int, operand_dtype, item_rows=None):
+def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None):
     """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
-    its ``item_rows``)."""
+    its kernel ``rows`` loaders)."""
     n = k.shape[0]
     if G.ndim == 2:
         return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=dot, operand_dtype=operand_dtype,
-                            item_rows=item_rows)
+                            rows=rows)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
-                    item_rows=None):
+                    rows=None):
     """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
-    or None for ``T = I``) in float32. ``blocks``, ``item_rows``: of the per-channel scores (``decay``)."""
+    or None for ``T = I``) in float32. ``blocks``, ``rows``: of the per-channel scores (``decay``)."""
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
     per_channel = G.ndim == 2
     scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
     if program.structure == IDENTITY:
         decayed = scale_k if per_channel else scale_k[:, None]
         return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
-    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, item_rows=item_rows)).astype(f32)
+    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     T = program.matrix(L, matmul)
     u = dot(T * alpha[None, :], v, operand_dtype=operand_dtype)
@@ -92,7 +92,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
                                   program=program, operand_dtype=dtype, mode=mode, blocks=blocks,
-                                  item_rows=decay.ref_rows(k_ref, g_ref))
+                                  rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         if save_transfer:
@@ -167,12 +167,12 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     n = k.shape[0]
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     dL = jnp.where(below, dL, 0.0)
-    item_rows = decay.ref_rows(k_ref, g_ref)
-    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, item_rows=item_rows)  # d/db_i of L_im
+    rows = (decay.ref_rows(k_ref, g_ref),) * 2
+    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)  # d/db_i of L_im
     db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
     if per_channel:
         d_rows, d_items = decay.scores_vjp(k, G, k, G, beta[:, None] * dL, blocks=blocks, rank=1, shift=0, matmul=dot,
-                                           operand_dtype=operand_dtype, item_rows=item_rows)
+                                           operand_dtype=operand_dtype, rows=rows)
         dg_ref[...] = (dG + k.astype(acc) * (d_rows - d_items)).astype(dg_ref.dtype)
         dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
         return

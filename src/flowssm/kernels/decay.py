@@ -11,9 +11,10 @@ factor through the last item before the row block (``ref``): ``e^{G_left - ref} 
 both ``<= 1``, one matmul per row block; pairs inside a block run a loop over the items, each an
 element-wise ``exp`` of a masked non-positive difference. ``exp`` never sees a positive number.
 
-Everything is 2-D (rows and columns picked by ``iota`` masks and masked sums, no gathers or 3-D
-broadcasts): what Pallas's Triton lowering supports. Inside kernels, the loop's item rows are loaded from
-the operand refs (``item_rows``: one ``[1, K]`` load each) instead of masked sums over ``[nr, K]``.
+Each row block runs on its own ``[sl, K]`` rows (``sl`` rows a block), loaded from the kernel refs
+(``rows``: :func:`ref_rows`); its item loop loads one ``[1, K]`` item row an iteration; the blocks'
+results are placed in the ``[nl, .]`` outputs by one-hot matmuls at float32 precision. Everything is
+2-D (no value slices, gathers or 3-D broadcasts): what Pallas's Triton lowering supports.
 """
 
 from __future__ import annotations
@@ -27,99 +28,119 @@ def _iota(shape, axis: int):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _row(x, i):
-    """Row ``i`` (traced or static) of ``x: [r, K]`` as ``[1, K]``."""
-    return jnp.sum(jnp.where(_iota(x.shape, 0) == i, x, 0.0), axis=0, keepdims=True)
+def ref_rows(x_ref, g_ref, *index):
+    """A row loader from refs of an operand and its decays (``[..., r, K]`` blocks, ``index`` the leading
+    indices): ``(start, size)`` -> (rows ``[size, K]``, their decays ``[size, K]``), one load each."""
+    return lambda start, size: tuple(ref[(*index, pl.ds(start, size), slice(None))] for ref in (x_ref, g_ref))
 
 
-def ref_rows(right_ref, g_ref, *index):
-    """``item_rows`` of :func:`scores` from refs of ``right`` and ``G_right`` (``[..., nr, K]`` blocks, ``index``
-    the leading indices): item ``p`` -> (right row, G_right row), each ``[1, K]``, one load each."""
-    return lambda p: (right_ref[(*index, pl.ds(p, 1), slice(None))], g_ref[(*index, pl.ds(p, 1), slice(None))])
+def array_rows(x, G):
+    """The row loader of arrays (outside kernels: the jnp references)."""
+    return lambda start, size: tuple(lax.dynamic_slice_in_dim(y, start, size) for y in (x, G))
 
 
-def _item_rows(right, G_right, item_rows):
-    return item_rows or (lambda p: (_row(right, p), _row(G_right, p)))
+def _loaders(left, G_left, right, G_right, rows):
+    """``rows``: None (arrays) or the (left, right) loaders of a kernel."""
+    return rows or (array_rows(left, G_left), array_rows(right, G_right))
 
 
-def _layout(nl: int, nr: int, blocks: int, rank: int, shift: int):
-    """(rows a block, items a block, visible mask [nl, nr])."""
-    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
-    return nl // blocks, nr // blocks, visible
+def _place(x, a: int, blocks: int, matmul, transpose: bool = False):
+    """Block ``a`` of ``blocks`` row blocks: ``[sl, m]`` -> its rows of ``[blocks sl, m]`` (zero elsewhere), or
+    with ``transpose`` ``[blocks sl, m]`` -> its ``[sl, m]`` rows; a one-hot matmul at float32 precision."""
+    if blocks == 1:
+        return x
+    sl = x.shape[0] // blocks if transpose else x.shape[0]
+    one_hot = (_iota((blocks * sl, sl), 0) == a * sl + _iota((blocks * sl, sl), 1)).astype(x.dtype)
+    return matmul(one_hot, x, operand_dtype=x.dtype, mode="f32", trans_a=transpose)
 
 
-def _cross(left, G_left, right, G_right, a: int, sl: int, sr: int):
-    """Row block ``a`` against the items before it: (left factor [nl, K], its decay, right factor [nr, K],
-    its decay); zero outside the block and past its start."""
-    ref = _row(G_right, a * sr - 1)
-    rows = _iota((left.shape[0], 1), 0) // sl == a
-    items = _iota((right.shape[0], 1), 0) < a * sr
-    e_left = jnp.where(rows, jnp.exp(jnp.where(rows, G_left - ref, 0.0)), 0.0)
-    e_right = jnp.where(items, jnp.exp(jnp.where(items, ref - G_right, 0.0)), 0.0)
-    return left * e_left, e_left, right * e_right, e_right
+def _block_start(left_rows, right_rows, right, G_right, a: int, sl: int, sr: int):
+    """Row block ``a``: (its rows [sl, K], their decays, ``e^{G_left - ref}`` [sl, K] and ``right e^{ref -
+    G_right}`` [nr, K] on the items before the block, their decays, zero past its start); ``a = 0``: no
+    factors (None)."""
+    left_a, G_left_a = left_rows(a * sl, sl)
+    if a == 0:
+        return left_a, G_left_a, None, None, None
+    ref = right_rows(a * sr - 1, 1)[1]
+    before = _iota((right.shape[0], 1), 0) < a * sr
+    e_right = jnp.where(before, jnp.exp(jnp.where(before, ref - G_right, 0.0)), 0.0)
+    return left_a, G_left_a, jnp.exp(G_left_a - ref), right * e_right, e_right
 
 
-def _inside(G_left, G_p, p, sl: int, sr: int, rank: int, shift: int):
-    """Item ``p`` (decays ``G_p: [1, K]``) against the rows of its own block that see it: (``e^{G_left - G_p}``
-    on those rows, else 0: [nl, K], the mask [nl, 1])."""
-    i = _iota((G_left.shape[0], 1), 0)
-    rows = (i // sl == p // sr) & (p < rank * i + shift)
-    return jnp.where(rows, jnp.exp(jnp.where(rows, G_left - G_p, 0.0)), 0.0), rows
+def _inside(G_left_a, G_p, row, p, rank: int, shift: int):
+    """Item ``p`` (decays ``G_p: [1, K]``) against the block's rows (global indices ``row: [sl, 1]``) that see
+    it: (``e^{G_left - G_p}`` there, else 0: [sl, K], the mask [sl, 1])."""
+    seen = p < rank * row + shift
+    return jnp.where(seen, jnp.exp(jnp.where(seen, G_left_a - G_p, 0.0)), 0.0), seen
 
 
-def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
-           item_rows=None):
+def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype, rows=None):
     """left, G_left: [nl, K]; right, G_right: [nr, K] -> A: [nl, nr] (module docstring), float32 (float64).
-    ``item_rows``: item ``p`` -> (its ``right`` and ``G_right`` rows, [1, K]) (:func:`ref_rows`); None: from
-    the values."""
-    item_rows = _item_rows(right, G_right, item_rows)
-    acc = G_left.dtype  # left and right stay in their dtype (fewer live float32 tiles), upcast where used
+    ``rows``: the kernel's (left, right) row loaders (:func:`ref_rows`); None: slices of the arrays."""
+    acc = G_left.dtype
+    left_rows, right_rows = _loaders(left, G_left, right, G_right, rows)
     (nl, _), nr = left.shape, right.shape[0]
-    sl, sr, visible = _layout(nl, nr, blocks, rank, shift)
+    sl, sr = nl // blocks, nr // blocks
+    right, columns = right.astype(acc), _iota((sl, nr), 1)
     A = jnp.zeros((nl, nr), acc)
-    for a in range(1, blocks):
-        lf, _, rf, _ = _cross(left, G_left, right, G_right, a, sl, sr)
-        A = A + matmul(lf, rf, operand_dtype=operand_dtype, trans_b=True)
-    columns = _iota((1, nr), 1)
+    for a in range(blocks):
+        left_a, G_left_a, e_left, right_before, _ = _block_start(left_rows, right_rows, right, G_right, a, sl, sr)
+        left_a = left_a.astype(acc)
+        A_a = (jnp.zeros((sl, nr), acc) if a == 0 else
+               matmul(left_a * e_left, right_before, operand_dtype=operand_dtype, trans_b=True))
+        row = a * sl + _iota((sl, 1), 0)
 
-    def item(p, A):
-        right_p, G_p = item_rows(p)
-        e, _ = _inside(G_left, G_p, p, sl, sr, rank, shift)
-        col = jnp.sum(left.astype(acc) * right_p.astype(acc) * e, axis=1, keepdims=True)
-        return A + jnp.where(columns == p, col, 0.0)
+        def item(j, A_a):
+            p = a * sr + j
+            right_p, G_p = right_rows(p, 1)
+            e, _ = _inside(G_left_a, G_p, row, p, rank, shift)
+            col = jnp.sum(left_a * right_p.astype(acc) * e, axis=1, keepdims=True)
+            return A_a + jnp.where(columns == p, col, 0.0)
 
-    return jnp.where(visible, lax.fori_loop(0, nr, item, A), 0.0)
+        A = A + _place(lax.fori_loop(0, sr, item, A_a), a, blocks, matmul)
+    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
+    return jnp.where(visible, A, 0.0)
 
 
 def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
-               item_rows=None):
+               rows=None):
     """Cotangents of :func:`scores` given ``dA: [nl, nr]``: (dleft: [nl, K], dright: [nr, K]); those of the
-    decays follow as ``dG_left = left * dleft``, ``dG_right = -right * dright``. ``item_rows`` as in
+    decays follow as ``dG_left = left * dleft``, ``dG_right = -right * dright``. ``rows`` as in
     :func:`scores`."""
-    item_rows = _item_rows(right, G_right, item_rows)
     acc = G_left.dtype
+    left_rows, right_rows = _loaders(left, G_left, right, G_right, rows)
     (nl, K), nr = left.shape, right.shape[0]
-    sl, sr, visible = _layout(nl, nr, blocks, rank, shift)
+    sl, sr = nl // blocks, nr // blocks
+    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
     dA = jnp.where(visible, dA.astype(acc), 0.0)
+    right = right.astype(acc)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     dleft, dright = jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc)
-    for a in range(1, blocks):
-        lf, e_left, rf, e_right = _cross(left, G_left, right, G_right, a, sl, sr)
-        dleft = dleft + e_left * mm(dA, rf)
-        dright = dright + e_right * mm(dA, lf, trans_a=True)
-    columns, items = _iota((nl, nr), 1), _iota((nr, 1), 0)
+    columns, items = _iota((sl, nr), 1), _iota((sr, 1), 0)
+    for a in range(blocks):
+        left_a, G_left_a, e_left, right_before, e_right = _block_start(left_rows, right_rows, right, G_right, a,
+                                                                       sl, sr)
+        left_a = left_a.astype(acc)
+        dA_a = _place(dA, a, blocks, matmul, transpose=True)  # [sl, nr]
+        dleft_a = jnp.zeros((sl, K), acc)
+        if a > 0:
+            dleft_a = e_left * mm(dA_a, right_before)
+            dright = dright + e_right * mm(dA_a, left_a * e_left, trans_a=True)
+        row = a * sl + _iota((sl, 1), 0)
 
-    def item(p, carry):
-        dleft, dright = carry
-        right_p, G_p = item_rows(p)
-        e, rows = _inside(G_left, G_p, p, sl, sr, rank, shift)
-        d_col = jnp.sum(jnp.where(columns == p, dA, 0.0), axis=1, keepdims=True)
-        d_col = jnp.where(rows, d_col, 0.0)
-        dleft = dleft + d_col * right_p.astype(acc) * e
-        d_item = jnp.sum(d_col * left.astype(acc) * e, axis=0, keepdims=True)
-        return dleft, dright + jnp.where(items == p, d_item, 0.0)
+        def item(j, carry):
+            dleft_a, dright_a = carry
+            p = a * sr + j
+            right_p, G_p = right_rows(p, 1)
+            e, seen = _inside(G_left_a, G_p, row, p, rank, shift)
+            d_col = jnp.where(seen, jnp.sum(jnp.where(columns == p, dA_a, 0.0), axis=1, keepdims=True), 0.0)
+            d_item = jnp.sum(d_col * left_a * e, axis=0, keepdims=True)
+            return dleft_a + d_col * right_p.astype(acc) * e, dright_a + jnp.where(items == j, d_item, 0.0)
 
-    return lax.fori_loop(0, nr, item, (dleft, dright))
+        dleft_a, dright_a = lax.fori_loop(0, sr, item, (dleft_a, jnp.zeros((sr, K), acc)))
+        dleft = dleft + _place(dleft_a, a, blocks, matmul)
+        dright = dright + _place(dright_a, a, blocks, matmul)
+    return dleft, dright
 
 
 # Cumulative decays reach the kernels as G: [BH, N, n] (scalar) or [BH, N, n, K] (per key channel).

@@ -203,12 +203,12 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
 
 
 def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype,
-                  item_rows=None):
+                  rows=None):
     """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], G_end: [] (or [n, K],
     [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v])."""
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, item_rows=item_rows)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
     if G.ndim == 2:  # per channel: the decays scale the key channels of k and q
         k_end = jnp.exp(G_end[None, :] - G) * k.astype(acc)
         dv = scale * mm(att, do, trans_a=True) + mm(k_end, dS)
@@ -263,7 +263,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                 written[0][c] = dS.astype(written[0].dtype)
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
-                                   item_rows=decay.ref_rows(k_ref, g_ref, c))
+                                   rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)))
             if write_states:
                 written[1][c] = dv.astype(written[1].dtype)
             if dh0_ref is not None:
