@@ -44,9 +44,10 @@ def _loaders(left, G_left, right, G_right, rows):
     return rows or (array_rows(left, G_left), array_rows(right, G_right))
 
 
-def _place(x, a: int, blocks: int, matmul, transpose: bool = False):
-    """Block ``a`` of ``blocks`` row blocks: ``[sl, m]`` -> its rows of ``[blocks sl, m]`` (zero elsewhere), or
-    with ``transpose`` ``[blocks sl, m]`` -> its ``[sl, m]`` rows; a one-hot matmul at float32 precision."""
+def _place(x, a, blocks: int, matmul, transpose: bool = False):
+    """Block ``a`` (traced or static) of ``blocks`` row blocks: ``[sl, m]`` -> its rows of ``[blocks sl, m]``
+    (zero elsewhere), or with ``transpose`` ``[blocks sl, m]`` -> its ``[sl, m]`` rows; a one-hot matmul at
+    float32 precision."""
     if blocks == 1:
         return x
     sl = x.shape[0] // blocks if transpose else x.shape[0]
@@ -54,14 +55,11 @@ def _place(x, a: int, blocks: int, matmul, transpose: bool = False):
     return matmul(one_hot, x, operand_dtype=x.dtype, mode="f32", trans_a=transpose)
 
 
-def _block_start(left_rows, right_rows, right, G_right, a: int, sl: int, sr: int):
-    """Row block ``a``: (its rows [sl, K], their decays, ``e^{G_left - ref}`` [sl, K] and ``right e^{ref -
-    G_right}`` [nr, K] on the items before the block, their decays, zero past its start); ``a = 0``: no
-    factors (None)."""
+def _block_start(left_rows, right_rows, right, G_right, a, sl: int, sr: int):
+    """Row block ``a`` (traced): (its rows [sl, K], their decays, ``e^{G_left - ref}`` [sl, K] and ``right
+    e^{ref - G_right}`` [nr, K] on the items before the block (none for ``a = 0``), their decays)."""
     left_a, G_left_a = left_rows(a * sl, sl)
-    if a == 0:
-        return left_a, G_left_a, None, None, None
-    ref = right_rows(a * sr - 1, 1)[1]
+    ref = right_rows(jnp.maximum(a * sr - 1, 0), 1)[1]  # block 0: item 0, whose decay bounds every row's
     before = _iota((right.shape[0], 1), 0) < a * sr
     e_right = jnp.where(before, jnp.exp(jnp.where(before, ref - G_right, 0.0)), 0.0)
     return left_a, G_left_a, jnp.exp(G_left_a - ref), right * e_right, e_right
@@ -82,12 +80,10 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
     (nl, _), nr = left.shape, right.shape[0]
     sl, sr = nl // blocks, nr // blocks
     right, columns = right.astype(acc), _iota((sl, nr), 1)
-    A = jnp.zeros((nl, nr), acc)
-    for a in range(blocks):
+
+    def block(a, A):
         left_a, G_left_a, e_left, right_before, _ = _block_start(left_rows, right_rows, right, G_right, a, sl, sr)
         left_a = left_a.astype(acc)
-        A_a = (jnp.zeros((sl, nr), acc) if a == 0 else
-               matmul(left_a * e_left, right_before, operand_dtype=operand_dtype, trans_b=True))
         row = a * sl + _iota((sl, 1), 0)
 
         def item(j, A_a):
@@ -97,7 +93,10 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
             col = jnp.sum(left_a * right_p.astype(acc) * e, axis=1, keepdims=True)
             return A_a + jnp.where(columns == p, col, 0.0)
 
-        A = A + _place(lax.fori_loop(0, sr, item, A_a), a, blocks, matmul)
+        A_a = matmul(left_a * e_left, right_before, operand_dtype=operand_dtype, trans_b=True)
+        return A + _place(lax.fori_loop(0, sr, item, A_a), a, blocks, matmul)
+
+    A = lax.fori_loop(0, blocks, block, jnp.zeros((nl, nr), acc))
     visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
     return jnp.where(visible, A, 0.0)
 
@@ -115,17 +114,14 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     dA = jnp.where(visible, dA.astype(acc), 0.0)
     right = right.astype(acc)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    dleft, dright = jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc)
     columns, items = _iota((sl, nr), 1), _iota((sr, 1), 0)
-    for a in range(blocks):
+
+    def block(a, carry):
+        dleft, dright = carry
         left_a, G_left_a, e_left, right_before, e_right = _block_start(left_rows, right_rows, right, G_right, a,
                                                                        sl, sr)
         left_a = left_a.astype(acc)
         dA_a = _place(dA, a, blocks, matmul, transpose=True)  # [sl, nr]
-        dleft_a = jnp.zeros((sl, K), acc)
-        if a > 0:
-            dleft_a = e_left * mm(dA_a, right_before)
-            dright = dright + e_right * mm(dA_a, left_a * e_left, trans_a=True)
         row = a * sl + _iota((sl, 1), 0)
 
         def item(j, carry):
@@ -137,10 +133,12 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
             d_item = jnp.sum(d_col * left_a * e, axis=0, keepdims=True)
             return dleft_a + d_col * right_p.astype(acc) * e, dright_a + jnp.where(items == j, d_item, 0.0)
 
-        dleft_a, dright_a = lax.fori_loop(0, sr, item, (dleft_a, jnp.zeros((sr, K), acc)))
-        dleft = dleft + _place(dleft_a, a, blocks, matmul)
-        dright = dright + _place(dright_a, a, blocks, matmul)
-    return dleft, dright
+        start = (e_left * mm(dA_a, right_before), jnp.zeros((sr, K), acc))
+        dleft_a, dright_a = lax.fori_loop(0, sr, item, start)
+        dright = dright + e_right * mm(dA_a, left_a * e_left, trans_a=True) + _place(dright_a, a, blocks, matmul)
+        return dleft + _place(dleft_a, a, blocks, matmul), dright
+
+    return lax.fori_loop(0, blocks, block, (jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc)))
 
 
 # Cumulative decays reach the kernels as G: [BH, N, n] (scalar) or [BH, N, n, K] (per key channel).
