@@ -176,16 +176,3 @@ def test_dplr_is_still_refused_on_pallas():
     with pytest.raises(ValueError, match="dplr"):
         flowssm.dplr_delta_rule(q, k, v, -k, k, g, backend="pallas")
 
-
-def test_float32_per_channel_chunks_are_limited_by_shared_memory():
-    """float32, K = 128, chunk 64: the output and transfer backward kernels outgrow shared memory (per channel
-    only); chunk 32 and bfloat16 run."""
-    from flowssm import backends
-    from flowssm.solvers import get_solver
-
-    request = lambda dtype, C, transition: backends.Request(get_solver("exact"), "discrete", C, 1, 128, 128, dtype,
-                                                            transition)
-    (option, why), = backends.pallas_limits(request(jnp.float32, 64, "per_channel"))
-    assert option == "chunk_size" and "per-channel" in why
-    for args in ((jnp.float32, 32, "per_channel"), (jnp.bfloat16, 64, "per_channel"), (jnp.float32, 64, "scalar")):
-        assert backends.pallas_limits(request(*args)) == []

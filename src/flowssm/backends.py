@@ -78,7 +78,7 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
         if size > 256:
             out.append((option, f"runs head sizes up to 256, got {size}"))
     if not out:
-        problem = launch_problem(dtype, request.key_dim, request.value_dim, n, request.transition == "per_channel")
+        problem = launch_problem(dtype, request.key_dim, request.value_dim, n)
         if problem:
             out.append(problem)
     return out

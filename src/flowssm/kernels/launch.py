@@ -21,7 +21,6 @@ BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
-MAX_MICRO_STEPS_F32_PER_CHANNEL = 32  # float32, per-channel decays, K > 64: output and transfer backward tiles
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
 OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
 AUTO_MIN_CHUNKS = 64  # scan="auto": shorter sequences keep the sequential pass
@@ -118,14 +117,10 @@ def auto_segments(scan: str, N: int, programs: int, tuning: Tuning) -> int:
     return segment_count(N, programs, tuning.segment_programs)
 
 
-def launch_problem(dtype, key_dim: int, value_dim: int, n: int, per_channel: bool = False) -> tuple[str, str] | None:
+def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> tuple[str, str] | None:
     """``(option, why)`` when the kernels cannot run ``n = C R`` micro-steps a chunk at these sizes
-    (options as in :class:`flowssm.backends.Request`; ``per_channel``: a decay per key channel), else None."""
+    (options as in :class:`flowssm.backends.Request`), else None."""
     wide = jnp.dtype(dtype).itemsize >= 4
-    if wide and per_channel and key_dim > 64 and n > MAX_MICRO_STEPS_F32_PER_CHANNEL:
-        return "chunk_size", (f"hold at most {MAX_MICRO_STEPS_F32_PER_CHANNEL} micro-steps a chunk (chunk_size * R) "
-                              f"with per-channel decays, {jnp.dtype(dtype)} operands and K > 64 (shared memory), got "
-                              f"{n}; use bfloat16 inputs or chunk_size 32")
     if n > MAX_MICRO_STEPS:
         return "chunk_size", f"hold at most {MAX_MICRO_STEPS} micro-steps a chunk (chunk_size * R), got {n}"
     if wide and n > MAX_MICRO_STEPS_F32:
