@@ -1,14 +1,17 @@
 """Generalised transitions against fla: GLA, KDA and DPLR, correctness and timings (issue 17).
 
-    python3 benchmarks/bench_kernels.py transitions [--reps 30] [--kinds gla,kda,dplr] [--no-fla] [--tiny]
+    python3 benchmarks/bench_kernels.py transitions [--reps 30] [--kinds gla,kda,dplr] [--backend auto] [--no-fla] [--tiny]
     python3 benchmarks/bench_transitions.py ...   (the same)
 
 For each kind, on 4x4096x16x128x128 (B x T x H x K x V; ``--tiny``: 1x64x2x16x16 on CPU, no fla), bf16
-q, k, v, a, b and log-decays (as fla's tests): flowssm's op (``backend="auto"``: the xla path for these
-transitions) forward and forward+backward, timed (median ms a call), and fla 0.6.0's
+q, k, v, a, b and log-decays (as fla's tests): flowssm's op (``--backend auto``: the Pallas kernels for GLA
+and KDA, per-channel decays; xla for DPLR, which the kernels do not run; ``--backend xla``: xla for all)
+forward and forward+backward, timed (median ms a call), and fla 0.6.0's
 ``chunk_gla`` / ``chunk_kda`` / ``chunk_dplr_delta_rule`` on the same inputs (triton's do_bench), with
-the relative error of flowssm's outputs and final state against fla's. Without fla (or ``--no-fla``)
-the outputs are checked against flowssm's float32 token loop instead (tiny shapes only: it is slow).
+the relative error of flowssm's outputs and final state against fla's; a pallas row also reports its
+outputs', final state's and largest input gradient's errors against the xla backend (``err_*_vs_xla``).
+Without fla (or ``--no-fla``) the outputs are checked against flowssm's float32 token loop instead (tiny
+shapes only: it is slow).
 Conventions (both sides): ``S_t = diag(e^{g_t}) S_{t-1} + k v^T`` (GLA, fla's ``g``);
 ``S_t = (I - beta k k^T) diag(e^{g_t}) S_{t-1} + beta k v^T`` (KDA, fla's ``g``, ``beta``);
 ``S_t = (diag(e^{gk_t}) + b a^T) S_{t-1} + k v^T`` (DPLR, fla's ``a, b, gk``); scale ``K^-0.5``.
@@ -31,6 +34,7 @@ from timing import rel, timed
 
 SHAPE, TINY = (4, 4096, 16, 128, 128), (1, 64, 2, 16, 16)
 KINDS = ("gla", "kda", "dplr")
+INPUTS = {"gla": ("q", "k", "v", "g"), "kda": ("q", "k", "v", "beta", "g"), "dplr": ("q", "k", "v", "a", "b", "g")}
 
 
 def inputs(seed, B, T, H, K, V):
@@ -56,12 +60,21 @@ def flowssm_call(kind, x, **options):
     return flowssm.dplr_delta_rule(x["q"], x["k"], x["v"], x["a"], x["b"], x["g"], **options)
 
 
-def flowssm_fns(kind, chunk_size):
+def kind_backend(kind, backend):
+    """The backend a row runs: ``"auto"`` is pallas where the kernels run the transition (not dplr), on any
+    device (interpret mode on CPU); otherwise ``backend`` itself."""
+    if backend == "auto":
+        return "xla" if kind == "dplr" else "pallas"
+    return backend
+
+
+def flowssm_fns(kind, chunk_size, backend="xla"):
     """Jitted forward and forward+backward (grads of ``sum(o * do)`` w.r.t. every input but ``do``)."""
-    fwd = jax.jit(lambda x: flowssm_call(kind, x, chunk_size=chunk_size))
+    fwd = jax.jit(lambda x: flowssm_call(kind, x, chunk_size=chunk_size, backend=backend))
 
     def loss(x, do):
-        return jnp.sum(flowssm_call(kind, x, chunk_size=chunk_size)[0].astype(jnp.float32) * do.astype(jnp.float32))
+        o = flowssm_call(kind, x, chunk_size=chunk_size, backend=backend)[0]
+        return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
 
     return fwd, jax.jit(jax.grad(loss))
 
@@ -95,13 +108,20 @@ def fla_run(kind, x, reps_ms):
     return out
 
 
-def row(kind, shape, reps, fla_ok, say, chunk_size):
+def row(kind, shape, reps, fla_ok, say, chunk_size, backend="auto"):
     """One kind's row: flowssm timings and its errors against fla (or the token loop)."""
     x = inputs(0, *shape)
-    fwd, fwdbwd = flowssm_fns(kind, chunk_size)
+    backend = kind_backend(kind, backend)
+    fwd, fwdbwd = flowssm_fns(kind, chunk_size, backend)
     o, S = fwd(x)
-    r = {"kind": kind, "shape": "x".join(map(str, shape)),
+    r = {"kind": kind, "backend": backend, "shape": "x".join(map(str, shape)),
          "flowssm_fwd": timed(fwd, x, reps=reps), "flowssm_fwdbwd": timed(fwdbwd, x, x["do"], reps=reps)}
+    if backend != "xla":  # the kernels against the xla path: outputs, final state, every input's gradient
+        xla_fwd, xla_fwdbwd = flowssm_fns(kind, chunk_size, "xla")
+        o_xla, S_xla = xla_fwd(x)
+        grads, grads_xla = fwdbwd(x, x["do"]), xla_fwdbwd(x, x["do"])
+        r.update(err_o_vs_xla=rel(o, o_xla), err_S_vs_xla=rel(S, S_xla),
+                 err_grad_vs_xla=max(rel(grads[n], grads_xla[n]) for n in INPUTS[kind]))
     if fla_ok:
         fl = fla_run(kind, x, reps_ms=200)
         r.update(fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], err_o_vs_fla=rel(o, fl["o"]), err_S_vs_fla=rel(S, fl["S"]))
@@ -117,6 +137,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--tiny", action="store_true", help=f"shape {TINY}, chunk 16, no fla (CPU smoke test)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "pallas", "xla"),
+                        help="flowssm's backend (auto: pallas for gla and kda, xla for dplr)")
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
@@ -137,7 +159,7 @@ def main(argv=None):
             say("fla unavailable:", e)
     shape, chunk = (TINY, 16) if args.tiny else (SHAPE, 64)
     say("jax", jax.__version__, jax.devices(), "fla" if fla_ok else "no fla")
-    rows = [row(kind, shape, args.reps, fla_ok, say, chunk) for kind in kinds]
+    rows = [row(kind, shape, args.reps, fla_ok, say, chunk, args.backend) for kind in kinds]
     if args.out:
         with open(os.path.join(args.out, "bench_transitions.json"), "w") as f:
             json.dump(rows, f, indent=1)

@@ -14,7 +14,8 @@ Two steps in two processes (jax's and triton's MLIR bindings do not share one pr
 
 With ``--op`` step 1 instead lowers the whole op as the models call it, forward and backward
 (``jax.grad`` of ``delta_rule(backend="pallas")`` at 1 x 256 x 2 x K x K), at ``--dtype`` / ``--head-dim`` /
-``--chunk``, with the launch options ``flowssm.kernels.launch.Tuning.resolve`` picks for them: this is
+``--chunk`` / ``--scan`` (``--per-channel``: KDA's decay per key channel, ``g: [B, T, H, K]``; with
+``--linear``, ``linear_attention``'s: GLA), with the launch options ``flowssm.kernels.launch.Tuning.resolve`` picks for them: this is
 how those choices were checked against the 232,448 B of shared memory a block (figures in RESULTS.md, run 6).
 
 Caveat: on the GPU, XLA compiles the same IR with its own Triton and ptxas; registers and spills there
@@ -78,8 +79,11 @@ def lower(out: str) -> None:
         json.dump(meta, f, indent=1)
 
 
-def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "sequential") -> None:
-    """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them."""
+def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "sequential",
+             per_channel: bool = False, linear: bool = False) -> None:
+    """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them;
+    ``per_channel``: a decay per key channel (``g: [B, T, H, K]``: KDA, or GLA with ``linear``);
+    ``linear``: ``linear_attention`` (``T = I``) instead of ``delta_rule``."""
     import jax
     import jax.numpy as jnp
 
@@ -93,11 +97,16 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "seque
     spec = lambda *shape, dtype=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dtype)
 
     def loss(q, k, v, beta, g):
-        o, S = flowssm.delta_rule(q, k, v, beta, g, backend="pallas", chunk_size=chunk, scan=scan)
+        options = dict(backend="pallas", chunk_size=chunk, scan=scan)
+        if linear:
+            o, S = flowssm.linear_attention(q, k, v, g, **options)
+        else:
+            o, S = flowssm.delta_rule(q, k, v, beta, g, **options)
         return o.astype(jnp.float32).sum() + S.sum()
 
+    decay = (B, T, H, K) if per_channel else (B, T, H)
     args = spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, dtype=jnp.float32), spec(
-        B, T, H, dtype=jnp.float32)
+        *decay, dtype=jnp.float32)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     meta = {}
     for ir, grid in captured:
@@ -148,14 +157,21 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128, help="with --op: K = V")
     parser.add_argument("--chunk", type=int, default=64, help="with --op: chunk_size")
     parser.add_argument("--scan", default="sequential", help="with --op: scan (associative: the segmented kernels)")
+    parser.add_argument("--per-channel", action="store_true", help="with --op: a decay per key channel (KDA)")
+    parser.add_argument("--linear", action="store_true", help="with --op: linear_attention (GLA with --per-channel)")
     args = parser.parse_args()
+    if (args.per_channel or args.linear) and not args.op:
+        parser.error("--per-channel and --linear need --op (the per-kernel mode lowers the scalar-decay benchmark "
+                     "calls)")
     os.makedirs(args.out, exist_ok=True)
     if args.lower:
-        return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan) if args.op else lower(args.out)
+        if args.op:
+            return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan, args.per_channel, args.linear)
+        return lower(args.out)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
     op = (["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk), "--scan", args.scan]
-          if args.op else [])
+          + (["--per-channel"] if args.per_channel else []) + (["--linear"] if args.linear else []) if args.op else [])
     subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "

@@ -183,8 +183,6 @@ def test_refusals_name_the_argument(case):
         flowssm.delta_rule(q, k, v, beta, gk, solver="logode")
     with pytest.raises(ValueError, match="solver: LogODE"):
         flowssm.dplr_delta_rule(q, k, v, a, b, gk, solver="logode")
-    with pytest.raises(ValueError, match=r"g \(per-channel decay\).*backend='pallas'"):
-        flowssm.linear_attention(q, k, v, gk, backend="pallas")
     with pytest.raises(ValueError, match="dplr_delta_rule.*backend='pallas'"):
         flowssm.dplr_delta_rule(q, k, v, a, b, gk, backend="pallas")
     with pytest.raises(ValueError, match=r"g: expected shape \[B, T, H\]"):
@@ -197,7 +195,6 @@ def test_refusals_name_the_argument(case):
 @pytest.mark.parametrize("change, key", [
     (dict(family="kda", semantics="continuous"), "mixer.semantics"),
     (dict(family="rwkv7", solver="logode"), "mixer.solver"),
-    (dict(family="gla", backend="pallas"), "mixer.family"),
     (dict(family="rwkv7", backend="pallas"), "mixer.family"),
     (dict(family="gla", allow_neg_eigval=True), "mixer.allow_neg_eigval"),
 ])

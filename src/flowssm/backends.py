@@ -2,8 +2,8 @@
 
 * ``"reference"``: the token loop (ground truth, slow);
 * ``"xla"``: the chunked flow computation in pure jnp (every solver, scan, semantics and transition);
-* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, a scalar decay per token
-  (no per-channel ``g`` or dplr), power-of-two chunks, float32 / bfloat16 operands (float64 only when
+* ``"pallas"``: the GPU kernels (interpret mode on CPU), discrete semantics, a scalar or per-channel decay
+  per token (no dplr), power-of-two chunks, float32 / bfloat16 operands (float64 only when
   interpreting), head sizes up to 256;
 * ``"auto"`` (the default): ``"pallas"`` on a GPU when it can run the request, else ``"xla"``.
 
@@ -53,8 +53,9 @@ def pallas_limits(request: Request) -> list[tuple[str, str]]:
     from flowssm.kernels.launch import launch_problem
 
     out = []
-    if request.transition != "scalar":
-        out.append(("transition", f"run a scalar decay per token only, got a {request.transition!r} transition"))
+    if request.transition == "dplr":
+        out.append(("transition", "run scalar and per-channel decays with the delta rule's keys only, got a 'dplr' "
+                                  "transition (separate reading keys)"))
     if request.semantics != "discrete":
         out.append(("semantics", f"runs 'discrete' semantics only, got {request.semantics!r}"))
     C, R = request.chunk_size, request.rank

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from flowssm import chunks
+from flowssm.kernels import decay
 from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
                                     token_major, token_spec)
 
@@ -35,19 +37,30 @@ def _mask_and_decay(G, G_tok, rank: int):
     return seen, jnp.exp(jnp.where(seen, G_tok[:, None] - G[None, :], 0.0))
 
 
-def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype):
-    """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]."""
-    seen, decay = _mask_and_decay(G, G_tok, rank)
-    return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * decay, 0.0)
+def _blocks(q) -> int:
+    return chunks.score_blocks(q.shape[0])
 
 
-def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype):
-    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C], u: [n, V], S: [K, V] -> (o: [C, V], corrected
-    ``u - w S``: [n, V]) in float32."""
+def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None):
+    """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
+    channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
+    its kernel ``rows`` loaders)."""
+    if G.ndim == 2:
+        return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank, matmul=matmul,
+                            operand_dtype=operand_dtype, rows=rows)
+    seen, pair_decay = _mask_and_decay(G, G_tok, rank)
+    return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * pair_decay, 0.0)
+
+
+def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None):
+    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
+    corrected ``u - w S``: [n, V]) in float32; ``rows`` as in :func:`attention_block`."""
     acc = S.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     corrected = u.astype(acc) - mm(w, S)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+    if G.ndim == 2:
+        return scale * (mm(jnp.exp(G_tok) * q.astype(acc), S) + mm(att, corrected)), corrected
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected
 
 
@@ -66,12 +79,13 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     out_dtype = out_dtype or G.dtype
-    G_tok = G[..., rank - 1 :: rank]
+    G_tok = decay.token_decays(G, rank)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *r_ref):
         o, corrected = _output_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], w_ref[...], u_ref[...],
                                      s_ref[...].astype(g_ref.dtype), rank=rank, scale=scale, matmul=dot,
-                                     operand_dtype=dtype)
+                                     operand_dtype=dtype,
+                                     rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
             r_ref[0][...] = corrected.astype(dtype)
@@ -85,7 +99,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
         grid=(BH, N, V // bv),
-        in_specs=[tok(rows(C, K)), tok(rows(n, K)), vec(n), vec(C), rows(n, K), cols(n), cols(K)],
+        in_specs=[tok(rows(C, K)), tok(rows(n, K)), *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C))),
+                  rows(n, K), cols(n), cols(K)],
         out_specs=(tok(cols(C)), cols(n)) if save_corrected else tok(cols(C)),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
@@ -100,32 +115,44 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
     del block_v, num_warps, num_stages, interpret
     q, keys = head_major(q, heads), head_major(keys, heads)
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
-    o = jax.vmap(jax.vmap(block))(q, keys, G, G[..., rank - 1 :: rank], w, u, S_in.astype(G.dtype))
+    o = jax.vmap(jax.vmap(block))(q, keys, G, decay.token_decays(G, rank), w, u, S_in.astype(G.dtype))
     return token_major(o.astype(out_dtype or G.dtype), heads)
 
 
 def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
-                      operand_dtype):
+                      operand_dtype, rows=None):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
     S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
     dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up).
+    Per key channel (G: [n, k], G_tok: [C, k], G_end: [k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
     """
     n = k.shape[0]
     acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    seen, decay = _mask_and_decay(G, G_tok, rank)
+    last = lax.broadcasted_iota(jnp.int32, (n, 1), 0) == n - 1
+    if G.ndim == 2:
+        d_att = scale * mm(do, corrected, trans_b=True)
+        dq_att, dk_att = decay.scores_vjp(q, G_tok, k, G, d_att, blocks=_blocks(q), rank=rank, shift=rank,
+                                          matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+        q32, k32 = q.astype(acc), k.astype(acc)
+        dq_state = scale * jnp.exp(G_tok) * mm(do, S, trans_b=True)
+        dk_state = jnp.exp(G_end[None, :] - G) * mm(corrected, dS_out, trans_b=True)
+        through_k = dk_state * k32
+        d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc), axis=1) + jnp.sum(through_k, axis=0)
+        return (dq_state + dq_att, dk_att + dk_state, -mm(dv, S, trans_b=True),
+                jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k, q32 * (dq_att + dq_state))
+    seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
-    through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * decay, 0.0)
-    d_qk = jnp.where(seen, d_att * decay, 0.0)
+    through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0)
+    d_qk = jnp.where(seen, d_att * pair_decay, 0.0)
     dq_state = (scale * jnp.exp(G_tok))[:, None] * mm(do, S, trans_b=True)
     dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
     through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
-    last = lax.broadcasted_iota(jnp.int32, (n,), 0) == n - 1
     d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
     return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, -mm(dv, S, trans_b=True),
-            jnp.where(last, d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
+            jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 
 
@@ -135,7 +162,8 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
     (head, chunk, block of ``K`` columns).
 
-    q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative), corrected (``u - w S_in``, from the
+    q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative; or [BH, N, n, K] per key channel, then
+    dG too), corrected (``u - w S_in``, from the
     forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
     (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
     dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K], dG: [BH, N, n] in float32 (float64 for float64
@@ -149,12 +177,14 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = G.dtype
-    G_tok = G[..., rank - 1 :: rank]
+    G_tok = decay.token_decays(G, rank)
+    per_channel = decay.per_channel(G)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
         grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], r_ref[...],
                                   s_ref[...], ds_ref[...], do_ref[...], dv_ref[...], rank=rank, scale=scale,
-                                  matmul=dot, operand_dtype=dtype)
+                                  matmul=dot, operand_dtype=dtype,
+                                  rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
             ref[...] = x.astype(ref.dtype)
 
@@ -164,18 +194,24 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
     tok = lambda spec: token_spec(spec, heads)
-    shapes = (q.shape, keys.shape, (BH, N, n, K), (nkb, BH, N, n), (nkb, BH, N, C))
+    if per_channel:  # the decays' cotangents per key channel: each program writes its own columns
+        decays, decay_shapes, decay_outs = (cols(n), cols(C)), ((BH, N, n, K), (BH, N, C, K)), (cols(n), cols(C))
+    else:  # each block of K columns writes its share
+        decays, decay_shapes, decay_outs = (vec(n), vec(C)), ((nkb, BH, N, n), (nkb, BH, N, C)), (share(n), share(C))
+    shapes = (q.shape, keys.shape, (BH, N, n, K), *decay_shapes)
     dq, dk, dw, dG, dG_tok = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
         grid=(BH, N, nkb),
-        in_specs=[tok(cols(C)), tok(cols(n)), vec(n), vec(C), rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
-        out_specs=(tok(cols(C)), tok(cols(n)), cols(n), share(n), share(C)),
+        in_specs=[tok(cols(C)), tok(cols(n)), *decays, rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
+        out_specs=(tok(cols(C)), tok(cols(n)), cols(n), *decay_outs),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
     )(q, keys, G, G_tok, corrected, S_in, dS_out, do, dv)
-    return dq, dk, dw, dG.sum(0).at[..., rank - 1 :: rank].add(dG_tok.sum(0))
+    if not per_channel:
+        dG, dG_tok = dG.sum(0), dG_tok.sum(0)
+    return dq, dk, dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
 
 
 def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
@@ -187,6 +223,6 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
-        q, keys, G, G[..., rank - 1 :: rank], G[..., -1], corrected.astype(acc), S_in.astype(acc),
+        q, keys, G, decay.token_decays(G, rank), G[:, :, -1], corrected.astype(acc), S_in.astype(acc),
         dS_out.astype(acc), do, dv)
-    return token_major(dq, heads), token_major(dk, heads), dw, dG.at[..., rank - 1 :: rank].add(dG_tok)
+    return token_major(dq, heads), token_major(dk, heads), dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)

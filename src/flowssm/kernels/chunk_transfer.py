@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
+from flowssm.kernels import decay
 from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
 from flowssm.paths import Path
 from flowssm.solvers import FlowSolver
@@ -25,28 +26,42 @@ from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 
 
 def micro_log_decay(log_decay, rank: int):
-    """Per-token log-decays ``[..., C]`` -> cumulative decay of each micro-step ``[..., C R]``."""
+    """Per-token log-decays ``[BH, N, C]`` (or ``[BH, N, C, K]`` per key channel) -> cumulative decay of each
+    micro-step ``[BH, N, C R(, K)]``."""
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
-    return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype)), rank, axis=-1)
+    return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype), axis=2), rank, axis=2)
 
 
-def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode):
-    """One chunk. k: [n, K], v: [n, V], beta, alpha, G: [n] -> (w: [n, K], u: [n, V], T: [n, n] or None
-    for ``T = I``) in float32."""
+def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None):
+    """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
+    its kernel ``rows`` loaders)."""
     n = k.shape[0]
-    f32 = jnp.promote_types(operand_dtype, jnp.float32)
-    scale_k = beta * jnp.exp(G)
-    if program.structure == IDENTITY:
-        return scale_k[:, None] * k.astype(f32), alpha[:, None] * v.astype(f32), None
+    if G.ndim == 2:
+        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=dot, operand_dtype=operand_dtype,
+                            rows=rows)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
-    decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
-    L = jnp.where(below, beta[:, None] * gram * decay, 0.0).astype(f32)
+    return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
+
+
+def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
+                    rows=None):
+    """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
+    or None for ``T = I``) in float32. ``blocks``, ``rows``: of the per-channel scores (``decay``)."""
+    f32 = jnp.promote_types(operand_dtype, jnp.float32)
+    per_channel = G.ndim == 2
+    scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
+    if program.structure == IDENTITY:
+        decayed = scale_k if per_channel else scale_k[:, None]
+        return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
+    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     T = program.matrix(L, matmul)
+    u = dot(T * alpha[None, :], v, operand_dtype=operand_dtype)
+    if per_channel:  # the decays scale k's channels: T (s * k) with s per entry
+        return dot(T, scale_k * k.astype(f32), operand_dtype=operand_dtype), u, T
     # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
-    w = dot(T * scale_k[None, :], k, operand_dtype=operand_dtype)
-    return w, dot(T * alpha[None, :], v, operand_dtype=operand_dtype), T
+    return dot(T * scale_k[None, :], k, operand_dtype=operand_dtype), u, T
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
@@ -55,14 +70,15 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
-    ``common``), beta, alpha: [BH, N, n], log_decay: [BH, N, C] (per token) -> (w: [BH, N, n, K],
+    ``common``), beta, alpha: [BH, N, n], log_decay: [BH, N, C] (per token) or [BH, N, C, K] (per token and
+    key channel: ``L_im = b_i sum_c k_ic k_mc e^{G_ic - G_mc}``, ``w = T (b e^G * k)``) -> (w: [BH, N, n, K],
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
-    R = n // log_decay.shape[-1]
+    R = n // log_decay.shape[2]
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     program = solver.program()
@@ -70,11 +86,13 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         raise ValueError(f"save_transfer: T is saved for programs computing (I + L)^{{-1}} only, got {program!r} "
                          f"(solver {solver!r})")
     G = micro_log_decay(log_decay, R)
+    blocks = chunks.score_blocks(n // R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
-                                  program=program, operand_dtype=dtype, mode=mode)
+                                  program=program, operand_dtype=dtype, mode=mode, blocks=blocks,
+                                  rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         if save_transfer:
@@ -82,12 +100,13 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
+    g_spec = rows(K) if decay.per_channel(G) else vec
     extra = (n,) if save_transfer else ()
     return pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, vec],
+        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
@@ -102,7 +121,7 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
     del mode, num_warps, num_stages, interpret
     keys, values = head_major(keys, heads), head_major(values, heads)
     BH, N, n, _ = keys.shape
-    C = log_decay.shape[-1]
+    C = log_decay.shape[2]
     f32 = jnp.promote_types(keys.dtype, jnp.float32)
     by_token = lambda x: x.astype(f32).reshape(BH, N, C, n // C, *x.shape[3:])
     path = Path(by_token(keys), by_token(values), by_token(beta), by_token(alpha), log_decay.astype(f32))
@@ -111,16 +130,18 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
 
 
 def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
-                        dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc):
+                        dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
     ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
-    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``); otherwise ``T = I``.
+    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``, per key channel when
+    ``G: [n, K]``: then ``dG`` is ``[n, K]``, through ``decay.scores_vjp``); otherwise ``T = I``.
 
     Outputs are written as soon as they are final and operands loaded when first needed: fewer live
     tiles, fewer registers.
     """
     mm = lambda a, b, **kw: dot(a, b, operand_dtype=operand_dtype, **kw)
     beta, G = b_ref[...].astype(acc), g_ref[...].astype(acc)
+    per_channel = G.ndim == 2
     eG = jnp.exp(G)
     drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
     dv_ref[...] = (a_ref[...].astype(acc)[:, None] * drv).astype(dv_ref.dtype)
@@ -129,21 +150,35 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
         dL = -mm(drv, u_ref[...], trans_b=True)
     drk = mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
     k = k_ref[...]
-    through_k = jnp.sum(drk * k.astype(acc), axis=1) * eG
-    dk = (beta * eG)[:, None] * drk
+    if per_channel:  # d(b e^G k) per entry: the key channels' shares of db and dG
+        through_k = drk * k.astype(acc) * eG
+        dk = beta[:, None] * eG * drk
+        db, dG = jnp.sum(through_k, axis=1), beta[:, None] * through_k
+    else:
+        through_k = jnp.sum(drk * k.astype(acc), axis=1) * eG
+        dk = (beta * eG)[:, None] * drk
+        db, dG = through_k, beta * through_k
     if not exact:
         dk_ref[...] = dk.astype(dk_ref.dtype)
-        db_ref[...] = through_k.astype(db_ref.dtype)
-        dg_ref[...] = (beta * through_k).astype(dg_ref.dtype)
+        db_ref[...] = db.astype(db_ref.dtype)
+        dg_ref[...] = dG.astype(dg_ref.dtype)
         return
     dL = dL - mm(drk, w_ref[...], trans_b=True)
     n = k.shape[0]
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
-    Z = jnp.where(below, dL * mm(k, k, trans_b=True) * decay, 0.0)  # d/db_i of L_im, per entry
-    db_ref[...] = (jnp.sum(Z, axis=1) + through_k).astype(db_ref.dtype)
-    dg_ref[...] = (beta * (jnp.sum(Z, axis=1) + through_k) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
-    dgram = jnp.where(below, dL * decay * beta[:, None], 0.0)
+    dL = jnp.where(below, dL, 0.0)
+    rows = (decay.ref_rows(k_ref, g_ref),) * 2
+    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)  # d/db_i of L_im
+    db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
+    if per_channel:
+        d_rows, d_items = decay.scores_vjp(k, G, k, G, beta[:, None] * dL, blocks=blocks, rank=1, shift=0, matmul=dot,
+                                           operand_dtype=operand_dtype, rows=rows)
+        dg_ref[...] = (dG + k.astype(acc) * (d_rows - d_items)).astype(dg_ref.dtype)
+        dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
+        return
+    dg_ref[...] = (dG + beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
+    pair_decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
+    dgram = jnp.where(below, dL * pair_decay * beta[:, None], 0.0)
     dk_ref[...] = (dk + mm(dgram, k) + mm(dgram, k, trans_a=True)).astype(dk_ref.dtype)
 
 
@@ -159,7 +194,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
-    R = n // log_decay.shape[-1]
+    R = n // log_decay.shape[2]
     structure = solver.program().structure
     exact = structure == INVERSE
     if structure not in (IDENTITY, INVERSE) or exact != (T is not None):
@@ -173,18 +208,19 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
         t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
         _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
-                            exact=exact, operand_dtype=dtype, acc=acc)
+                            exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R))
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
+    g_spec = rows(K) if decay.per_channel(G) else vec
     tk, tv = token_spec(rows(K), heads), token_spec(rows(V), heads)
-    shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), (BH, N, n))
+    shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
     dk, dv, db, da, dG = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
-        in_specs=[tk, tv, vec, vec, vec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
-        out_specs=(tk, tv, vec, vec, vec),
+        in_specs=[tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
+        out_specs=(tk, tv, vec, vec, g_spec),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",

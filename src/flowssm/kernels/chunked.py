@@ -94,8 +94,8 @@ def _segment_cotangent_ends(P, b, dS_final):
 
 def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
                      zero_h0: bool = False, mosaic: bool = False):
-    """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n],
-    w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
+    """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n]
+    (or [BH, N, n, K]), w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
 
     The ``N`` chunks form ``segments`` stretches of ``M``: (1) every segment's flow ``[P | Q]``, in parallel
@@ -164,17 +164,19 @@ def _kernel_backward_transfer(solver: FlowSolver) -> bool:
 
 
 def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
-    """Whether the sequential, unpacked forward state pass runs on Mosaic GPU (``Tuning.state_lowering``):
-    "auto" on a GPU where it runs the pass; "mosaic" also in interpret mode (``state_pass_mosaic`` refuses
-    dtypes and sizes it cannot run). Segmented and packed passes stay on Triton."""
+    """Whether the unpacked state passes run on Mosaic GPU (``Tuning.state_lowering``; callers check the
+    rest: unpacked, rank 1 for the backward): "auto" on a GPU where it runs them (scalar decays, bf16/f16,
+    sizes multiples of 64); "mosaic" also in interpret mode (``state_pass_mosaic`` refuses what it cannot
+    run). Segment flows and packed passes stay on Triton."""
     if t.state_lowering == "auto":
-        return not resolve_interpret(None) and mosaic_runs(keys.dtype, G.dtype, n, keys.shape[-1], V, t.block_v)
+        return (not resolve_interpret(None) and G.ndim == 3
+                and mosaic_runs(keys.dtype, G.dtype, n, keys.shape[-1], V, t.block_v))
     return t.state_lowering == "mosaic"
 
 
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
-    (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C], S0: [BH, K, V]
+    (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C] (or [BH, N, C, K] per key channel), S0: [BH, K, V]
     -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P)); with ``save`` (the kernels' backward),
     ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None; ``P``: the
     segments' transition matrices when the segmented scan ran (its backward is segmented too), else None.
@@ -342,14 +344,15 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
         if resets is None or num_seqs is None:
             raise ValueError("S0: None (no initial states) needs packed sequences: resets and num_seqs")
         S0 = jnp.zeros((num_seqs, H, K, V), path.beta.dtype)  # the path dtype (keys may be in the operand dtype)
-    tuning = tuning.resolve(od, Kp, Vp, C, n)
+    tuning = tuning.resolve(od, Kp, Vp, C, n, per_channel=path.per_channel)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
     # make_path's head-major transpose and the round trip through the path dtype
     token_major = lambda x, d: jnp.moveaxis(_pad_to(x, {3: Rp, 4: d}), 1, 3).astype(od).reshape(B, N, n, H, d)
     keys, values = token_major(path.keys, Kp), token_major(path.values, Vp)
     beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
-    log_decay = path.log_decay.reshape(BH, N, C)
+    log_decay = (_pad_to(path.log_decay, {3: Kp}).reshape(BH, N, C, Kp) if path.per_channel  # padded channels: 0
+                 else path.log_decay.reshape(BH, N, C))
     qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1

@@ -76,12 +76,14 @@ class Tuning:
         if self.state_stages is not None and self.state_stages not in (1, 2, 3, 4):
             raise ValueError(f"Tuning.state_stages: expected None or 1..4, got {self.state_stages!r}")
 
-    def resolve(self, dtype, key_dim: int, value_dim: int, chunk: int, micro_steps: int) -> Tuning:
+    def resolve(self, dtype, key_dim: int, value_dim: int, chunk: int, micro_steps: int,
+                per_channel: bool = False) -> Tuning:
         """Every ``None`` replaced by the choice for this operand dtype, (padded) head sizes ``K, V``,
         chunk ``C`` and ``n = C R`` micro-steps: the largest pipeline depth whose tiles fit
-        :data:`STAGE_BYTES`, narrower column blocks for float32 and for head sizes above 128."""
+        :data:`STAGE_BYTES`, narrower column blocks for float32 and for head sizes above 128. Per-channel
+        decays hold ``[n, K]`` float32 decay tiles in the chunk kernels: 8 warps there, as for float32."""
         size = jnp.dtype(dtype).itemsize
-        wide, big = size >= 4, max(key_dim, value_dim) > 128
+        wide, big = size >= 4 or per_channel, max(key_dim, value_dim) > 128
         K, V, C, n = key_dim, value_dim, chunk, micro_steps
         block_v = min(self.block_v or (32 if wide and big else 64), V)
         forward_tile = (2 * n * K + n * block_v) * size  # keys, w, u of one chunk

@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm.flows import WYFlow, apply
+from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import attention_block
 from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
                                     token_spec)
@@ -56,7 +57,8 @@ def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[p
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False):
-    """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n]; u: [BH, N, n, V];
+    """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] (or [BH, N, n, K]: per key
+    channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V];
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
     [BH * segments, K, V] in the dtype of ``S0``); with ``write_states=False`` only S_final.
 
@@ -84,6 +86,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.promote_types(jnp.float32 if flow else S0.dtype, G.dtype))
+    per_channel = decay.per_channel(G)
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
         s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
@@ -113,8 +116,13 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             G = g_ref[c]
             G_end = g_ref[c, n - 1]
             corrected = values * u_ref[c].astype(S.dtype) - dot(w_ref[c], S, operand_dtype=dtype)
-            corrected = jnp.exp(G_end - G).astype(S.dtype)[:, None] * corrected  # k~^T r = k^T (e^{G_end - G} r)
-            S = jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
+            if per_channel:  # k~ = e^{G_end - G} * k per channel, S's rows decay by e^{G_end}
+                k_end = (jnp.exp(G_end[None, :] - G) * k_ref[c].astype(G.dtype)).astype(S.dtype)
+                S = jnp.exp(G_end).astype(S.dtype)[:, None] * S + dot(k_end, corrected, operand_dtype=dtype,
+                                                                     trans_a=True)
+            else:  # k~^T r = k^T (e^{G_end - G} r)
+                corrected = jnp.exp(G_end - G).astype(S.dtype)[:, None] * corrected
+                S = jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
             if fin_ref is not None:
 
                 @pl.when(end_ref[base + c] > 0)
@@ -131,7 +139,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     states = pl.BlockSpec((None, M, K, bv), lambda i, j: (*seg(i), 0, j))
     out_dtype = acc if flow else S0.dtype
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
-    in_specs = [token_spec(whole(K), heads), pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0)), whole(K),
+    g_spec = whole(K) if per_channel else pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0))
+    in_specs = [token_spec(whole(K), heads), g_spec, whole(K),
                 pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j)))]
     per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
     out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
@@ -152,10 +161,12 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
 
 def chunk_flows(keys, G, w, u) -> WYFlow:
-    """The chunks' flows ``P = e^{G_end} I - (e^{G_end - G} k)^T w``, ``Q = (e^{G_end - G} k)^T u`` (float32)."""
+    """The chunks' flows ``P = e^{G_end} I - (e^{G_end - G} k)^T w``, ``Q = (e^{G_end - G} k)^T u`` (float32;
+    ``e^{G_end}`` a diagonal for per-channel ``G: [BH, N, n, K]``)."""
     f32 = G.dtype
-    G_end = G[..., -1]
-    k_end = jnp.exp(G_end[..., None] - G)[..., None] * keys.astype(f32)
+    G_end = G[:, :, -1]
+    to_end = jnp.exp(G_end[:, :, None] - G)
+    k_end = (to_end if decay.per_channel(G) else to_end[..., None]) * keys.astype(f32)
     return WYFlow(G_end, k_end, w.astype(f32), u.astype(f32))
 
 
@@ -198,12 +209,19 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
     return out if len(out) > 1 else out[0]
 
 
-def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype):
-    """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], do: [C, v], dS: [K, v]
-    -> (dv': [n, v], dS entering the chunk: [K, v])."""
+def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype,
+                  rows=None):
+    """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], G_end: [] (or [n, K],
+    [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v])."""
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+    if G.ndim == 2:  # per channel: the decays scale the key channels of k and q
+        k_end = jnp.exp(G_end[None, :] - G) * k.astype(acc)
+        dv = scale * mm(att, do, trans_a=True) + mm(k_end, dS)
+        q_decay = jnp.exp(G_tok) * q.astype(acc)
+        dS_in = jnp.exp(G_end)[:, None] * dS + mm(q_decay, scale * do.astype(acc), trans_a=True)
+        return dv, dS_in - mm(w, dv, trans_a=True)
     # decays scale the small [rows, v] tiles, not the [rows, K] operands: fewer live float32 tiles
     dv = scale * mm(att, do, trans_a=True) + jnp.exp(G_end - G).astype(acc)[:, None] * mm(k, dS)
     do_decay = (scale * jnp.exp(G_tok)).astype(acc)[:, None] * do.astype(acc)
@@ -235,7 +253,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     bv = min(block_v, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
-    G_tok = G[..., rank - 1 :: rank]
+    G_tok = decay.token_decays(G, rank)
+    per_channel = decay.per_channel(G)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, *refs):
         (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
@@ -256,7 +275,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             if write_states:
                 written[0][c] = dS.astype(written[0].dtype)
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
-                                   rank=rank, scale=scale, matmul=dot, operand_dtype=dtype)
+                                   rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
+                                   rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)))
             if write_states:
                 written[1][c] = dv.astype(written[1].dtype)
             if dh0_ref is not None:
@@ -285,7 +305,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         kernel,
         out_shape=out_shape,
         grid=(BH * segments, V // bv),
-        in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads), vec(n), vec(C), whole(n, K),
+        in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
+                  *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), whole(n, K),
                   token_spec(cols(C), heads), state] + _packed_specs(resets, read_dfinals and per_seq),
         out_specs=out_specs,
         interpret=interpret,

@@ -87,6 +87,9 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
                          f"flow={flow}, resets={'set' if resets is not None else None}")
     if segments < 1 or N % segments:
         raise ValueError(f"state_pass_mosaic: segments: expected a divisor of the number of chunks {N}, got {segments}")
+    if G.ndim != 3:
+        raise ValueError(f"state_pass_mosaic: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel "
+                         f"decays run on the Triton state pass)")
     if G.dtype != jnp.float32 or S0 is None or S0.dtype != jnp.float32:
         raise TypeError(f"state_pass_mosaic: G and S0: expected float32, got {G.dtype}, "
                         f"{None if S0 is None else S0.dtype}")
@@ -236,6 +239,9 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     if segments != 1 or resets is not None or dfinals is not None:
         raise ValueError(f"{name}: only the plain pass (segments=1, no resets / dfinals), got segments={segments}, "
                          f"resets={'set' if resets is not None else None}")
+    if G.ndim != 3:
+        raise ValueError(f"{name}: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel decays run "
+                         f"on the Triton state pass)")
     if G.dtype != jnp.float32 or dS_final.dtype != jnp.float32:
         raise TypeError(f"{name}: G and dS_final: expected float32, got {G.dtype}, {dS_final.dtype}")
     bv = min(block_v, V)

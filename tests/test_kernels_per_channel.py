@@ -1,0 +1,178 @@
+"""Pallas kernels with per-channel decays (GLA, KDA; interpret mode on CPU): every stage against its jnp
+reference, the ops and their gradients against backend "xla", strong decays against the float64 token loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flowssm
+from flowssm import chunks
+from flowssm.kernels import chunked as kc
+from flowssm.kernels import decay
+from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, chunk_output_kernel,
+                                          chunk_output_reference)
+from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
+                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
+from flowssm.kernels.common import reference_dot
+from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
+                                        state_pass_reference)
+from flowssm.solvers import Euler, Exact
+
+F64 = jnp.float64
+B, T, H, K, V = 1, 64, 2, 16, 16
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def inputs(seed, strength=1.0, dtype=F64):
+    """q, k, v, beta, per-channel g (per-token log-decays in [-strength, 0]), S0 in fla's layout."""
+    r = np.random.default_rng(seed)
+    k = r.normal(size=(B, T, H, K))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    arrays = (r.normal(size=(B, T, H, K)), k, r.normal(size=(B, T, H, V)), r.uniform(0, 1, (B, T, H)),
+              -r.uniform(0, strength, (B, T, H, K)), r.normal(size=(B, H, K, V)))
+    return tuple(jnp.asarray(x, dtype) for x in arrays)
+
+
+def test_decayed_scores_and_vjp_match_the_jnp_scores(C=32, R=2):
+    """``decay.scores`` (transfer and output masks, two time blocks, two micro-steps a token) and its vjp
+    equal ``chunks.decayed_scores`` and autodiff."""
+    r = np.random.default_rng(C)
+    n = C * R
+    G_tok = jnp.cumsum(-r.uniform(0, 5, (C, K)), axis=0)
+    G = jnp.repeat(G_tok, R, axis=0)
+    k, q = jnp.asarray(r.normal(size=(n, K))), jnp.asarray(r.normal(size=(C, K)))
+    blocks = chunks.score_blocks(C)
+    for left, G_left, rank, shift in ((k, G, 1, 0), (q, G_tok, R, R)):
+        visible = jnp.arange(n)[None] < rank * jnp.arange(left.shape[0])[:, None] + shift
+        ref = lambda *a: chunks.decayed_scores(*a, visible, blocks)
+        kw = dict(blocks=blocks, rank=rank, shift=shift, matmul=reference_dot, operand_dtype=F64)
+        A, vjp = jax.vjp(ref, left, G_left, k, G)
+        assert rel(decay.scores(left, G_left, k, G, **kw), A) < 1e-13
+        dA = jnp.asarray(r.normal(size=A.shape))
+        d_left, dG_left, d_right, dG_right = vjp(dA)
+        got_left, got_right = decay.scores_vjp(left, G_left, k, G, dA, **kw)
+        for a, b in ((got_left, d_left), (got_right, d_right), (left * got_left, dG_left), (-k * got_right, dG_right)):
+            assert rel(a, b) < 1e-13
+
+
+def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):
+    r = np.random.default_rng(seed)
+    n = C * R
+    keys, values = r.normal(size=(BH, N, n, K)) / 4, r.normal(size=(BH, N, n, V))
+    beta, alpha = r.uniform(0, 1, (BH, N, n)), r.uniform(0, 1, (BH, N, n))
+    log_decay = -r.uniform(0, 3, (BH, N, C, K))
+    return tuple(jnp.asarray(x, F64) for x in (keys, values, beta, alpha, log_decay))
+
+
+@pytest.mark.parametrize("solver", [Exact(), Euler()], ids=repr)
+def test_transfer_kernels_match_references(solver):
+    args = stage_inputs()
+    exact = isinstance(solver, Exact)
+    w, u, *T = chunk_transfer_kernel(*args, solver=solver, save_transfer=exact)
+    for a, b in zip((w, u), chunk_transfer_reference(*args, solver=solver)):
+        assert rel(a, b) < 1e-12
+    r = np.random.default_rng(1)
+    dw, du = jnp.asarray(r.normal(size=w.shape)), jnp.asarray(r.normal(size=u.shape))
+    kernel = chunk_transfer_bwd_kernel(*args, T[0] if exact else None, w, u, dw, du, solver=solver)
+    for a, b in zip(kernel, chunk_transfer_bwd_reference(*args, None, w, u, dw, du, solver=solver)):
+        assert a.shape == b.shape and rel(a, b) < 1e-12
+
+
+def test_state_pass_and_output_kernels_match_references_and_autodiff():
+    """Forward kernels equal their references; the backward kernels equal autodiff of the forward references."""
+    keys, values, beta, alpha, log_decay = stage_inputs(seed=2)
+    BH, N, n, _ = keys.shape
+    C = log_decay.shape[2]
+    R = n // C
+    w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
+    G = micro_log_decay(log_decay, R)
+    r = np.random.default_rng(3)
+    q, do = jnp.asarray(r.normal(size=(BH, N, C, K))), jnp.asarray(r.normal(size=(BH, N, C, V)))
+    S0, dS_final = jnp.asarray(r.normal(size=(BH, K, V))), jnp.asarray(r.normal(size=(BH, K, V)))
+    static = dict(rank=R, scale=0.3)
+    S_in, S_final = state_pass_kernel(keys, G, w, u, S0, block_v=8)
+    for a, b in zip((S_in, S_final), state_pass_reference(keys, G, w, u, S0)):
+        assert rel(a, b) < 1e-13
+    o, corrected = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
+    assert rel(o, chunk_output_reference(q, keys, G, w, u, S_in, **static)) < 1e-13
+
+    def forward(q, keys, G, w, u, S0):
+        S_in, S_final = state_pass_reference(keys, G, w, u, S0)
+        return chunk_output_reference(q, keys, G, w, u, S_in, **static), S_final
+
+    dq, dk, dG, dw, du, dS0 = jax.vjp(forward, q, keys, G, w, u, S0)[1]((do, dS_final))
+    passes = [f(q, keys, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
+    for a, b in zip(*passes):
+        assert rel(a, b) < 1e-13
+    dS_out, dv, got_dS0 = passes[0]
+    assert rel(dv, du) < 1e-12 and rel(got_dS0, dS0) < 1e-12
+    outs = [f(q, keys, G, corrected, S_in, dS_out, do, dv, **static, **kw)
+            for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
+    for a, b, want in zip(*outs, (dq, dk, dw, dG)):
+        assert rel(a, b) < 1e-13 and rel(a, want) < 1e-12
+
+
+def _ops(family, q, k, v, beta, g, S0, **kw):
+    if family == "gla":
+        return flowssm.linear_attention(q, k, v, g, initial_state=S0, **kw)
+    return flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, **kw)
+
+
+@pytest.mark.parametrize("family, scan", [("gla", "sequential"), ("kda", "associative")])
+def test_ops_and_gradients_match_xla(family, scan):
+    """Outputs, final states and the gradients of every input (g included) equal backend "xla" in float64;
+    ``associative`` runs the segmented scan (segment flows with per-row decay) forward and backward (the
+    sequential passes: the stage test above)."""
+    args = inputs(4, strength=1.0)
+    r = np.random.default_rng(5)
+    do, dS = jnp.asarray(r.normal(size=(B, T, H, V))), jnp.asarray(r.normal(size=(B, H, K, V)))
+
+    def loss(backend, *a):
+        o, S = _ops(family, *a, chunk_size=16, scan=scan, backend=backend)
+        return jnp.sum(o * do) + jnp.sum(S * dS), (o, S)
+
+    grads = {b: jax.grad(lambda *a: loss(b, *a), argnums=tuple(range(6)), has_aux=True)(*args)
+             for b in ("pallas", "xla")}
+    (g_pallas, out_pallas), (g_xla, out_xla) = grads["pallas"], grads["xla"]
+    for a, b in zip(out_pallas, out_xla):
+        assert rel(a, b) < 1e-10
+    for i, (a, b) in enumerate(zip(g_pallas, g_xla)):
+        if family == "gla" and i == 3:  # beta is not an input of linear attention
+            continue
+        assert rel(a, b) < 1e-9, i
+
+
+def test_packed_sequences_match_xla():
+    """Packed sequences (``cu_seqlens``) restart the per-channel passes at each sequence start, sequential
+    and segmented."""
+    q, k, v, beta, g, _ = inputs(6)
+    cu = jnp.asarray([0, 20, 64], jnp.int32)
+    h0 = jnp.asarray(np.random.default_rng(7).normal(size=(2, H, K, V)))
+    run = lambda backend, scan: flowssm.delta_rule(q, k, v, beta, g, initial_state=h0, cu_seqlens=cu, chunk_size=16,
+                                                   scan=scan, backend=backend)
+    want = run("xla", "sequential")
+    for scan in ("sequential", "associative"):
+        for a, b in zip(run("pallas", scan), want):
+            assert rel(a, b) < 1e-10
+
+
+def test_strong_decays_in_float32_match_the_float64_token_loop():
+    """Per-token log-decays down to -5 over chunks of 64 (cumulative decays near -320) in float32."""
+    args = inputs(8, strength=5.0)
+    want = flowssm.delta_rule(*args[:5], initial_state=args[5], backend="reference")
+    got = flowssm.delta_rule(*(x.astype(jnp.float32) for x in args[:5]), initial_state=args[5].astype(jnp.float32),
+                             chunk_size=64, backend="pallas")
+    for a, b in zip(got, want):
+        assert np.all(np.isfinite(np.asarray(a))) and rel(a, b) < 1e-5
+
+
+def test_dplr_is_still_refused_on_pallas():
+    q, k, v, _, g, _ = inputs(9)
+    with pytest.raises(ValueError, match="dplr"):
+        flowssm.dplr_delta_rule(q, k, v, -k, k, g, backend="pallas")
+
