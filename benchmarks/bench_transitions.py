@@ -122,6 +122,7 @@ def row(kind, shape, reps, fla_ok, say, chunk_size, backend="auto"):
         grads, grads_xla = fwdbwd(x, x["do"]), xla_fwdbwd(x, x["do"])
         r.update(err_o_vs_xla=rel(o, o_xla), err_S_vs_xla=rel(S, S_xla),
                  err_grad_vs_xla=max(rel(grads[n], grads_xla[n]) for n in INPUTS[kind]))
+    say(kind, "flowssm", {key: (round(val, 4) if isinstance(val, float) else val) for key, val in r.items()})
     if fla_ok:
         fl = fla_run(kind, x, reps_ms=200)
         r.update(fla_fwd=fl["fwd"], fla_fwdbwd=fl["fwdbwd"], err_o_vs_fla=rel(o, fl["o"]), err_S_vs_fla=rel(S, fl["S"]))
@@ -159,10 +160,12 @@ def main(argv=None):
             say("fla unavailable:", e)
     shape, chunk = (TINY, 16) if args.tiny else (SHAPE, 64)
     say("jax", jax.__version__, jax.devices(), "fla" if fla_ok else "no fla")
-    rows = [row(kind, shape, args.reps, fla_ok, say, chunk, args.backend) for kind in kinds]
-    if args.out:
-        with open(os.path.join(args.out, "bench_transitions.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+    rows = []
+    for kind in kinds:  # the JSON is rewritten after every row
+        rows.append(row(kind, shape, args.reps, fla_ok, say, chunk, args.backend))
+        if args.out:
+            with open(os.path.join(args.out, "bench_transitions.json"), "w") as f:
+                json.dump(rows, f, indent=1)
     return rows
 
 
