@@ -24,7 +24,10 @@ MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in re
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
 OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
-AUTO_MIN_CHUNKS = 64  # scan="auto": shorter sequences keep the sequential pass
+# scan="auto": shorter sequences keep the sequential pass. H200, bf16, 16 heads of 128 x 128 (RESULTS.md run 8):
+# at 256 chunks the sequential pass was faster (0.741 vs 0.933 ms forward, 2.244 vs 2.202 forward+backward
+# before the Mosaic backward pass), at 1024 chunks the segmented scan won forward+backward (7.42 vs 8.51)
+AUTO_MIN_CHUNKS = 512
 
 
 @dataclasses.dataclass(frozen=True)
