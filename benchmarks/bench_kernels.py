@@ -257,12 +257,12 @@ def packing(seed: int, T: int, documents: int) -> np.ndarray:
 
 
 def packed_kernels(q, k, v, beta, cu, documents):
-    """(jitted ``chunked_pallas`` with resets, its slotted arguments): the packed forward without the gathers."""
+    """(jitted ``chunked_pallas`` on the packed layout, its slotted arguments): the packed forward without the gathers."""
     T, H, K, V = *k.shape[1:3], k.shape[3], v.shape[3]
     lay = varlen.layout(cu, T, CHUNK, chunks=varlen.pallas_chunks(varlen.num_chunks(T, documents, CHUNK)))
     h0 = jnp.zeros((documents, H, K, V), jnp.float32)
     run = jax.jit(lambda qs, path: chunked_pallas(qs, path, h0, scale=K**-0.5, chunk_size=CHUNK, solver=get_solver("exact"),
-                                                  scan="auto", semantics="discrete", resets=lay.resets)[0])
+                                                  scan="auto", semantics="discrete", layout=lay)[0])
     return run, varlen.to_slots(q, lay, 1), varlen.slots_path(make_path(k, v, beta), lay, q.dtype)
 
 

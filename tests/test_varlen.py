@@ -182,6 +182,36 @@ def test_state_pass_kernels_with_resets_match_references(segments):
         assert rel_err(a, b) < 1e-5 if jnp.any(b != 0) else not jnp.any(a != 0)
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_state_pass_kernels_over_spans_match_references(zero):
+    """Interpret mode: one program per (head, sequence) over its span, forward and backward, against the
+    references (through the resets the spans imply); sequence 2 is empty, sequence 3 owns the trailing
+    identity chunks. ``zero``: initial states and final-state cotangents 0, never read by the kernels."""
+    F32 = jnp.float32
+    BH, N, C, K_, V_, Ns = 2, 6, 16, 16, 32, 4
+    ks = jax.random.split(jax.random.PRNGKey(1), 7)
+    keys = jax.random.normal(ks[0], (BH, N, C, K_), F32) * K_**-0.5
+    w = jax.random.normal(ks[1], (BH, N, C, K_), F32) * 0.1
+    u = jax.random.normal(ks[2], (BH, N, C, V_), F32)
+    G = jnp.cumsum(-jax.random.uniform(ks[3], (BH, N, C), F32, 0.0, 0.1), axis=-1)
+    q = jax.random.normal(ks[4], (BH, N, C, K_), F32)
+    do = jax.random.normal(ks[5], (BH, N, C, V_), F32)
+    h0, dfinals = (jnp.zeros((BH * Ns, K_, V_), F32) if zero else jax.random.normal(k_, (BH * Ns, K_, V_), F32)
+                   for k_ in jax.random.split(ks[6]))
+    spans = varlen.Spans(jnp.array([0, 1, 4, 4], jnp.int32), jnp.array([1, 4, 4, 6], jnp.int32))
+    kernel = state_pass_kernel(keys, G, w, u, h0, block_v=16, spans=spans, zero_h0=zero)
+    reference = state_pass_reference(keys, G, w, u, h0, spans=spans)
+    static = dict(rank=1, scale=0.3, spans=spans)
+    kernel_bwd = state_pass_bwd_kernel(q, keys, G, w, do, dfinals, block_v=16, zero_dfinals=zero, **static)
+    reference_bwd = state_pass_bwd_reference(q, keys, G, w, do, dfinals, **static)
+    for a, b in zip((*kernel, *kernel_bwd), (*reference, *reference_bwd), strict=True):
+        assert rel_err(a, b) < 1e-5
+    finals, dh0 = kernel[1].reshape(BH, Ns, K_, V_), kernel_bwd[2].reshape(BH, Ns, K_, V_)
+    # the empty sequence: final state = initial state, and its cotangent passes straight through
+    assert jnp.array_equal(finals[:, 2], h0.reshape(BH, Ns, K_, V_)[:, 2])
+    assert jnp.array_equal(dh0[:, 2], dfinals.reshape(BH, Ns, K_, V_)[:, 2])
+
+
 def test_sequence_parallel_packed_matches_single_device():
     """4 devices: the layout's 10 used chunks of 4 (13 in the static layout, 16 on the mesh, 4 a device), so
     sequences span devices; values and gradients (jit)."""

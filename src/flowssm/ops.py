@@ -101,7 +101,7 @@ def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, 
         slotted = varlen.slots_path(path, lay, operand_dtype(q, path))
         o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), slotted, None if zero_h0 else h0, scale=scale,
                                    chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
-                                   resets=lay.resets, num_seqs=h0.shape[0])
+                                   layout=lay)
         return varlen.from_slots(o, lay, 1), finals
     C = min(chunk_size, T)
     lay = varlen.layout(cu, T, C)

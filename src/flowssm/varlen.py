@@ -10,7 +10,8 @@ exact), in a static length of :func:`num_chunks` chunks (``ceil(T / C) + N - 1``
 (index arrays computed from ``cu_seqlens`` in the graph), not shapes, so one compiled function serves
 every packing of the same ``T`` and ``N``. The chunk scan then carries :class:`Resets`: at a chunk that
 starts sequence ``i`` the carried state is replaced by ``h0[i]``; sequence ``i``'s final state is the
-state leaving its last chunk (its initial state when it is empty).
+state leaving its last chunk (its initial state when it is empty). The kernels' sequential pass instead
+runs each sequence's :class:`Spans` as its own programs.
 """
 
 from __future__ import annotations
@@ -39,13 +40,24 @@ class Resets(NamedTuple):
     end: Int[Array, " Nc"]
 
 
+class Spans(NamedTuple):
+    """Each sequence's chunks ``[first, stop)``, int32 ``[N]`` each: ``stop`` is the next sequence's ``first``,
+    ``Nc`` for the last sequence, which also owns the trailing identity chunks; an empty sequence has
+    ``first == stop``. Every chunk belongs to exactly one span."""
+
+    first: Int[Array, " N"]
+    stop: Int[Array, " N"]
+
+
 class Layout(NamedTuple):
     """Chunk-aligned layout of a packed row. ``slot_token: [Nc C]`` the token in each slot (``T`` for an
-    identity slot); ``token_slot: [T]`` the slot of each token; ``resets``: the chunk-level boundaries."""
+    identity slot); ``token_slot: [T]`` the slot of each token; ``resets``: the chunk-level boundaries;
+    ``spans``: the same boundaries per sequence."""
 
     slot_token: Int[Array, " S"]
     token_slot: Int[Array, " T"]
     resets: Resets
+    spans: Spans
 
 
 def check_cu_seqlens(cu_seqlens, batch: int, length: int) -> Int[Array, " Np1"]:
@@ -116,7 +128,16 @@ def layout(cu: Int[Array, " Np1"], length: int, chunk_size: int, chunks: int | N
     chunk_seq = jnp.where(c < used, jnp.searchsorted(chunk_end, c, side="right"), last_nonempty).astype(jnp.int32)
     start = (c < used) & (chunk_begin[chunk_seq] == c)
     end = (c == Nc - 1) | jnp.append(start[1:], False)
-    return Layout(slot_token, token_slot, Resets(chunk_seq, start.astype(jnp.int32), end.astype(jnp.int32)))
+    spans = Spans(chunk_begin.astype(jnp.int32), jnp.append(chunk_begin[1:], Nc).astype(jnp.int32))
+    return Layout(slot_token, token_slot, Resets(chunk_seq, start.astype(jnp.int32), end.astype(jnp.int32)), spans)
+
+
+def span_resets(spans: Spans, chunks: int) -> Resets:
+    """The chunk-level boundaries of ``spans`` over ``chunks`` chunks (each chunk's sequence is the one whose
+    span holds it; an empty sequence owns no chunk)."""
+    c = jnp.arange(chunks, dtype=jnp.int32)
+    seq = jnp.searchsorted(spans.stop, c, side="right").astype(jnp.int32)
+    return Resets(seq, (c == spans.first[seq]).astype(jnp.int32), (c == spans.stop[seq] - 1).astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

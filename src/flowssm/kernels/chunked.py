@@ -50,6 +50,9 @@ from flowssm.solvers import FlowSolver
 from flowssm.solvers.program import IDENTITY, INVERSE
 
 MAX_ELEMENTS = 2**31 - 1  # the largest array a kernel indexes with int32 offsets
+# pieces of a longer sequence hold a multiple of this many chunks: the segmented scan splits a piece into
+# segments by a divisor of its chunk count (8191 chunks, a prime, would leave it a single segment)
+PIECE_ALIGN = 256
 
 
 def _pow2(x: int, floor: int = 1) -> int:
@@ -174,14 +177,15 @@ def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
     return t.state_lowering == "mosaic"
 
 
-def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, *, save: bool):
+def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, spans=None, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C] (or [BH, N, C, K] per key channel), S0: [BH, K, V]
     -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P)); with ``save`` (the kernels' backward),
     ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None; ``P``: the
     segments' transition matrices when the segmented scan ran (its backward is segmented too), else None.
-    With ``resets`` (packed sequences, :mod:`flowssm.varlen`): S0 and S_final are [BH, Ns, K, V], one per
-    sequence (an empty sequence's final state is its initial state)."""
+    With ``resets`` and ``spans`` (packed sequences, :mod:`flowssm.varlen`): S0 and S_final are [BH, Ns, K, V], one
+    per sequence (an empty sequence's final state is its initial state); the sequential pass runs one program
+    per (head, sequence), the segmented scan's passes restart at sequence starts."""
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
@@ -189,7 +193,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
                                      save_transfer=save_transfer, heads=H, num_warps=t.transfer_warps)
     G = micro_log_decay(log_decay, n // C)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
-    segments = auto_segments(st.scan, N, BH * (V // min(t.block_v, V)), t)
+    sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
+    segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
     P = None
     h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
@@ -204,15 +209,18 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     elif segments > 1:
         S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed,
                                                      mosaic=resets is None and _use_mosaic(t, keys, G, n, V))
-        S_final = finals[0] if finals else S_final
+        if resets is not None:  # rows of empty sequences are not written by the kernels
+            S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], finals[0], h0)
     elif resets is None and _use_mosaic(t, keys, G, n, V):
         S_in, S_final = state_pass_mosaic(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+    elif resets is not None:  # sequential: one program per (head, sequence, column block)
+        S_in, S_final = state_pass_kernel(keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H, block_v=t.block_v,
+                                          num_warps=t.state_warps, num_stages=t.state_stages, spans=spans,
+                                          zero_h0=st.zero_h0)
+        S_final = S_final.reshape(h0.shape)
     else:  # sequential, or too few chunks to split
-        S_in, S_final, *finals = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v,
-                                                   num_warps=t.state_warps, num_stages=t.state_stages, **packed)
-        S_final = finals[0] if finals else S_final
-    if resets is not None:  # rows of empty sequences are not written by the kernels
-        S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], S_final, h0)
+        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                          num_stages=t.state_stages)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save, heads=H, block_v=t.output_block_v, num_warps=t.output_warps)
     o, corrected = o if save else (o, None)
@@ -234,10 +242,10 @@ def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets):
+def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets, spans):
     """(o: [BH, N, C, V] in the dtype of ``keys``, S_final: [BH, K, V]); arguments as :func:`_stages`
-    (``resets``: None or integer vectors, no cotangent)."""
-    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, save=False)[0]
+    (``resets``, ``spans``: None or integer vectors, no cotangent)."""
+    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, spans, save=False)[0]
 
 
 def _pallas_flow_fwd(st: _Static, *primals):
@@ -253,13 +261,13 @@ def _dense(cotangent):
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     args, (w, u, T, S_in, corrected, P) = residuals
-    *args, resets = args
+    *args, resets, spans = args
     # packed: when the final states' cotangent is a symbolic zero (a loss of the outputs alone), the
     # reverse passes never read it
     zero_dfinals = resets is not None and isinstance(cotangents[1], SymbolicZero)
     cotangents = tuple(map(_dense, cotangents))
     if st.tuning.backward == "reference":
-        return (*jax.vjp(lambda *a: _reference_stages(st, *a, resets), *args)[1](cotangents), None)
+        return (*jax.vjp(lambda *a: _reference_stages(st, *a, resets), *args)[1](cotangents), None, None)
     qc, keys, values, beta, alpha, log_decay, S0 = args
     do, dS_final = cotangents
     H, t = st.heads, st.tuning
@@ -273,15 +281,20 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     if P is None and resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1]):
         dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+    elif P is None and resets is not None:  # one program per (head, sequence, column block)
+        dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
+                                                scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                                num_stages=t.state_stages, spans=spans, zero_dfinals=zero_dfinals)
+        dS0 = dS0.reshape(S0.shape)
     elif P is None:
-        dS_out, dv, dS0, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R,
-                                                      scale=st.scale, heads=H, block_v=t.block_v,
-                                                      num_warps=t.state_warps, num_stages=t.state_stages, **packed)
+        dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+                                                heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                                num_stages=t.state_stages)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
                                                      scale=st.scale, heads=H, tuning=t, **packed)
-    if resets is not None:  # an empty sequence's final state is its initial state
-        dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
+        if resets is not None:  # an empty sequence's final state is its initial state
+            dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
                                              heads=H, block_k=t.block_k, num_warps=t.backward_warps)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
@@ -290,21 +303,20 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                              solver=st.solver, heads=H)
     dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
     grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
-    return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None)
+    return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None)
 
 
 _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning = Tuning(), resets: varlen.Resets | None = None,
-                   num_seqs: int | None = None):
+                   semantics: str, tuning: Tuning = Tuning(), layout: varlen.Layout | None = None):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
-    With ``resets`` (packed sequences in :mod:`flowssm.varlen`'s chunk-aligned layout, ``B = 1``, ``T`` a
-    multiple of ``chunk_size``): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then
-    be ``None`` with ``num_seqs`` given: no initial states (zeros, which the kernels then never read).
+    With ``layout`` (packed sequences in :mod:`flowssm.varlen`'s chunk-aligned layout, ``B = 1``, ``T`` its
+    ``Nc * chunk_size`` slots): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then be
+    ``None``: no initial states (zeros, which the kernels then never read).
 
     q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.
@@ -323,9 +335,11 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     n = C * Rp
     N = -(-T // C)
     BH = B * H
-    piece = MAX_ELEMENTS // (BH * max(Kp * Vp, n * max(Kp, Vp, n))) * C  # tokens a call can index in int32
+    piece = MAX_ELEMENTS // (BH * max(Kp * Vp, n * max(Kp, Vp, n)))  # chunks a call can index in int32
+    piece = (piece - piece % PIECE_ALIGN if piece >= 2 * PIECE_ALIGN else piece) * C
+    resets, spans = (None, None) if layout is None else (layout.resets, layout.spans)
     if piece < T:  # e.g. 1M tokens x 16 heads: the states entering the chunks alone have 2^32 elements
-        if resets is not None:
+        if layout is not None:
             raise ValueError(f"cu_seqlens: packed calls are limited to {piece} tokens on pallas (int32 indexing of "
                              f"the kernels' arrays), got T = {T} (with its chunk-aligned padding); use backend 'xla'")
         if piece == 0:
@@ -341,9 +355,9 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     od = operand_dtype(q, path)
     zero_h0 = S0 is None
     if zero_h0:
-        if resets is None or num_seqs is None:
-            raise ValueError("S0: None (no initial states) needs packed sequences: resets and num_seqs")
-        S0 = jnp.zeros((num_seqs, H, K, V), path.beta.dtype)  # the path dtype (keys may be in the operand dtype)
+        if layout is None:
+            raise ValueError("S0: None (no initial states) needs packed sequences (a layout)")
+        S0 = jnp.zeros((spans.first.shape[0], H, K, V), path.beta.dtype)  # the path dtype (keys may be operand dtype)
     tuning = tuning.resolve(od, Kp, Vp, C, n, per_channel=path.per_channel)
     path = pad_path(path, N * C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
@@ -357,7 +371,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
     st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0)
-    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets)
+    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets, spans)
     o = o.reshape(B, N * C, H, Vp)[:, :T, :, :V]
     S_final = S_final.reshape(B, H, Kp, Vp) if resets is None else jnp.moveaxis(S_final, 1, 0)
     return o.astype(path.keys.dtype), S_final[..., :K, :V]

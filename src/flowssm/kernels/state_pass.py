@@ -15,10 +15,18 @@ pass and the chunk outputs (``o = scale (e^{G_t} q S + A (u - w S))``, see ``chu
 ``dv'`` (the cotangent of the corrected values ``u - w S``, hence of ``u``) and every chunk's ``dS``
 are what the parallel backward kernels need.
 
-Packed sequences (``resets``, ``h0``; :mod:`flowssm.varlen`): at a chunk that starts sequence ``i`` the
-carried state becomes ``h0[i]`` (``[0 | h0[i]]`` for a segment flow) and the state leaving a sequence's
-last chunk is written to ``finals[i]``; in reverse, that chunk's cotangent becomes ``dfinals[i]`` (the one
-from later chunks is cut there) and the cotangent entering a starting chunk is written to ``dh0[i]``.
+Packed sequences (:mod:`flowssm.varlen`'s chunk-aligned layout) run one of two ways:
+
+- ``spans`` (the sequential pass): one program per (head, sequence, column block) runs that sequence's own
+  chunks from its initial state; ``S0`` holds the initial states and ``S_final`` the final states (in
+  reverse: the final states' cotangents and those of the initial states). Sequences run in parallel, so a
+  packed row of ``Ns`` documents has ``Ns`` times the programs of the unpacked pass and a loop as long as
+  its longest document.
+- ``resets``, ``h0`` (the passes of the segmented scan, whose segments cut through sequences): at a chunk that
+  starts sequence ``i`` the carried state becomes ``h0[i]`` (``[0 | h0[i]]`` for a segment flow) and the
+  state leaving a sequence's last chunk is written to ``finals[i]``; in reverse, that chunk's cotangent
+  becomes ``dfinals[i]`` (the one from later chunks is cut there) and the cotangent entering a starting
+  chunk is written to ``dh0[i]``.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, r
                                     token_spec)
 from flowssm import varlen
 from flowssm.scan import chunk_states
-from flowssm.varlen import Resets
+from flowssm.varlen import Resets, Spans
 
 
 def _segment_blocks(N: int, segments: int):
@@ -44,6 +52,32 @@ def _segment_blocks(N: int, segments: int):
     if segments < 1 or N % segments:
         raise ValueError(f"segments: expected a divisor of the number of chunks {N}, got {segments}")
     return N // segments, lambda i: (i // segments, i % segments)
+
+
+def _programs(N: int, segments: int, spans: Spans | None, resets: Resets | None):
+    """(programs a head, chunks a block, the block index map of program ``i``): ``segments`` stretches of
+    ``N / segments`` chunks, or with ``spans`` one program per sequence over all ``N`` chunks of its head."""
+    if spans is None:
+        return segments, *_segment_blocks(N, segments)
+    if segments != 1 or resets is not None:
+        raise ValueError(f"spans: one program per sequence runs without segments or resets, got segments={segments}"
+                         f", resets={'set' if resets is not None else None}")
+    Ns = spans.first.shape[0]
+    return Ns, N, lambda i: (i // Ns, 0)
+
+
+def _loop_bounds(spans: Spans | None, refs, programs: int, M: int):
+    """The chunks ``[lo, hi)`` of the program's block it runs: its sequence's span, or the whole block."""
+    if spans is None:
+        return 0, M
+    first_ref, stop_ref = refs
+    i = pl.program_id(0) % programs
+    return first_ref[i], stop_ref[i]
+
+
+def _span_specs(spans: Spans | None) -> list[pl.BlockSpec]:
+    """Whole-array blocks of the two ``[Ns]`` span vectors (shared by every program); nothing without."""
+    return [] if spans is None else [pl.BlockSpec(spans.first.shape, lambda i, j: (0,))] * 2
 
 
 def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[pl.BlockSpec]:
@@ -56,7 +90,8 @@ def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[p
 
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False):
+                      interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False,
+                      spans: Spans | None = None):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] (or [BH, N, n, K]: per key
     channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V];
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
@@ -72,15 +107,21 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     (unless ``flow``) a last output ``finals: [BH, Ns, K, V]`` in the dtype of ``h0`` (rows of sequences
     owning no chunk are not written). ``zero_h0``: every ``h0`` row is 0; the kernel then never reads
     ``h0`` (only its shape and dtype): a restart multiplies the state by 0, with no tile load in the loop.
+
+    ``spans`` (:class:`flowssm.varlen.Spans`, ``[Ns]`` each; module docstring): program ``head * Ns + i`` runs
+    sequence ``i``'s chunks from ``S0[head * Ns + i]``, its initial state (``S0: [BH * Ns, K, V]``); then
+    ``S_final: [BH * Ns, K, V]`` holds the final states (an empty sequence's is its initial state), and
+    ``zero_h0`` means every ``S0`` row is 0 (never read).
     """
     BH, N, n, K = layout_dims(keys, heads)
     packed = resets is not None
     read_h0 = packed and not zero_h0
+    read_s0 = not flow and not (spans is not None and zero_h0)
     V = u.shape[-1]
     if flow and (write_states or S0 is not None):
         raise ValueError("state_pass_kernel: flow=True computes segment flows from [I | 0]: pass S0=None and "
                          "write_states=False")
-    M, seg = _segment_blocks(N, segments)
+    segments, M, seg = _programs(N, segments, spans, resets)
     bv = min(block_v, K, V) if flow else min(block_v, V)
     p_blocks = K // bv if flow else 0  # column blocks of P (flow mode) before those of the state / Q
     interpret = resolve_interpret(interpret)
@@ -89,7 +130,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     per_channel = decay.per_channel(G)
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
-        s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
+        s0_ref, refs = (refs[0], refs[1:]) if read_s0 else (None, refs)
+        span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
         (seq_ref, start_ref, end_ref), refs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
         h0_ref, refs = (refs[0], refs[1:]) if read_h0 else (None, refs)
         fin_ref, refs = (refs[-1], refs[:-1]) if packed and not flow else (None, refs)
@@ -101,7 +143,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             start = ((rows == cols + j * bv) & (j < p_blocks)).astype(acc)
             values = jnp.clip(j - p_blocks + 1, 0, 1).astype(acc)  # 0 for P columns (Triton: no scalar select)
         else:
-            start, values = s0_ref[...].astype(acc), 1.0
+            start = s0_ref[...].astype(acc) if read_s0 else jnp.zeros((K, bv), acc)
+            values = 1.0
 
         def step(c, S):
             if packed:
@@ -131,7 +174,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
             return S
 
-        s_out_ref[...] = lax.fori_loop(0, M, step, start).astype(s_out_ref.dtype)
+        s_out_ref[...] = lax.fori_loop(*_loop_bounds(spans, span_refs, segments, M), step, start).astype(s_out_ref.dtype)
 
     whole = lambda d: pl.BlockSpec((None, M, n, d), lambda i, j: (*seg(i), 0, 0))
     u_col = (lambda j: jnp.maximum(j - p_blocks, 0)) if flow else (lambda j: j)
@@ -151,12 +194,13 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         kernel,
         out_shape=out_shape,
         grid=(BH * segments, (K + V if flow else V) // bv),
-        in_specs=(in_specs if flow else in_specs + [state]) + _packed_specs(resets, read_h0 and per_seq(u_col)),
+        in_specs=in_specs + [state] * read_s0 + _span_specs(spans) + _packed_specs(resets, read_h0 and per_seq(u_col)),
         out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, w, u, *(() if flow else (S0,)), *(resets if packed else ()), *((h0,) if read_h0 else ()))
+    )(keys, G, w, u, *((S0,) if read_s0 else ()), *(spans or ()), *(resets if packed else ()),
+      *((h0,) if read_h0 else ()))
     return out if len(out) > 1 else out[0]
 
 
@@ -178,10 +222,18 @@ def _by_segment(x, segments: int):
 def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                          flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                          interpret: bool | None = None, resets: Resets | None = None, h0=None,
-                         zero_h0: bool = False):
+                         zero_h0: bool = False, spans: Spans | None = None):
     """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential), or
-    ``flowssm.varlen.chunk_states`` when packed (there an empty sequence's final state is its ``h0`` row)."""
+    ``flowssm.varlen.chunk_states`` when packed (there an empty sequence's final state is its ``h0`` row);
+    ``spans`` through the resets they imply (:func:`flowssm.varlen.span_resets`)."""
     del block_v, num_warps, num_stages, interpret, zero_h0  # h0 is read either way
+    if spans is not None:
+        _programs(G.shape[1], segments, spans, resets)  # the kernel's argument check
+        BH, N, K = G.shape[0], G.shape[1], w.shape[-1]
+        S_in, _, finals = state_pass_reference(keys, G, w, u, jnp.zeros((BH, K, u.shape[-1]), S0.dtype), heads=heads,
+                                               resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]))
+        finals = finals.reshape(S0.shape)
+        return (S_in, finals) if write_states else finals
     keys = head_major(keys, heads)
     BH, N, n, K = keys.shape
     V = u.shape[-1]
@@ -231,7 +283,7 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                          dfinals=None, zero_dfinals: bool = False):
+                          dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
@@ -243,29 +295,36 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     states' cotangents; module docstring): with ``write_states`` a last output ``dh0: [BH, Ns, K, V]`` in the
     dtype of ``dfinals`` (rows of sequences owning no chunk are not written). ``zero_dfinals``: every
     ``dfinals`` row is 0; it is then never read (only its shape and dtype), the cotangent is cut by a product.
+    ``spans`` (module docstring): program ``head * Ns + i`` runs sequence ``i``'s chunks in reverse from
+    ``dS_final[head * Ns + i]``, the cotangent of its final state (``dS_final: [BH * Ns, K, V]``; with
+    ``zero_dfinals`` never read); ``dS0: [BH * Ns, K, V]`` is then that of its initial state.
     """
     packed = resets is not None
     read_dfinals = packed and not zero_dfinals
+    read_dsf = not (spans is not None and zero_dfinals)
     BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
     V = do.shape[-1]
-    M, seg = _segment_blocks(N, segments)
+    segments, M, seg = _programs(N, segments, spans, resets)
     bv = min(block_v, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, dsf_ref, *refs):
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, *refs):
+        dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
+        span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
         (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
         dfin_ref, outs = (outs[0], outs[1:]) if read_dfinals else (None, outs)
         dh0_ref, outs = (outs[-1], outs[:-1]) if packed and write_states else (None, outs)
         *written, ds0_ref = outs
-        acc = jnp.promote_types(dtype, jnp.promote_types(dsf_ref.dtype, g_ref.dtype))
+        acc = jnp.promote_types(dtype, jnp.promote_types(dS_final.dtype, g_ref.dtype))
         base = pl.program_id(0) % segments * M  # the segment's first chunk
+        lo, hi = _loop_bounds(spans, span_refs, segments, M)
 
         def step(i, dS):
-            c = M - 1 - i
+            c = lo + hi - 1 - i  # i runs over [lo, hi): c from hi - 1 down to lo
             if packed:  # the cotangent of a sequence's final state enters at its last chunk
                 seq = seq_ref[base + c]
                 if read_dfinals:
@@ -289,7 +348,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                 dS = dS * (1 - start_ref[base + c]).astype(acc)
             return dS
 
-        ds0_ref[...] = lax.fori_loop(0, M, step, dsf_ref[...].astype(acc)).astype(ds0_ref.dtype)
+        init = dsf_ref[...].astype(acc) if read_dsf else jnp.zeros((K, bv), acc)
+        ds0_ref[...] = lax.fori_loop(lo, hi, step, init).astype(ds0_ref.dtype)
 
     whole = lambda r, d: pl.BlockSpec((None, M, r, d), lambda i, j: (*seg(i), 0, 0))
     cols = lambda r: pl.BlockSpec((None, M, r, bv), lambda i, j: (*seg(i), 0, j))
@@ -307,22 +367,36 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         grid=(BH * segments, V // bv),
         in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
                   *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), whole(n, K),
-                  token_spec(cols(C), heads), state] + _packed_specs(resets, read_dfinals and per_seq),
+                  token_spec(cols(C), heads)] + [state] * read_dsf + _span_specs(spans)
+        + _packed_specs(resets, read_dfinals and per_seq),
         out_specs=out_specs,
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, w, do, dS_final, *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
+    )(q, keys, G, G_tok, w, do, *((dS_final,) if read_dsf else ()), *(spans or ()), *(resets if packed else ()),
+      *((dfinals,) if read_dfinals else ()))
     return out if len(out) > 1 else out[0]
 
 
 def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                              segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                              num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                             dfinals=None, zero_dfinals: bool = False):
+                             dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None):
     """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision (packed: an
-    empty sequence's dh0 row is 0)."""
+    empty sequence's dh0 row is 0; ``spans``: through the resets they imply, an empty sequence's ``dS0`` row
+    is its ``dS_final`` row)."""
     del block_v, num_warps, num_stages, interpret, zero_dfinals  # dfinals is read either way
+    if spans is not None:
+        _programs(G.shape[1], segments, spans, resets)  # the kernel's argument check
+        BH, N = G.shape[:2]
+        dfin = dS_final.reshape(BH, -1, *dS_final.shape[1:])
+        resets = varlen.span_resets(spans, N)
+        zero = jnp.zeros((BH, *dS_final.shape[1:]), dS_final.dtype)
+        dS_out, dv, _, dh0 = state_pass_bwd_reference(q, keys, G, w, do, zero, rank=rank, scale=scale, heads=heads,
+                                                      resets=resets, dfinals=dfin)
+        owns = varlen.nonempty(resets, dfin.shape[1])[None, :, None, None]
+        dS0 = jnp.where(owns, dh0, dfin).reshape(dS_final.shape)
+        return (dS_out, dv, dS0) if write_states else dS0
     q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     BH, N = G.shape[:2]
     M, _ = _segment_blocks(N, segments)
