@@ -118,17 +118,33 @@ def test_mosaic_state_pass_bwd_matches_reference_and_triton_kernel():
     assert rel(state_pass_bwd_mosaic(*args, **kw, write_states=False), out[2]) < 1e-6  # only dS0
 
 
-def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one():
+def test_mosaic_state_pass_bwd_segments_run_from_their_own_cotangents():
+    """Two segments of two chunks, each in reverse from its own dS_final row, against the Triton kernel's
+    segments and the reference; ``write_states=False`` (the segmented scan's first pass): the same dS0."""
+    q, keys, G, w, do, dS_final = bwd_operands(seed=4)
+    args, kw = (q, keys, G, w, do, jnp.concatenate([dS_final, -dS_final])), dict(rank=1, scale=0.125, segments=2)
+    out = state_pass_bwd_mosaic(*args, **kw)
+    ref, tri = state_pass_bwd_reference(*args, **kw), state_pass_bwd_kernel(*args, **kw)
+    assert out[2].shape == (2 * BH, 64, 64)
+    for got, want, triton in zip(out, ref, tri):
+        assert rel(got, want) < 1e-2 and rel(got, triton) < 1e-4
+    dS0 = state_pass_bwd_mosaic(*args, **kw, write_states=False)
+    assert rel(dS0, out[2]) < 1e-6 and rel(dS0, state_pass_bwd_reference(*args, **kw, write_states=False)) < 1e-2
+
+
+@pytest.mark.parametrize("segments, write_states", [(1, True), (2, False)])
+def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one(segments, write_states):
     S = jax.ShapeDtypeStruct
     tokens = lambda d: S((1, 64, n, BH, d), jnp.bfloat16)  # q, keys, do token-major
     args = (tokens(128), tokens(128), S((BH, 64, n), jnp.float32), S((BH, 64, n, 128), jnp.bfloat16), tokens(128),
-            S((BH, 128, 128), jnp.float32))
-    run = jax.jit(functools.partial(state_pass_bwd_mosaic, rank=1, scale=0.125, heads=BH, interpret=False))
+            S((BH * segments, 128, 128), jnp.float32))
+    run = jax.jit(functools.partial(state_pass_bwd_mosaic, rank=1, scale=0.125, heads=BH, interpret=False,
+                                    segments=segments, write_states=write_states))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("change, match", [(dict(rank=2), "rank"), (dict(segments=2), "plain pass"),
-                                           (dict(num_warps=8), "num_warps")])
+@pytest.mark.parametrize("change, match", [(dict(rank=2), "rank"), (dict(segments=3), "segments"),
+                                           (dict(resets=object()), "unpacked"), (dict(num_warps=8), "num_warps")])
 def test_mosaic_state_pass_bwd_rejects_what_it_does_not_run(change, match):
     with pytest.raises(ValueError, match=match):
         state_pass_bwd_mosaic(*bwd_operands(), **{"rank": 1, "scale": 0.125, **change})
