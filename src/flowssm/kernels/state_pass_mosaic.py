@@ -4,11 +4,12 @@ Same recursion, for each chunk ``c`` (``G_end = G[-1]``, ``k~ = e^{G_end - G} k`
 
     S_in[c] = S,    S <- e^{G_end} S + k~^T (u - w S)
 
-One CTA (a single warpgroup) per (head, block of ``V`` columns) carries ``S: [K, block_v]`` in float32
-registers (wgmma accumulator layout) across the ``N`` chunks. A ring of ``num_stages`` shared-memory slots
-holds the chunks in flight: TMA loads each chunk's ``k, w: [n, K]``, ``u: [n, block_v]`` and ``G: [n]`` into
-a slot (one barrier a slot), and a slot is refilled with the chunk ``num_stages`` ahead as soon as its
-wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated in float32:
+One CTA (a single warpgroup) per (head, segment, block of ``V`` columns) carries ``S: [K, block_v]`` in
+float32 registers (wgmma accumulator layout) across the segment's chunks (all ``N`` unsegmented). A ring of
+``num_stages`` shared-memory slots holds the chunks in flight: TMA loads each chunk's ``k, w: [n, K]``,
+``u: [n, block_v]`` and ``G: [n]`` into a slot (one barrier a slot), and a slot is refilled with the chunk
+``num_stages`` ahead as soon as its wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated
+in float32:
 
     wS = w @ bf16(S)            (bf16(S) in shared memory is also the S_in[c] tile, stored by TMA)
     S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
