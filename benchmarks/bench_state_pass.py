@@ -80,16 +80,23 @@ def operands(seed: int, B: int, T: int, H: int, K: int, V: int):
     return keys, ct.micro_log_decay(ld, 1), w, u, S0
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def bwd_operands(seed: int, B: int, T: int, H: int, K: int, V: int):
-    """(q, keys token-major [B, N, C, H, K] bf16, G [BH, N, C] f32, w [BH, N, C, K] bf16, do token-major
-    [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): the forward's operands, unit q and N(0, 1) cotangents."""
-    keys, G, w, _, _ = operands(seed, B, T, H, K, V)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def queries_and_cotangents(seed: int, keys, H: int, V: int):
+    """(unit q like ``keys``, do [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): N(0, 1) cotangents."""
     kq, kd, ks = jax.random.split(jax.random.PRNGKey(seed + 1), 3)
     q = jax.random.normal(kq, keys.shape)
     q = (q / jnp.linalg.norm(q, axis=-1, keepdims=True)).astype(jnp.bfloat16)
     do = jax.random.normal(kd, (*keys.shape[:-1], V)).astype(jnp.bfloat16)
-    return q, keys, G, w, do, jax.random.normal(ks, (B * H, K, V), jnp.float32)
+    return q, do, jax.random.normal(ks, (keys.shape[0] * H, keys.shape[-1], V), jnp.float32)
+
+
+def bwd_operands(seed: int, B: int, T: int, H: int, K: int, V: int):
+    """(q, keys token-major [B, N, C, H, K] bf16, G [BH, N, C] f32, w [BH, N, C, K] bf16, do token-major
+    [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): the forward's operands (``operands``, compiled once for
+    both directions), unit q and N(0, 1) cotangents."""
+    keys, G, w, _, _ = operands(seed, B, T, H, K, V)
+    q, do, dS_final = queries_and_cotangents(seed, keys, H, V)
+    return q, keys, G, w, do, dS_final
 
 
 def poisoned(fn, *args):
