@@ -296,8 +296,8 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     The contract of :func:`flowssm.kernels.state_pass.state_pass_bwd_kernel` without packed sequences, rank 1
     (``C = n``): ``segments`` stretches of ``M = N / segments`` chunks, each run in reverse by its own
     programs from its own ``dS_final[head * segments + segment]``. Per chunk, in reverse, with ``dS`` in
-    float32 registers (one warpgroup per (head, segment, block of ``V`` columns)), ``A = q k^T`` masked (``m <= t``) and decayed (``e^{G_t - G_m}``), operands rounded as in
-    the Triton kernel:
+    float32 registers (one warpgroup per (head, segment, block of ``V`` columns)), ``A = q k^T`` masked
+    (``m <= t``) and decayed (``e^{G_t - G_m}``), operands rounded as in the Triton kernel:
 
         dS_out[c] = bf16(dS)                          (the shared-memory tile is also the k @ dS operand)
         dv' = scale A^T @ do + e^{G_end - G} (k @ bf16(dS))
