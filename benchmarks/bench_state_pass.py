@@ -2,6 +2,7 @@
 
     python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1]
         [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny] [--backward 64:2,64:1,128:1]
+        [--segments auto|S]
 
 Per shape (B x T x H x K x V, bf16, chunk 64): the pass's operands as ``chunked_pallas`` hands them over
 (token-major unit keys, ``w, u`` from the exact transfer reference on fla's anchor inputs, cumulative
@@ -23,13 +24,18 @@ to ``DIR/bench_state_pass.json`` (``--out``, default ``$OUT``) after every step;
 
 ``--backward`` (block_v:stages items): the backward pass instead (``state_pass_bwd_mosaic`` against
 ``state_pass_bwd_kernel``, rank 1, unit-norm token-major q, random do and dS_final), checked on
-(dS_out, dv', dS0) against ``state_pass_bwd_reference`` (float32) and timed the same way.
+(dS_out, dv', dS0) against ``state_pass_bwd_reference`` (float32) and timed the same way. With
+``--segments`` (a divisor of the chunks, or ``auto``: what ``scan="auto"`` splits the shape into, e.g. 8 at
+1x65536x16x128x128) the segmented scan's backward instead (``chunked.segmented_cotangents``: both reverse
+passes, on Triton or on Mosaic, and the scan over segments between them, with the reference's segment
+transitions ``P``), checked against the same unsegmented reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -42,6 +48,8 @@ import jax.numpy as jnp
 
 from flowssm.kernels import Tuning
 from flowssm.kernels import chunk_transfer as ct
+from flowssm.kernels.chunked import segmented_cotangents
+from flowssm.kernels.launch import segment_count
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                        state_pass_reference)
 from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
@@ -72,16 +80,23 @@ def operands(seed: int, B: int, T: int, H: int, K: int, V: int):
     return keys, ct.micro_log_decay(ld, 1), w, u, S0
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def bwd_operands(seed: int, B: int, T: int, H: int, K: int, V: int):
-    """(q, keys token-major [B, N, C, H, K] bf16, G [BH, N, C] f32, w [BH, N, C, K] bf16, do token-major
-    [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): the forward's operands, unit q and N(0, 1) cotangents."""
-    keys, G, w, _, _ = operands(seed, B, T, H, K, V)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def queries_and_cotangents(seed: int, keys, H: int, V: int):
+    """(unit q like ``keys``, do [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): N(0, 1) cotangents."""
     kq, kd, ks = jax.random.split(jax.random.PRNGKey(seed + 1), 3)
     q = jax.random.normal(kq, keys.shape)
     q = (q / jnp.linalg.norm(q, axis=-1, keepdims=True)).astype(jnp.bfloat16)
     do = jax.random.normal(kd, (*keys.shape[:-1], V)).astype(jnp.bfloat16)
-    return q, keys, G, w, do, jax.random.normal(ks, (B * H, K, V), jnp.float32)
+    return q, do, jax.random.normal(ks, (keys.shape[0] * H, keys.shape[-1], V), jnp.float32)
+
+
+def bwd_operands(seed: int, B: int, T: int, H: int, K: int, V: int):
+    """(q, keys token-major [B, N, C, H, K] bf16, G [BH, N, C] f32, w [BH, N, C, K] bf16, do token-major
+    [B, N, C, H, V] bf16, dS_final [BH, K, V] f32): the forward's operands (``operands``, compiled once for
+    both directions), unit q and N(0, 1) cotangents."""
+    keys, G, w, _, _ = operands(seed, B, T, H, K, V)
+    q, do, dS_final = queries_and_cotangents(seed, keys, H, V)
+    return q, keys, G, w, do, dS_final
 
 
 def poisoned(fn, *args):
@@ -195,37 +210,73 @@ def bench(shapes, *, reps: int, batch: int, mosaic: str, hang_s: float, say, row
                     **common)
 
 
-def bench_backward(shapes, *, reps: int, batch: int, spec: str, hang_s: float, say, rows: list, save):
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def segment_transitions(keys, G, w, heads: int, segments: int):
+    """P: [BH, segments, K, K], each segment's transition matrix (the forward's segment flows, by the
+    float32 reference; they see no values)."""
+    BH, N, C = G.shape
+    K = w.shape[-1]
+    no_values = jnp.zeros((BH, N, C, 0), w.dtype)
+    flows = state_pass_reference(keys, G, w, no_values, None, heads=heads, segments=segments, flow=True,
+                                 write_states=False)
+    return flows.reshape(BH, segments, K, K)
+
+
+def backward_passes(H: int, K: int, V: int, spec: str, segments: int) -> dict:
+    """Jitted backward passes by name: Triton's at ``Tuning``'s bf16 launch options, then one Mosaic pass per
+    ``block_v:stages`` item of ``spec``; with ``segments > 1`` each is the segmented scan's backward on those
+    passes, a function of (q, keys, G, w, do, dS_final, P), else the sequential pass, without P."""
+    kw = dict(rank=1, scale=K**-0.5, heads=H)
+    t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+    bv = min(t.block_v, V)
+    lowerings = {f"triton_bv{bv}_w{t.state_warps}_s{t.state_stages}": (False, t)}
+    for item in spec.split(","):
+        bv, stages = (int(x) for x in item.split(":"))
+        lowerings[f"mosaic_bv{min(bv, V)}_s{stages}"] = (True, dataclasses.replace(t, block_v=min(bv, V),
+                                                                                   mosaic_stages=stages))
+
+    def run(mosaic: bool, tuning: Tuning):
+        if segments > 1:
+            return functools.partial(segmented_cotangents, tuning=tuning, mosaic=mosaic, **kw)
+        if mosaic:
+            return functools.partial(state_pass_bwd_mosaic, block_v=tuning.block_v, num_stages=tuning.mosaic_stages,
+                                     **kw)
+        return functools.partial(state_pass_bwd_kernel, block_v=tuning.block_v, num_warps=tuning.state_warps,
+                                 num_stages=tuning.state_stages, **kw)
+
+    return {name: jax.jit(run(*lowering)) for name, lowering in lowerings.items()}
+
+
+def bench_backward(shapes, *, reps: int, batch: int, spec: str, segments: str, hang_s: float, say, rows: list, save):
     """Per shape: the backward operands and reference, the Triton backward pass, then one Mosaic backward
-    pass per ``block_v:stages`` item of ``spec``, each checked against the reference and Triton and timed."""
+    pass per ``block_v:stages`` item of ``spec``, each checked against the reference and Triton and timed;
+    ``segments`` (``"1"``: sequential, a count, or ``"auto"``): the segmented scan's backward on each."""
     for shape in shapes:
         B, T, H, K, V = shape
         N, BH = T // CHUNK, B * H
-        row = {"shape": "x".join(map(str, shape)) + " bwd", "variants": {}}
+        t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+        S = segment_count(N, BH * (V // min(t.block_v, V)), t.segment_programs) if segments == "auto" else int(segments)
+        row = {"shape": "x".join(map(str, shape)) + " bwd" + (f" segments={S}" if S > 1 else ""), "variants": {}}
         rows.append(row)
         try:
             args = jax.block_until_ready(bwd_operands(0, *shape))
             kw = dict(rank=1, scale=K**-0.5, heads=H)
             ref = jax.block_until_ready(jax.jit(functools.partial(state_pass_bwd_reference, **kw))(*args))
+            if S > 1:
+                args = (*args, jax.block_until_ready(segment_transitions(*args[1:4], H, S)))
         except Exception as e:  # report and go on with the next shape
             row["error"] = f"{type(e).__name__}: {e}"
             say(row["shape"], "operands / reference FAILED", traceback.format_exc())
             save()
             continue
         say(row["shape"], "operands and reference ready")
-        moved = BH * N * CHUNK * ((3 * K + 2 * V) * 2 + 4) + BH * N * K * V * 2  # q, k, w, do, G in; dv', dS_out out
+        reads = BH * N * CHUNK * ((3 * K + V) * 2 + 4)  # q, k, w, do, G: once a pass (twice when segmented)
+        moved = reads * (2 if S > 1 else 1) + BH * N * (CHUNK * V + K * V) * 2  # dv', dS_out out
         common = dict(N=N, moved=moved, reps=reps, batch=batch, say=say, save=save, hang_s=hang_s, check=bwd_errors)
-        t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
-        bv = min(t.block_v, V)
-        name = f"triton_bv{bv}_w{t.state_warps}_s{t.state_stages}"
-        triton = jax.jit(functools.partial(state_pass_bwd_kernel, block_v=bv, num_warps=t.state_warps,
-                                           num_stages=t.state_stages, **kw))
+        (name, triton), *mosaic = backward_passes(H, K, V, spec, S).items()
         baseline = measure(f"{row['shape']} {name}", triton, args, ref, None,
                            entry=row["variants"].setdefault(name, {}), **common)
-        for item in spec.split(","):
-            bv, stages = (int(x) for x in item.split(":"))
-            name = f"mosaic_bv{min(bv, V)}_s{stages}"
-            fn = jax.jit(functools.partial(state_pass_bwd_mosaic, block_v=min(bv, V), num_stages=stages, **kw))
+        for name, fn in mosaic:
             measure(f"{row['shape']} {name}", fn, args, ref, baseline, entry=row["variants"].setdefault(name, {}),
                     **common)
 
@@ -260,6 +311,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help=f"{TINY} only, interpret mode on CPU (smoke test)")
     parser.add_argument("--backward", default="", help="backward passes instead: Mosaic block_v:stages,... "
                         "(Triton always), e.g. 64:2,64:3")
+    parser.add_argument("--segments", default="1", help="with --backward: the segmented scan's backward over "
+                        "this many segments (a divisor of the chunks; auto: as scan=auto splits); 1: sequential")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -277,7 +330,7 @@ def main(argv=None):
     timing = dict(reps=1 if args.tiny else args.reps, batch=1 if args.tiny else 10, hang_s=args.hang_s, say=say,
                   rows=result["rows"], save=save)
     if args.backward:
-        bench_backward(shapes, spec=args.backward, **timing)
+        bench_backward(shapes, spec=args.backward, segments=args.segments, **timing)
     else:
         bench(shapes, mosaic=args.mosaic, **timing)
     print(table(result["rows"]), flush=True)

@@ -5,6 +5,7 @@ lowering test builds the Mosaic GPU module for a CUDA target without a GPU (layo
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -118,26 +119,43 @@ def test_mosaic_state_pass_bwd_matches_reference_and_triton_kernel():
     assert rel(state_pass_bwd_mosaic(*args, **kw, write_states=False), out[2]) < 1e-6  # only dS0
 
 
-def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one():
+def test_mosaic_state_pass_bwd_segments_run_from_their_own_cotangents():
+    """Two segments of two chunks, each in reverse from its own dS_final row, against the Triton kernel's
+    segments and the reference; ``write_states=False`` (the segmented scan's first pass): the same dS0."""
+    q, keys, G, w, do, dS_final = bwd_operands(seed=4)
+    args, kw = (q, keys, G, w, do, jnp.concatenate([dS_final, -dS_final])), dict(rank=1, scale=0.125, segments=2)
+    out = state_pass_bwd_mosaic(*args, **kw)
+    ref, tri = state_pass_bwd_reference(*args, **kw), state_pass_bwd_kernel(*args, **kw)
+    assert out[2].shape == (2 * BH, 64, 64)
+    for got, want, triton in zip(out, ref, tri):
+        assert rel(got, want) < 1e-2 and rel(got, triton) < 1e-4
+    assert rel(state_pass_bwd_mosaic(*args, **kw, write_states=False), out[2]) < 1e-6  # only dS0
+
+
+@pytest.mark.parametrize("segments, write_states", [(1, True), (2, False)])
+def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one(segments, write_states):
     S = jax.ShapeDtypeStruct
     tokens = lambda d: S((1, 64, n, BH, d), jnp.bfloat16)  # q, keys, do token-major
     args = (tokens(128), tokens(128), S((BH, 64, n), jnp.float32), S((BH, 64, n, 128), jnp.bfloat16), tokens(128),
-            S((BH, 128, 128), jnp.float32))
-    run = jax.jit(functools.partial(state_pass_bwd_mosaic, rank=1, scale=0.125, heads=BH, interpret=False))
+            S((BH * segments, 128, 128), jnp.float32))
+    run = jax.jit(functools.partial(state_pass_bwd_mosaic, rank=1, scale=0.125, heads=BH, interpret=False,
+                                    segments=segments, write_states=write_states))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("change, match", [(dict(rank=2), "rank"), (dict(segments=2), "plain pass"),
-                                           (dict(num_warps=8), "num_warps")])
+@pytest.mark.parametrize("change, match", [(dict(rank=2), "rank"), (dict(segments=3), "segments"),
+                                           (dict(resets=object()), "unpacked"), (dict(num_warps=8), "num_warps")])
 def test_mosaic_state_pass_bwd_rejects_what_it_does_not_run(change, match):
     with pytest.raises(ValueError, match=match):
         state_pass_bwd_mosaic(*bwd_operands(), **{"rank": 1, "scale": 0.125, **change})
 
 
-def test_op_with_mosaic_state_passes_matches_the_triton_lowering():
-    """``Tuning(state_lowering="mosaic")`` through the whole pallas op (bf16, sequential scan: the Mosaic forward
-    and backward passes): the same outputs, final state and gradients as the Triton lowering. (The segmented
-    scan's Mosaic pass: ``test_mosaic_state_pass_segments_run_from_their_own_states``.)"""
+@pytest.mark.parametrize("scan", ["sequential", "associative"])
+def test_op_with_mosaic_state_passes_matches_the_triton_lowering(scan):
+    """``Tuning(state_lowering="mosaic")`` through the whole pallas op (bf16): the same outputs, final state and
+    gradients as the Triton lowering. Sequential scan: the Mosaic forward and backward passes; associative
+    (2 segments of 2 chunks): the segment flows on Triton, the last forward pass and both reverse passes of
+    the segmented backward on Mosaic."""
     from flowssm.kernels import Tuning, chunked_pallas
     from flowssm.paths import make_path
     from flowssm.solvers import get_solver
@@ -149,16 +167,19 @@ def test_op_with_mosaic_state_passes_matches_the_triton_lowering():
     v = jax.random.normal(kv, (B, T, H, K)).astype(jnp.bfloat16)
     beta = jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32))
 
-    def run(lowering, q, k, v):
+    def run(lowering, q, k, v):  # segment_programs=4: 2 heads x 2 segments
         o, S = chunked_pallas(q, make_path(k, v, beta, dtype=jnp.float32), jnp.zeros((B, H, K, K), jnp.float32),
-                              scale=K**-0.5, chunk_size=64, solver=get_solver("exact"), scan="sequential",
-                              semantics="discrete", tuning=Tuning(state_lowering=lowering))
+                              scale=K**-0.5, chunk_size=64, solver=get_solver("exact"), scan=scan,
+                              semantics="discrete", tuning=Tuning(state_lowering=lowering, segment_programs=4))
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S), (o, S)
 
-    mosaic = jax.value_and_grad(functools.partial(run, "mosaic"), argnums=(0, 1, 2), has_aux=True)
+    grads = lambda lowering: jax.jit(jax.value_and_grad(functools.partial(run, lowering), argnums=(0, 1, 2),
+                                                        has_aux=True))  # jitted: one compile, no eager dispatch
+    mosaic = grads("mosaic")
     jaxpr = str(jax.make_jaxpr(mosaic)(q, k, v))
-    assert "flowssm_state_pass_mosaic" in jaxpr and "flowssm_state_pass_bwd_mosaic" in jaxpr  # not Triton's
+    passes = set(re.findall(r"flowssm_state_pass\w*", jaxpr))  # Triton's: flowssm_state_pass(_bwd)
+    assert passes == {"flowssm_state_pass_mosaic", "flowssm_state_pass_bwd_mosaic"}
     (_, (o_m, S_m)), g_m = mosaic(q, k, v)
-    (_, (o_t, S_t)), g_t = jax.value_and_grad(functools.partial(run, "triton"), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, (o_t, S_t)), g_t = grads("triton")(q, k, v)
     assert rel(o_m, o_t) < 1e-5 and rel(S_m, S_t) < 1e-5
     assert all(rel(a, b) < 1e-4 for a, b in zip(g_m, g_t))

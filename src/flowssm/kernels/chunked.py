@@ -127,23 +127,24 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
-                         tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False):
+                         tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False, mosaic: bool = False):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
     reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
     (``resets``, ``dfinals``, ``zero_dfinals``): the final states' cotangents enter inside the passes; a last
-    output, dh0."""
+    output, dh0. ``mosaic``: passes (1) and (3) on Mosaic GPU (``state_pass_bwd_mosaic``; unpacked, rank 1)."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
-    opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v,
-                num_warps=tuning.state_warps, num_stages=tuning.state_stages,
-                **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)))
+    opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v)
+    opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
+             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages,
+                  **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals))))
+    reverse_pass = functools.partial(state_pass_bwd_mosaic if mosaic else state_pass_bwd_kernel, **opts)
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
-    b = state_pass_bwd_kernel(qc, keys, G, w, do, zero, write_states=False, **opts).reshape(BH, segments, K, V)
+    b = reverse_pass(qc, keys, G, w, do, zero, write_states=False).reshape(BH, segments, K, V)
     ends, dS0 = _segment_cotangent_ends(P, b, dS_final)
-    dS_out, dv, _, *dh0 = state_pass_bwd_kernel(qc, keys, G, w, do,
-                                                ends.reshape(BH * segments, K, V).astype(dS_final.dtype), **opts)
+    dS_out, dv, _, *dh0 = reverse_pass(qc, keys, G, w, do, ends.reshape(BH * segments, K, V).astype(dS_final.dtype))
     return dS_out, dv, dS0.astype(dS_final.dtype), *dh0
 
 
@@ -278,7 +279,8 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
         packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
         dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
-    if P is None and resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1]):
+    mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1])
+    if P is None and mosaic:
         dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
@@ -292,7 +294,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                 num_stages=t.state_stages)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
-                                                     scale=st.scale, heads=H, tuning=t, **packed)
+                                                     scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,

@@ -4,11 +4,12 @@ Same recursion, for each chunk ``c`` (``G_end = G[-1]``, ``k~ = e^{G_end - G} k`
 
     S_in[c] = S,    S <- e^{G_end} S + k~^T (u - w S)
 
-One CTA (a single warpgroup) per (head, block of ``V`` columns) carries ``S: [K, block_v]`` in float32
-registers (wgmma accumulator layout) across the ``N`` chunks. A ring of ``num_stages`` shared-memory slots
-holds the chunks in flight: TMA loads each chunk's ``k, w: [n, K]``, ``u: [n, block_v]`` and ``G: [n]`` into
-a slot (one barrier a slot), and a slot is refilled with the chunk ``num_stages`` ahead as soon as its
-wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated in float32:
+One CTA (a single warpgroup) per (head, segment, block of ``V`` columns) carries ``S: [K, block_v]`` in
+float32 registers (wgmma accumulator layout) across the segment's chunks (all ``N`` unsegmented). A ring of
+``num_stages`` shared-memory slots holds the chunks in flight: TMA loads each chunk's ``k, w: [n, K]``,
+``u: [n, block_v]`` and ``G: [n]`` into a slot (one barrier a slot), and a slot is refilled with the chunk
+``num_stages`` ahead as soon as its wgmmas are done. A chunk is two wgmmas on bf16/f16 operands accumulated
+in float32:
 
     wS = w @ bf16(S)            (bf16(S) in shared memory is also the S_in[c] tile, stored by TMA)
     S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
@@ -17,9 +18,10 @@ the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtyp
 Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row); no flow mode, no packed
 sequences; bf16/f16 operands; ``n``, ``K``, ``block_v`` multiples of 64.
 
-:func:`state_pass_bwd_mosaic`: the backward pass (``state_pass_bwd_kernel``'s plain case, rank 1), the same
-ring of chunk tiles (q, k, w, do, G) and one warpgroup carrying ``dS`` in registers, four wgmmas a chunk
-plus the attention block's.
+:func:`state_pass_bwd_mosaic`: the backward pass (``state_pass_bwd_kernel`` unpacked, rank 1, with its
+``segments`` and ``write_states=False``: both reverse passes of the segmented scan), the same ring of chunk
+tiles (q, k, w, do, G) and one warpgroup carrying ``dS`` in registers, four wgmmas a chunk plus the
+attention block's.
 On CPU it runs in Mosaic GPU's interpret mode (``plgpu.InterpretGPUParams``: simulated shared memory, TMA,
 barriers and wgmma).
 """
@@ -78,6 +80,20 @@ def _pipeline(name, operands, *, dims, block_v, num_warps, num_stages, N, stage,
     return stages
 
 
+def _segment_chunks(name: str, N: int, segments: int) -> int:
+    """``M = N / segments``, the chunks each program runs; ValueError unless ``segments`` divides ``N``."""
+    if segments < 1 or N % segments:
+        raise ValueError(f"{name}: segments: expected a divisor of the number of chunks {N}, got {segments}")
+    return N // segments
+
+
+def _program(segments: int, M: int):
+    """The running CTA's program ``p = head * segments + segment`` (the row of its initial and final state),
+    its head and its segment's first chunk."""
+    p = lax.axis_index("programs")
+    return p, p // segments, p % segments * M
+
+
 def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
     """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     BH, N, n, K = layout_dims(keys, heads)
@@ -85,8 +101,7 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
     if flow or resets is not None or h0 is not None:
         raise ValueError("state_pass_mosaic: only the plain pass (flow=False, no resets / h0), got "
                          f"flow={flow}, resets={'set' if resets is not None else None}")
-    if segments < 1 or N % segments:
-        raise ValueError(f"state_pass_mosaic: segments: expected a divisor of the number of chunks {N}, got {segments}")
+    M = _segment_chunks("state_pass_mosaic", N, segments)
     if G.ndim != 3:
         raise ValueError(f"state_pass_mosaic: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel "
                          f"decays run on the Triton state pass)")
@@ -99,7 +114,7 @@ def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments
     size = jnp.dtype(keys.dtype).itemsize
     # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
     stages = _pipeline("state_pass_mosaic", dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
-                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=N // segments,
+                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M,
                        stage=2 * n * K * size + n * bv * size + 4 * n,  # k, w, u, G of one chunk in flight
                        state=max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024))
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
@@ -133,6 +148,16 @@ def _accumulate(init, *products, interpret: bool):
     return pl.run_state(run)(plgpu.ACC.init(init))
 
 
+def _launch(kernel, name: str, out_type: list, scratch: list, grid: tuple, interpreted: bool, *operands):
+    """``kernel`` on a ``(programs, columns)`` grid (programs: head * segments + segment; one warpgroup a
+    CTA) -> its outputs, a tuple, or the only one alone."""
+    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                       grid_names=("programs", "columns"), kernel_name=name,
+                       interpret=plgpu.InterpretGPUParams() if interpreted else None)
+    out = run(*operands)
+    return tuple(out) if len(out) > 1 else out[0]
+
+
 def _head(ref, i, heads: int | None):
     """Head ``i``'s [N, r, d] view of a head-major [BH, N, r, d] or token-major [B, N, r, H, d] operand."""
     return ref.at[i] if heads is None else ref.at[i // heads, :, :, i % heads]
@@ -162,9 +187,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
         (s_in_ref, *refs) = refs if write_states else (None, *refs)
         s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), s0_loaded = refs
-        p, j = lax.axis_index("programs"), lax.axis_index("columns")
-        i, base = p // segments, p % segments * M  # the head and its segment's first chunk
-        cols = pl.ds(j * bv, bv)
+        p, i, base = _program(segments, M)
+        cols = pl.ds(lax.axis_index("columns") * bv, bv)
         head_keys = _head(k_ref, i, heads)
 
         def fetch(c, slot):
@@ -220,11 +244,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles, corrected values
                                plgpu.SMEM((n, bv), dtype, transforms=operand)]),
                plgpu.Barrier()]
-    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH * segments, V // bv),
-                       grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_mosaic",
-                       interpret=plgpu.InterpretGPUParams() if interpreted else None)
-    out = run(keys, G, w, u, S0)
-    return tuple(out) if write_states else out[0]
+    return _launch(kernel, "flowssm_state_pass_mosaic", out_type, scratch, (BH * segments, V // bv), interpreted,
+                   keys, G, w, u, S0)
 
 
 
@@ -236,9 +257,11 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     n, V = keys.shape[2], do.shape[-1]
     if rank != 1:
         raise ValueError(f"{name}: rank: only rank 1 (one micro-step a token, C = n), got {rank}")
-    if segments != 1 or resets is not None or dfinals is not None:
-        raise ValueError(f"{name}: only the plain pass (segments=1, no resets / dfinals), got segments={segments}, "
-                         f"resets={'set' if resets is not None else None}")
+    if resets is not None or dfinals is not None:
+        raise ValueError(f"{name}: only unpacked passes (no resets / dfinals), got "
+                         f"resets={'set' if resets is not None else None}, "
+                         f"dfinals={'set' if dfinals is not None else None}")
+    M = _segment_chunks(name, N, segments)
     if G.ndim != 3:
         raise ValueError(f"{name}: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel decays run "
                          f"on the Triton state pass)")
@@ -250,13 +273,13 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     size = jnp.dtype(keys.dtype).itemsize
     # dS_final / dS0 (float32) share their bytes with the dS_out and dv' tile pairs, A and the decayed do
     stages = _pipeline(name, dict(q=q, keys=keys, w=w, do=do), dims=dict(n=n, K=K, block_v=bv), block_v=bv,
-                       num_warps=num_warps, num_stages=num_stages, N=N,
+                       num_warps=num_warps, num_stages=num_stages, N=M,
                        stage=3 * n * K * size + n * bv * size + 8 * n,  # q, k, w, do, G (twice) of one chunk in flight
                        state=max(4 * K * bv, (2 * K * bv + 3 * n * bv + n * n) * size + 1024))
     if (C != n or G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or layout_dims(keys, heads) != (BH, N, n, K)
-            or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH, K, V)):
+            or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH * segments, K, V)):
         raise ValueError(f"{name}: expected q, keys, w [BH, N, n, K] = {(BH, N, C, K)}, G [BH, N, n], "
-                         f"do [BH, N, n, V], dS_final [BH, K, V] (q, keys, do token-major with heads); got "
+                         f"do [BH, N, n, V], dS_final [BH * segments, K, V] (q, keys, do token-major with heads); got "
                          f"q {q.shape}, keys {keys.shape}, G {G.shape}, w {w.shape}, do {do.shape}, "
                          f"dS_final {dS_final.shape}")
     return BH, N, n, K, V, bv, stages
@@ -266,23 +289,27 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets=None, dfinals=None):
     """q, keys, w: [BH, N, n, K]; G: [BH, N, n] float32 (cumulative); do: [BH, N, n, V] (q, keys, do token-major
-    [B, N, n, H, .] with ``heads=H``); dS_final: [BH, K, V] float32 -> (dS_out: [BH, N, K, V], dv': [BH, N, n, V]
-    in the dtype of ``keys``, dS0: [BH, K, V] float32); with ``write_states=False`` only dS0.
+    [B, N, n, H, .] with ``heads=H``); dS_final: [BH * segments, K, V] float32 -> (dS_out: [BH, N, K, V],
+    dv': [BH, N, n, V] in the dtype of ``keys``, dS0: [BH * segments, K, V] float32); with
+    ``write_states=False`` only dS0.
 
-    The contract of :func:`flowssm.kernels.state_pass.state_pass_bwd_kernel` in its plain case, rank 1
-    (``C = n``). Per chunk, in reverse, with ``dS`` in float32 registers (one warpgroup per (head, block of
-    ``V`` columns)), ``A = q k^T`` masked (``m <= t``) and decayed (``e^{G_t - G_m}``), operands rounded as in
-    the Triton kernel:
+    The contract of :func:`flowssm.kernels.state_pass.state_pass_bwd_kernel` without packed sequences, rank 1
+    (``C = n``): ``segments`` stretches of ``M = N / segments`` chunks, each run in reverse by its own
+    programs from its own ``dS_final[head * segments + segment]``. Per chunk, in reverse, with ``dS`` in
+    float32 registers (one warpgroup per (head, segment, block of ``V`` columns)), ``A = q k^T`` masked
+    (``m <= t``) and decayed (``e^{G_t - G_m}``), operands rounded as in the Triton kernel:
 
         dS_out[c] = bf16(dS)                          (the shared-memory tile is also the k @ dS operand)
         dv' = scale A^T @ do + e^{G_end - G} (k @ bf16(dS))
         dS <- -(-e^{G_end} dS + w^T @ bf16(dv') + q^T @ bf16(-scale e^{G} do))    (one accumulator)
 
-    q, k, w, do and G of ``num_stages`` chunks are in flight in a TMA ring (fewer where they do not fit).
+    q, k, w, do and G of ``num_stages`` chunks are in flight in a TMA ring (fewer where they do not fit);
+    ``write_states=False`` (the segmented scan's first reverse pass) stores no chunk's dS_out or dv'.
     """
     BH, N, n, K, V, bv, stages = _check_bwd(
         q, keys, G, w, do, dS_final, rank=rank, heads=heads, block_v=block_v, num_warps=num_warps,
         num_stages=num_stages, segments=segments, resets=resets, dfinals=dfinals)
+    M = N // segments
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
@@ -293,25 +320,26 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     def kernel(q_ref, k_ref, g_ref, w_ref, do_ref, dsf_ref, *refs):
         (ds_out_ref, dv_ref, *refs) = refs if write_states else (None, None, *refs)
         ds0_ref, (q_s, k_s, g_s, gc_s, w_s, do_s), loaded, (s32, (ds_tiles, dv_tiles, a_tile, dd_tile)), s_loaded = refs
-        i, j = lax.axis_index("programs"), lax.axis_index("columns")
-        cols = pl.ds(j * bv, bv)
+        p, i, base = _program(segments, M)
+        cols = pl.ds(lax.axis_index("columns") * bv, bv)
         head_q, head_k, head_do = _head(q_ref, i, heads), _head(k_ref, i, heads), _head(do_ref, i, heads)
 
         def fetch(c, slot):
-            """TMA of chunk ``c``'s q, k, G (twice: row and column vectors, two loads that cannot be merged), w,
-            do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
+            """TMA of the segment's chunk ``c``'s q, k, G (twice: row and column vectors, two loads that cannot be
+            merged), w, do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
+            c = base + c
             for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (g_ref.at[i, c], gc_s),
                              (w_ref.at[i, c], w_s), (head_do.at[c, :, cols], do_s)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
-        plgpu.copy_gmem_to_smem(dsf_ref.at[i, :, cols], s32, s_loaded)
+        plgpu.copy_gmem_to_smem(dsf_ref.at[p, :, cols], s32, s_loaded)
         for step in range(stages):
-            fetch(N - 1 - step, step)
+            fetch(M - 1 - step, step)
         plgpu.barrier_wait(s_loaded)
         seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
         def chunk(step, dS):
-            c, slot, ds_tile, dv_tile = N - 1 - step, step % stages, ds_tiles.at[step % 2], dv_tiles.at[step % 2]
+            c, slot, ds_tile, dv_tile = M - 1 - step, step % stages, ds_tiles.at[step % 2], dv_tiles.at[step % 2]
             plgpu.barrier_wait(loaded.at[slot])
             if write_states:  # the stores issued two chunks ago have read this pair of tiles
                 plgpu.wait_smem_to_gmem(2, wait_read_only=True)
@@ -326,30 +354,30 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             dd_tile[...] = tile(row_vector(-(scale * jnp.exp(G_t)), (n, bv)) * do).astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
             if write_states:
-                plgpu.copy_smem_to_gmem(ds_tile, ds_out_ref.at[i, c, :, cols])
+                plgpu.copy_smem_to_gmem(ds_tile, ds_out_ref.at[i, base + c, :, cols])
             dv = (scale * _product(a_tile.T, do_s.at[slot], (n, bv))
                   + row_vector(jnp.exp(G_end - G_t), (n, bv)) * _product(k_s.at[slot], ds_tile, (n, bv)))
             dv_tile[...] = tile(dv).astype(dtype)
             plgpu.commit_smem()
             if write_states:
-                plgpu.copy_smem_to_gmem(dv_tile, dv_ref.at[i, c, :, cols])
+                plgpu.copy_smem_to_gmem(dv_tile, dv_ref.at[i, base + c, :, cols])
             dS = -_accumulate(-jnp.exp(G_end) * dS, (w_s.at[slot].T, dv_tile), (q_s.at[slot].T, dd_tile),
                               interpret=interpreted)
 
-            @pl.when(step + stages < N)
+            @pl.when(step + stages < M)
             def _():  # this slot's wgmmas are done: refill it
                 fetch(c - stages, slot)
 
             return dS
 
-        dS = lax.fori_loop(jnp.int32(0), jnp.int32(N), chunk, tile(s32[...]))  # int32 indices under x64
+        dS = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, tile(s32[...]))  # int32 indices under x64
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tiles are read: s32 overwrites them
         s32[...] = dS
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(s32, ds0_ref.at[i, :, cols])
+        plgpu.copy_smem_to_gmem(s32, ds0_ref.at[p, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    dS0 = jax.ShapeDtypeStruct((BH, K, V), f32)
+    dS0 = jax.ShapeDtypeStruct((BH * segments, K, V), f32)
     out_type = ([jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype), dS0]
                 if write_states else [dS0])
     rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
@@ -362,8 +390,5 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                                plgpu.SMEM((n, n), dtype, transforms=operand),  # A
                                plgpu.SMEM((n, bv), dtype, transforms=operand)]),  # -scale e^{G} do
                plgpu.Barrier()]
-    run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(BH, V // bv),
-                       grid_names=("programs", "columns"), kernel_name="flowssm_state_pass_bwd_mosaic",
-                       interpret=plgpu.InterpretGPUParams() if interpreted else None)
-    out = run(q, keys, G, w, do, dS_final)
-    return tuple(out) if write_states else out[0]
+    return _launch(kernel, "flowssm_state_pass_bwd_mosaic", out_type, scratch, (BH * segments, V // bv), interpreted,
+                   q, keys, G, w, do, dS_final)
