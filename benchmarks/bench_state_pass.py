@@ -2,7 +2,7 @@
 
     python3 -W ignore benchmarks/bench_state_pass.py [--out DIR] [--reps 30] [--shapes 0,1]
         [--mosaic 64:2,64:4,128:2,128:3] [--hang-s 240] [--tiny] [--backward 64:2,64:1,128:1]
-        [--segments auto|S]
+        [--segments auto|S] [--flows]
 
 Per shape (B x T x H x K x V, bf16, chunk 64): the pass's operands as ``chunked_pallas`` hands them over
 (token-major unit keys, ``w, u`` from the exact transfer reference on fla's anchor inputs, cumulative
@@ -29,6 +29,11 @@ to ``DIR/bench_state_pass.json`` (``--out``, default ``$OUT``) after every step;
 1x65536x16x128x128) the segmented scan's backward instead (``chunked.segmented_cotangents``: both reverse
 passes, on Triton or on Mosaic, and the scan over segments between them, with the reference's segment
 transitions ``P``), checked against the same unsegmented reference.
+
+``--flows``: the segmented scan's segment flows instead (flow mode: ``[P | Q]`` of every segment from
+``[I | 0]``, ``--segments`` of them, column blocks ``min(block_v, K, V)``), Triton's and each ``--mosaic``
+item's, checked on ``P`` and ``Q`` against ``state_pass_reference(..., flow=True)`` (float32) and timed the
+same way (GB/s: k, w, u, G read once).
 """
 
 from __future__ import annotations
@@ -113,6 +118,13 @@ def bwd_errors(out, ref) -> dict:
             "finite": all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in out)}
 
 
+def flow_errors(out, ref) -> dict:
+    """Relative errors of the flows' ``P`` and ``Q`` column blocks ([., K, K + V]) against ``ref``, finiteness."""
+    K = out.shape[1]
+    return {"P": rel(out[..., :K], ref[..., :K]), "Q": rel(out[..., K:], ref[..., K:]),
+            "finite": bool(jnp.isfinite(out).all())}
+
+
 def errors(out, ref) -> dict:
     """Relative errors of (S_in, S_final) against ``ref``, the worst chunk's S_in error, finiteness."""
     S_in, S_final = out
@@ -123,24 +135,38 @@ def errors(out, ref) -> dict:
             "finite": bool(jnp.isfinite(S_in.astype(jnp.float32)).all() & jnp.isfinite(S_final).all())}
 
 
-def triton_pass(H: int, K: int, V: int):
-    """(name, jitted Triton pass at ``Tuning``'s launch options for bf16)."""
+def column_block(block_v: int, K: int, V: int, options: dict) -> int:
+    """The pass's column block: ``block_v`` capped at V (and at K for flows)."""
+    return min(block_v, K, V) if options.get("flow") else min(block_v, V)
+
+
+def triton_pass(H: int, K: int, V: int, **options):
+    """(name, jitted Triton pass at ``Tuning``'s launch options for bf16); ``options``: more keyword arguments
+    (segments, flow mode)."""
     t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
-    bv = min(t.block_v, V)
+    bv = column_block(t.block_v, K, V, options)
     return f"triton_bv{bv}_w{t.state_warps}_s{t.state_stages}", jax.jit(functools.partial(
-        state_pass_kernel, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages))
+        state_pass_kernel, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **options))
 
 
-def mosaic_passes(H: int, V: int, spec: str) -> dict:
-    """Jitted Mosaic passes by name, one per ``block_v:stages`` item of ``spec`` (block_v capped at V; the
-    kernel runs fewer stages than asked where they do not fit in shared memory)."""
+def mosaic_passes(H: int, K: int, V: int, spec: str, **options) -> dict:
+    """Jitted Mosaic passes by name, one per ``block_v:stages`` item of ``spec`` (``column_block``; the kernel
+    runs fewer stages than asked where they do not fit in shared memory); ``options`` as in ``triton_pass``."""
     out = {}
     for item in spec.split(","):
         bv, stages = (int(x) for x in item.split(":"))
-        bv = min(bv, V)
+        bv = column_block(bv, K, V, options)
         out[f"mosaic_bv{bv}_s{stages}"] = jax.jit(functools.partial(state_pass_mosaic, heads=H, block_v=bv,
-                                                                    num_stages=stages))
+                                                                    num_stages=stages, **options))
     return out
+
+
+def segment_choice(segments: str, B: int, T: int, H: int, K: int, V: int) -> int:
+    """``--segments``: a count, or ``auto``: what ``scan="auto"`` splits the shape's chunks into."""
+    if segments != "auto":
+        return int(segments)
+    t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
+    return segment_count(T // CHUNK, B * H * (V // min(t.block_v, V)), t.segment_programs)
 
 
 @contextlib.contextmanager
@@ -186,26 +212,32 @@ def measure(label: str, fn, args, ref, baseline, *, N: int, moved: int, reps: in
         save()
 
 
-def bench(shapes, *, reps: int, batch: int, mosaic: str, hang_s: float, say, rows: list, save):
+def bench(shapes, *, reps: int, batch: int, mosaic: str, hang_s: float, say, rows: list, save, flows: bool = False,
+          segments: str = "1"):
     """Every shape's operands, reference and Triton pass first, then the Mosaic passes on every shape (so
-    a Mosaic failure that takes the process down leaves the Triton figures saved)."""
+    a Mosaic failure that takes the process down leaves the Triton figures saved). ``flows``: the segment
+    flows over ``segments`` (a count or ``"auto"``) instead of the forward pass."""
     kept = []
     for shape in shapes:
         B, T, H, K, V = shape
         N, BH = T // CHUNK, B * H
-        row = {"shape": "x".join(map(str, shape)), "variants": {}}
+        S = segment_choice(segments, *shape) if flows else 1
+        options = dict(segments=S, flow=True, write_states=False) if flows else {}
+        row = {"shape": "x".join(map(str, shape)) + (f" flows segments={S}" if flows else ""), "variants": {}}
         rows.append(row)
         args = jax.block_until_ready(operands(0, *shape))
-        ref = jax.block_until_ready(jax.jit(functools.partial(state_pass_reference, heads=H))(*args))
+        args = (*args[:4], None) if flows else args  # flows start from [I | 0]
+        ref = jax.block_until_ready(jax.jit(functools.partial(state_pass_reference, heads=H, **options))(*args))
         say(row["shape"], "operands and reference ready")
-        moved = BH * N * CHUNK * ((2 * K + V) * 2 + 4) + BH * N * K * V * 2  # k, w, u, G in; S_in out
-        common = dict(N=N, moved=moved, reps=reps, batch=batch, say=say, save=save, hang_s=hang_s)
-        name, fn = triton_pass(H, K, V)
+        moved = BH * N * CHUNK * ((2 * K + V) * 2 + 4) + (0 if flows else BH * N * K * V * 2)  # k, w, u, G in; S_in out
+        common = dict(N=N, moved=moved, reps=reps, batch=batch, say=say, save=save, hang_s=hang_s,
+                      check=flow_errors if flows else errors)
+        name, fn = triton_pass(H, K, V, **options)
         out = measure(f"{row['shape']} {name}", fn, args, ref, None, entry=row["variants"].setdefault(name, {}),
                       **common)
-        kept.append((shape, row, args, ref, out, common))
-    for shape, row, args, ref, baseline, common in kept:
-        for name, fn in mosaic_passes(shape[2], shape[4], mosaic).items():
+        kept.append((shape, row, args, ref, out, common, options))
+    for (_, _, H, K, V), row, args, ref, baseline, common, options in kept:
+        for name, fn in mosaic_passes(H, K, V, mosaic, **options).items():
             measure(f"{row['shape']} {name}", fn, args, ref, baseline, entry=row["variants"].setdefault(name, {}),
                     **common)
 
@@ -254,8 +286,7 @@ def bench_backward(shapes, *, reps: int, batch: int, spec: str, segments: str, h
     for shape in shapes:
         B, T, H, K, V = shape
         N, BH = T // CHUNK, B * H
-        t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
-        S = segment_count(N, BH * (V // min(t.block_v, V)), t.segment_programs) if segments == "auto" else int(segments)
+        S = segment_choice(segments, *shape)
         row = {"shape": "x".join(map(str, shape)) + " bwd" + (f" segments={S}" if S > 1 else ""), "variants": {}}
         rows.append(row)
         try:
@@ -283,7 +314,8 @@ def bench_backward(shapes, *, reps: int, batch: int, spec: str, segments: str, h
 
 def table(rows: list[dict]) -> str:
     """Markdown table: ms a call and errors against the reference, one line per (shape, variant)."""
-    lines = ["| shape | variant | ms | us/chunk | GB/s | rel err S_in / S_final (ref) | vs triton | finite |",
+    lines = ["| shape | variant | ms | us/chunk | GB/s | rel err S_in / S_final (bwd: dS_out / dv', flows: P / Q; ref) "
+             "| vs triton | finite |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name, e in row.get("variants", {}).items():
@@ -292,12 +324,10 @@ def table(rows: list[dict]) -> str:
                 continue
             r, t = e.get("vs_reference", {}), e.get("vs_triton")
             fmt = lambda x, key: f"{x[key]:.2e}" if x and key in x else "-"
-            if "dv" in r:  # backward rows: dS_out / dv' in the S_in / S_final columns
-                r, t = ({"S_in": x["dS_out"], "S_final": x["dv"], "finite": x["finite"]} if x else x for x in (r, t))
+            a, b = ("dS_out", "dv") if "dv" in r else ("P", "Q") if "P" in r else ("S_in", "S_final")
             lines.append(f"| {row['shape']} | {name} | {e.get('ms', float('nan')):.4f} | "
                          f"{e.get('us_per_chunk', float('nan')):.3f} | {e.get('GBps', float('nan')):.0f} | "
-                         f"{fmt(r, 'S_in')} / {fmt(r, 'S_final')} | {fmt(t, 'S_in')} / {fmt(t, 'S_final')} | "
-                         f"{r.get('finite')} |")
+                         f"{fmt(r, a)} / {fmt(r, b)} | {fmt(t, a)} / {fmt(t, b)} | {r.get('finite')} |")
     return "\n".join(lines)
 
 
@@ -312,9 +342,14 @@ def main(argv=None):
     parser.add_argument("--backward", default="", help="backward passes instead: Mosaic block_v:stages,... "
                         "(Triton always), e.g. 64:2,64:3")
     parser.add_argument("--segments", default="1", help="with --backward: the segmented scan's backward over "
-                        "this many segments (a divisor of the chunks; auto: as scan=auto splits); 1: sequential")
+                        "this many segments (a divisor of the chunks; auto: as scan=auto splits); 1: sequential; "
+                        "with --flows: the segments whose flows are computed")
+    parser.add_argument("--flows", action="store_true", help="the segment flows (flow mode) instead of the forward "
+                        "pass: Triton's and the --mosaic items'")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
+    if args.flows and args.backward:
+        parser.error("--flows, --backward: one pass at a time, got both")
     t0 = time.time()
     say = lambda *a: print(f"[{time.time() - t0:7.1f}s]", *a, flush=True)
     say("jax", jax.__version__, jax.devices())
@@ -332,7 +367,7 @@ def main(argv=None):
     if args.backward:
         bench_backward(shapes, spec=args.backward, segments=args.segments, **timing)
     else:
-        bench(shapes, mosaic=args.mosaic, **timing)
+        bench(shapes, mosaic=args.mosaic, flows=args.flows, segments=args.segments, **timing)
     print(table(result["rows"]), flush=True)
     return result
 

@@ -30,3 +30,16 @@ def test_bench_state_pass_times_the_segmented_backward_on_the_tiny_shape(tmp_pat
     triton, mosaic = row["variants"]["triton_bv64_w4_s3"], row["variants"]["mosaic_bv64_s2"]
     assert mosaic["ms"] > 0 and mosaic["vs_reference"]["finite"]
     assert all(triton["vs_reference"][x] < 1e-2 and mosaic["vs_triton"][x] < 1e-4 for x in ("dS_out", "dv", "dS0"))
+
+
+def test_bench_state_pass_times_the_segment_flows_on_the_tiny_shape(tmp_path):
+    """``--flows --segments auto`` (4 segments of 1 chunk at the tiny shape): the segment flows [P | Q] on Triton
+    and on Mosaic, against the reference's flows."""
+    result = bench_state_pass.main(["--tiny", "--flows", "--mosaic", "64:2", "--segments", "auto",
+                                    "--out", str(tmp_path)])
+    (row,) = result["rows"]
+    assert row["shape"] == "1x256x2x64x64 flows segments=4"
+    assert set(row["variants"]) == {"triton_bv64_w4_s3", "mosaic_bv64_s2"}
+    triton, mosaic = row["variants"]["triton_bv64_w4_s3"], row["variants"]["mosaic_bv64_s2"]
+    assert mosaic["ms"] > 0 and mosaic["vs_reference"]["finite"]
+    assert all(triton["vs_reference"][x] < 1e-2 and mosaic["vs_triton"][x] < 1e-4 for x in ("P", "Q"))

@@ -105,24 +105,21 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
     state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
     Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
-    ``mosaic``: step (3) on Mosaic GPU (``state_pass_mosaic``; unpacked only).
+    ``mosaic``: steps (1) and (3) on Mosaic GPU (``state_pass_mosaic``; unpacked only).
     Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
-    opts = dict(heads=heads, segments=segments, block_v=tuning.block_v, num_warps=tuning.state_warps,
-                num_stages=tuning.state_stages,
-                **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0)))
-    flow = state_pass_kernel(keys, G, w, u, None, flow=True, write_states=False, **opts).reshape(BH, segments, K, K + V)
+    opts = dict(heads=heads, segments=segments, block_v=tuning.block_v)
+    opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
+             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages,
+                  **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
+    state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
+    flow = state_pass(keys, G, w, u, None, flow=True, write_states=False).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
-    starts = starts.reshape(BH * segments, K, V).astype(S0.dtype)
-    if mosaic:
-        S_in, _ = state_pass_mosaic(keys, G, w, u, starts, heads=heads, segments=segments, block_v=tuning.block_v,
-                                    num_stages=tuning.mosaic_stages)
-        return S_in, S_final.astype(S0.dtype), P
-    S_in, _, *finals = state_pass_kernel(keys, G, w, u, starts, **opts)
+    S_in, _, *finals = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype))
     return S_in, S_final.astype(S0.dtype), P, *finals
 
 

@@ -40,10 +40,10 @@ class Tuning:
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
     unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
-    forward pass, also the last pass of the segmented scan, and at rank 1 the backward pass, sequential
-    or both reverse passes of the segmented scan; bf16/f16 operands, sizes multiples of 64; the forward
-    pass 1.45x faster than Triton at 1 x 65536 x 16 heads on an H200); "auto": Mosaic on a GPU wherever it
-    runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Segment flows and packed
+    forward pass, also the segmented scan's segment flows and its last pass, and at rank 1 the backward
+    pass, sequential or both reverse passes of the segmented scan; bf16/f16 operands, sizes multiples of
+    64; the forward pass 1.45x faster than Triton at 1 x 65536 x 16 heads on an H200); "auto": Mosaic on a
+    GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
     """

@@ -15,8 +15,10 @@ in float32:
     S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
 
 the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Segments as in the
-Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row); no flow mode, no packed
-sequences; bf16/f16 operands; ``n``, ``K``, ``block_v`` multiples of 64.
+Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row), and its flow mode (the
+segmented scan's segment flows ``[P | Q]``: ``S`` starts in registers at ``[I | 0]``'s column block, no
+``S0`` load, and ``P``'s column blocks multiply the values by 0); no packed sequences; bf16/f16 operands;
+``n``, ``K``, ``block_v`` multiples of 64.
 
 :func:`state_pass_bwd_mosaic`: the backward pass (``state_pass_bwd_kernel`` unpacked, rank 1, with its
 ``segments`` and ``write_states=False``: both reverse passes of the segmented scan), the same ring of chunk
@@ -94,34 +96,38 @@ def _program(segments: int, M: int):
     return p, p // segments, p % segments * M
 
 
-def _check(keys, G, w, u, S0, *, heads, block_v, num_warps, num_stages, segments, flow, resets, h0):
+def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_stages, segments, flow, resets, h0):
     """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
+    name = "state_pass_mosaic"
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
-    if flow or resets is not None or h0 is not None:
-        raise ValueError("state_pass_mosaic: only the plain pass (flow=False, no resets / h0), got "
-                         f"flow={flow}, resets={'set' if resets is not None else None}")
-    M = _segment_chunks("state_pass_mosaic", N, segments)
+    if resets is not None or h0 is not None:
+        raise ValueError(f"{name}: only unpacked passes (no resets / h0), got "
+                         f"resets={'set' if resets is not None else None}, h0={'set' if h0 is not None else None}")
+    if flow and (write_states or S0 is not None):
+        raise ValueError(f"{name}: flow=True computes segment flows from [I | 0]: pass S0=None and "
+                         f"write_states=False, got S0={'set' if S0 is not None else None}, write_states={write_states}")
+    M = _segment_chunks(name, N, segments)
     if G.ndim != 3:
-        raise ValueError(f"state_pass_mosaic: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel "
+        raise ValueError(f"{name}: G: expected scalar decays [BH, N, n], got shape {G.shape} (per-channel "
                          f"decays run on the Triton state pass)")
-    if G.dtype != jnp.float32 or S0 is None or S0.dtype != jnp.float32:
-        raise TypeError(f"state_pass_mosaic: G and S0: expected float32, got {G.dtype}, "
-                        f"{None if S0 is None else S0.dtype}")
-    bv = min(block_v, V)
-    if V % bv:
-        raise ValueError(f"state_pass_mosaic: expected V a multiple of block_v, got V={V}, block_v={bv}")
+    if G.dtype != jnp.float32 or not flow and (S0 is None or S0.dtype != jnp.float32):
+        raise TypeError(f"{name}: G and S0: expected float32, got {G.dtype}, {None if S0 is None else S0.dtype}")
+    bv = min(block_v, K, V) if flow else min(block_v, V)
+    if V % bv or flow and K % bv:
+        raise ValueError(f"{name}: expected V{' and K' if flow else ''} multiples of block_v, got K={K}, V={V}, "
+                         f"block_v={bv}")
     size = jnp.dtype(keys.dtype).itemsize
     # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
-    stages = _pipeline("state_pass_mosaic", dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
+    stages = _pipeline(name, dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
                        block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M,
                        stage=2 * n * K * size + n * bv * size + 4 * n,  # k, w, u, G of one chunk in flight
                        state=max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024))
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
-            or S0.shape != (BH * segments, K, V)):
-        raise ValueError(f"state_pass_mosaic: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], "
-                         f"u [BH, N, n, V], S0 [BH * segments, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, "
-                         f"S0 {S0.shape}")
+            or not flow and S0.shape != (BH * segments, K, V)):
+        raise ValueError(f"{name}: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], u [BH, N, n, V], "
+                         f"S0 [BH * segments, K, V]; got G {G.shape}, w {w.shape}, u {u.shape}, "
+                         f"S0 {None if S0 is None else S0.shape}")
     return BH, N, n, K, V, bv, stages
 
 
@@ -170,25 +176,34 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     u: [BH, N, n, V]; S0: [BH * segments, K, V] float32 -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH * segments, K, V] float32); with ``write_states=False`` only S_final.
 
-    The contract of :func:`flowssm.kernels.state_pass.state_pass_kernel` without flow mode or packed
-    sequences: ``segments`` stretches of ``M = N / segments`` chunks, each run by its own programs from its
-    own ``S0[head * segments + segment]``; ``num_stages``:
-    chunks in flight in the TMA pipeline, fewer where their tiles do not fit in shared memory;
-    ``num_warps`` must be 4 (one warpgroup).
+    The contract of :func:`flowssm.kernels.state_pass.state_pass_kernel` without packed sequences:
+    ``segments`` stretches of ``M = N / segments`` chunks, each run by its own programs from its own
+    ``S0[head * segments + segment]``. ``flow=True`` (with ``write_states=False``, ``S0=None``; column blocks
+    ``bv = min(block_v, K, V)``, a divisor of ``K``): each segment's flow ``[P | Q]``, S_final:
+    [BH * segments, K, K + V] float32, the pass of ``[P | Q]`` from ``[I | 0]``: a ``P`` column block starts
+    at the identity's columns and sees no values (``u`` times 0), a ``Q`` block starts at 0 and reads ``u``'s
+    column block ``j - K / bv``. ``num_stages``: chunks in flight in the TMA pipeline, fewer where their tiles
+    do not fit in shared memory; ``num_warps`` must be 4 (one warpgroup).
     """
-    BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, block_v=block_v, num_warps=num_warps,
-                                        num_stages=num_stages, segments=segments, flow=flow, resets=resets, h0=h0)
+    BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, write_states=write_states, block_v=block_v,
+                                        num_warps=num_warps, num_stages=num_stages, segments=segments, flow=flow,
+                                        resets=resets, h0=h0)
     M = N // segments
+    p_blocks = K // bv if flow else 0  # column blocks of P (flow mode) before those of the state / Q
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
+    tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
 
-    def kernel(k_ref, g_ref, w_ref, u_ref, s0_ref, *refs):
-        (s_in_ref, *refs) = refs if write_states else (None, *refs)
-        s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), s0_loaded = refs
+    def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
+        s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
+        s_in_ref, refs = (refs[0], refs[1:]) if write_states else (None, refs)
+        s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), *s0_loaded = refs
         p, i, base = _program(segments, M)
-        cols = pl.ds(lax.axis_index("columns") * bv, bv)
+        j = lax.axis_index("columns")
+        cols = pl.ds(j * bv, bv)
+        u_cols = pl.ds(jnp.maximum(j - p_blocks, 0) * bv, bv) if flow else cols  # P blocks: Q's first, times 0
         head_keys = _head(k_ref, i, heads)
 
         def fetch(c, slot):
@@ -196,27 +211,35 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             all landed."""
             c = base + c
             for src, dst in ((head_keys.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
-                             (u_ref.at[i, c, :, cols], u_s)):
+                             (u_ref.at[i, c, :, u_cols], u_s)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
-        plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded)
+        if not flow:
+            plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded[0])
         for c in range(stages):
             fetch(c, c)
-        plgpu.barrier_wait(s0_loaded)
+        if flow:  # [I | 0]: column j * bv + col of the identity, all zero in Q's columns (j * bv >= K)
+            diagonal = (tile(lax.broadcasted_iota(jnp.int32, (K, bv), 0))
+                        == tile(lax.broadcasted_iota(jnp.int32, (K, bv), 1)) + j * bv)
+            start = jnp.where(diagonal, tile(jnp.ones((K, bv), f32)), tile(jnp.zeros((K, bv), f32)))
+        else:
+            plgpu.barrier_wait(s0_loaded[0])
+            start = s32[...]
 
         def chunk(c, S):
-            slot, tile = c % stages, s_tiles.at[c % 2]
+            slot, s_tile = c % stages, s_tiles.at[c % 2]
             plgpu.barrier_wait(loaded.at[slot])
             if write_states:  # the S_in store issued two chunks ago has read this tile
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            tile[...] = S.astype(dtype)
+            s_tile[...] = S.astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
             if write_states:
-                plgpu.copy_smem_to_gmem(tile, s_in_ref.at[i, base + c, :, cols])
-            wS = _product(w_s.at[slot], tile, (n, bv))
+                plgpu.copy_smem_to_gmem(s_tile, s_in_ref.at[i, base + c, :, cols])
+            wS = _product(w_s.at[slot], s_tile, (n, bv))
             G_end = g_s[slot, n - 1]
             decay = jnp.exp(G_end - plgpu.load(g_s.at[slot], layout=rows))
-            corrected = u_s.at[slot][...].astype(f32) - wS
+            values = u_s.at[slot][...].astype(f32)
+            corrected = (jnp.where(j < p_blocks, 0.0, 1.0) * values if flow else values) - wS  # P columns: no values
             r_tile[...] = (lax.broadcast_in_dim(decay, (n, bv), (0,)) * corrected).astype(dtype)
             plgpu.commit_smem()
             S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
@@ -227,14 +250,14 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
             return S
 
-        S = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, s32[...])  # int32 indices under x64
+        S = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, start)  # int32 indices under x64
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last S_in tiles are read: s32 overwrites them
         s32[...] = S
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s32, s_out_ref.at[p, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    S_final = jax.ShapeDtypeStruct((BH * segments, K, V), f32)
+    S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), f32)
     out_type = [jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final] if write_states else [S_final]
     chunk_tiles = [plgpu.SMEM((stages, n, K), dtype, transforms=operand), plgpu.SMEM((stages, n), f32),
                    plgpu.SMEM((stages, n, K), dtype, transforms=operand),
@@ -243,10 +266,10 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # S0, S_final: before / after the loop
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles, corrected values
                                plgpu.SMEM((n, bv), dtype, transforms=operand)]),
-               plgpu.Barrier()]
-    return _launch(kernel, "flowssm_state_pass_mosaic", out_type, scratch, (BH * segments, V // bv), interpreted,
-                   keys, G, w, u, S0)
-
+               *([] if flow else [plgpu.Barrier()])]  # S0 loaded
+    return _launch(kernel, "flowssm_segment_flows_mosaic" if flow else "flowssm_state_pass_mosaic", out_type, scratch,
+                   (BH * segments, (K + V if flow else V) // bv), interpreted, keys, G, w, u,
+                   *(() if flow else (S0,)))
 
 
 def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, resets,
