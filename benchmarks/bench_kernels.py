@@ -167,7 +167,8 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
     t = tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK, CHUNK)
     N, programs = G.shape[1], G.shape[0] * (v.shape[-1] // min(t.block_v, v.shape[-1]))
     segments = kc.auto_segments("associative", N, programs, t)
-    segmented = jax.jit(lambda *a: kc.segmented_states(*a, segments, heads=k.shape[2], tuning=t))
+    mosaic = kc._use_mosaic(t, keys, G, CHUNK, v.shape[-1])  # as the op decides
+    segmented = jax.jit(lambda *a: kc.segmented_states(*a, segments, heads=k.shape[2], tuning=t, mosaic=mosaic))
     times[f"assoc_segmented ({segments} segments)"] = timed(segmented, keys, G, w, u, S0, reps=reps)
     return times
 

@@ -168,7 +168,7 @@ def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
     """Whether the unpacked state passes run on Mosaic GPU (``Tuning.state_lowering``; callers check the
     rest: unpacked, rank 1 for the backward): "auto" on a GPU where it runs them (scalar decays, bf16/f16,
     sizes multiples of 64); "mosaic" also in interpret mode (``state_pass_mosaic`` refuses what it cannot
-    run). Segment flows and packed passes stay on Triton."""
+    run). Packed passes stay on Triton."""
     if t.state_lowering == "auto":
         return (not resolve_interpret(None) and G.ndim == 3
                 and mosaic_runs(keys.dtype, G.dtype, n, keys.shape[-1], V, t.block_v))
