@@ -149,22 +149,33 @@ def test_packed_call_checks_batch_and_initial_states():
         flowssm.delta_rule(q, k, v, beta, g, initial_state=h0[:1], cu_seqlens=CU)
 
 
+PASS_SHAPE = dict(BH=2, N=6, C=16, K=16, V=32)  # the state-pass kernel tests' operands
+
+
+def pass_operands(seed: int, BH, N, C, K, V):
+    """Float32 operands of the state passes: keys, G (cumulative decays), w, u, q, do."""
+    F32 = jnp.float32
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    keys = jax.random.normal(ks[0], (BH, N, C, K), F32) * K**-0.5
+    w = jax.random.normal(ks[1], (BH, N, C, K), F32) * 0.1
+    u = jax.random.normal(ks[2], (BH, N, C, V), F32)
+    G = jnp.cumsum(-jax.random.uniform(ks[3], (BH, N, C), F32, 0.0, 0.1), axis=-1)
+    q = jax.random.normal(ks[4], (BH, N, C, K), F32)
+    do = jax.random.normal(ks[5], (BH, N, C, V), F32)
+    return keys, G, w, u, q, do
+
+
 @pytest.mark.parametrize("segments", [1, 3])
 def test_state_pass_kernels_with_resets_match_references(segments):
     """Interpret mode: the forward state pass (and, segmented, the segment flows) and the backward pass with
     sequence resets against their jnp references; sequences 1 and 2 span segment boundaries (3 segments of 2
     chunks). The op-level gradient tests check the references against autodiff."""
     F32 = jnp.float32
-    BH, N, C, K_, V_, Ns = 2, 6, 16, 16, 32, 3
-    ks = jax.random.split(jax.random.PRNGKey(0), 10)
-    keys = jax.random.normal(ks[0], (BH, N, C, K_), F32) * K_**-0.5
-    w = jax.random.normal(ks[1], (BH, N, C, K_), F32) * 0.1
-    u = jax.random.normal(ks[2], (BH, N, C, V_), F32)
-    G = jnp.cumsum(-jax.random.uniform(ks[3], (BH, N, C), F32, 0.0, 0.1), axis=-1)
-    q = jax.random.normal(ks[4], (BH, N, C, K_), F32)
-    do = jax.random.normal(ks[5], (BH, N, C, V_), F32)
-    h0, dfinals = (jax.random.normal(k_, (BH, Ns, K_, V_), F32) for k_ in ks[6:8])
-    S0, dS_final = (jax.random.normal(k_, (BH * segments, K_, V_), F32) for k_ in ks[8:])
+    BH, K_, V_, Ns = PASS_SHAPE["BH"], PASS_SHAPE["K"], PASS_SHAPE["V"], 3
+    keys, G, w, u, q, do = pass_operands(0, **PASS_SHAPE)
+    ks = jax.random.split(jax.random.PRNGKey(10), 4)
+    h0, dfinals = (jax.random.normal(k_, (BH, Ns, K_, V_), F32) for k_ in ks[:2])
+    S0, dS_final = (jax.random.normal(k_, (BH * segments, K_, V_), F32) for k_ in ks[2:])
     resets = varlen.Resets(*(jnp.array(x, jnp.int32) for x in ([0, 1, 1, 1, 2, 2], [1, 1, 0, 0, 1, 0],
                                                                 [1, 0, 0, 1, 0, 1])))
     packed = dict(segments=segments, resets=resets)
@@ -188,16 +199,10 @@ def test_state_pass_kernels_over_spans_match_references(zero):
     references (through the resets the spans imply); sequence 2 is empty, sequence 3 owns the trailing
     identity chunks. ``zero``: initial states and final-state cotangents 0, never read by the kernels."""
     F32 = jnp.float32
-    BH, N, C, K_, V_, Ns = 2, 6, 16, 16, 32, 4
-    ks = jax.random.split(jax.random.PRNGKey(1), 7)
-    keys = jax.random.normal(ks[0], (BH, N, C, K_), F32) * K_**-0.5
-    w = jax.random.normal(ks[1], (BH, N, C, K_), F32) * 0.1
-    u = jax.random.normal(ks[2], (BH, N, C, V_), F32)
-    G = jnp.cumsum(-jax.random.uniform(ks[3], (BH, N, C), F32, 0.0, 0.1), axis=-1)
-    q = jax.random.normal(ks[4], (BH, N, C, K_), F32)
-    do = jax.random.normal(ks[5], (BH, N, C, V_), F32)
+    BH, K_, V_, Ns = PASS_SHAPE["BH"], PASS_SHAPE["K"], PASS_SHAPE["V"], 4
+    keys, G, w, u, q, do = pass_operands(1, **PASS_SHAPE)
     h0, dfinals = (jnp.zeros((BH * Ns, K_, V_), F32) if zero else jax.random.normal(k_, (BH * Ns, K_, V_), F32)
-                   for k_ in jax.random.split(ks[6]))
+                   for k_ in jax.random.split(jax.random.PRNGKey(11)))
     spans = varlen.Spans(jnp.array([0, 1, 4, 4], jnp.int32), jnp.array([1, 4, 4, 6], jnp.int32))
     kernel = state_pass_kernel(keys, G, w, u, h0, block_v=16, spans=spans, zero_h0=zero)
     reference = state_pass_reference(keys, G, w, u, h0, spans=spans)
