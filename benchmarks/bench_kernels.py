@@ -208,8 +208,9 @@ def peak_gb() -> float | None:
 
 
 def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True,
-                row=None, save=lambda: None, scans=("sequential", "associative")):
-    """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: the ungated variants only."""
+                row=None, save=lambda: None, scans=("sequential", "associative"), methods=()):
+    """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: the ungated variants only;
+    ``methods``: other exact methods' sequential rows (``pallas_seq_<method>``; the default is substitution)."""
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {} if row is None else row
     row["shape"] = "x".join(map(str, shape))
@@ -219,6 +220,8 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
         return row
     variants = [(f"pallas_{scan[:3] if scan == 'sequential' else 'assoc'}", dict(backend="pallas", scan=scan))
                 for scan in scans]
+    variants += [(f"pallas_seq_{m}", dict(backend="pallas", scan="sequential", solver={"name": "exact", "method": m}))
+                 for m in methods]
     B, T, H, K, V = shape
     t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
     row["auto_segments"] = kc.auto_segments("auto", T // CHUNK, B * H * (V // min(t.block_v, V)), t)
@@ -388,6 +391,7 @@ def main():
                         help="with --sweep: e.g. 'default;state_lowering=triton;mosaic_stages=2'")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--scans", default="sequential,associative", help="the pallas scans to time")
+    parser.add_argument("--methods", default="", help="other exact methods to time (sequential), e.g. doubling")
     parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
@@ -428,7 +432,8 @@ def main():
         result["rows"].append({})
         bench_shape(shape, args.reps, fla_ok and shape[0] * shape[1] <= args.fla_max_tokens, j == 0 and not args.lean, say, xla=not args.no_xla,
                     flowssm_ok=not args.fla_only, lean=args.lean, fla_backward=not args.fla_forward_only,
-                    row=result["rows"][-1], save=save, scans=tuple(args.scans.split(",")))
+                    row=result["rows"][-1], save=save, scans=tuple(args.scans.split(",")),
+                    methods=tuple(m for m in args.methods.split(",") if m))
         save()
         if args.sweep and j == 0:
             result["sweep"] = sweep(shape, args.reps, say, args.sweep_tunings)
