@@ -68,37 +68,32 @@ def _block_of(size: int, per_block: int, vector: bool = False):
     return lax.div(_iota((size,) if vector else (size, 1)), jnp.int32(per_block))
 
 
-def _masked_exp(x, mask):
-    """``e^x`` where ``mask``, else 0; ``exp`` only sees ``x`` on the mask (non-positive there)."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+def _decay(x):
+    """``e^x`` for ``x <= 0`` (a decay), the argument clamped at 0: ``exp`` never sees a positive number. Pairs
+    with ``x > 0`` are never visible; they get 1 (finite) and the callers mask them."""
+    return jnp.exp2(jnp.minimum(x, 0.0) * 1.4426950408889634)
 
 
-def _left_to_ref(G_left, right: Rows, sl: int, sr: int):
+def _left_to_ref(lrows: Rows, rrows: Rows, nl: int, sl: int, sr: int):
     """``e^{G_left - ref}`` ([nl, K], ``<= 1``): ``ref`` the decays of the last item before each row's block
-    (rows of block 0: 1, they have no such item)."""
-    ref = right.G(jnp.maximum(_block_of(G_left.shape[0], sl, vector=True) * sr - 1, 0))
-    return _masked_exp(G_left - ref, _block_of(G_left.shape[0], sl) > 0)
+    (item 0 for the rows of block 0, which meet no earlier block)."""
+    return _decay(lrows.G(None) - rrows.G(jnp.maximum(_block_of(nl, sl, vector=True) * sr - 1, 0)))
 
 
-def _ref_to_right(right: Rows, a, nr: int, sr: int):
-    """``e^{ref_a - G_right}`` on the items before row block ``a`` (traced), else 0: [nr, K], ``<= 1``."""
-    before = _iota((nr, 1)) < a * sr
-    return _masked_exp(right.G(jnp.full((1,), a * sr - 1, jnp.int32)) - right.G(None), before)
+def _ref_to_right(rrows: Rows, a, sr: int):
+    """``e^{ref_a - G_right}`` ([nr, K]; ``ref_a`` the decays of the last item before row block ``a``, traced):
+    ``<= 1`` on the items before the block, which alone the callers keep."""
+    return _decay(rrows.G(jnp.full((1,), a * sr - 1, jnp.int32)) - rrows.G(None))
 
 
-def _diagonal(target: Rows, other: Rows, j, *, size: int, per_block: int, other_block: int, target_is_left: bool,
-              rank: int, shift: int):
+def _diagonal(target: Rows, other: Rows, j, *, size: int, per_block: int, other_block: int, target_is_left: bool):
     """Offset ``j`` of the diagonal blocks, one pair per ``target`` row (``size`` rows): row ``t`` of block ``b``
     meets row ``b other_block + j`` of ``other`` -> (that index: [size, 1], those ``other`` rows: [size, K],
-    ``e^{G_left - G_right}`` on the visible pairs, else 0: [size, K])."""
-    index = _block_of(size, per_block) * other_block + j
+    ``e^{G_left - G_right}`` (:func:`_decay`: the callers mask the pairs that are not visible): [size, K])."""
     gathered = _block_of(size, per_block, vector=True) * other_block + j
-    mine, G_mine, G_other = _iota((size, 1)), target.G(None), other.G(gathered)
-    if target_is_left:
-        e = _masked_exp(G_mine - G_other, index < rank * mine + shift)
-    else:
-        e = _masked_exp(G_other - G_mine, mine < rank * index + shift)
-    return index, other.x(gathered), e
+    G_mine, G_other = target.G(None), other.G(gathered)
+    e = _decay(G_mine - G_other if target_is_left else G_other - G_mine)
+    return _block_of(size, per_block) * other_block + j, other.x(gathered), e
 
 
 def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
@@ -110,26 +105,24 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
     lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, _), nr = left.shape, right.shape[0]
     sl, sr = nl // blocks, nr // blocks
-    A = jnp.zeros((nl, nr), acc)
-    if blocks > 1:
-        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows.G(None), rrows, sl, sr)
-        row_block = _block_of(nl, sl)
-
-        def across(a, A):
-            lhs = jnp.where(row_block == a, decayed_left, 0.0)
-            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, nr, sr)
-            return A + matmul(lhs, rhs, operand_dtype=operand_dtype, trans_b=True)
-
-        A = lax.fori_loop(1, blocks, across, A)
-    columns = _iota((nl, nr), 1)
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
 
     def inside(j, A):
-        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True,
-                                     rank=rank, shift=shift)
+        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
         col = jnp.sum(lrows.x(None).astype(acc) * right_j.astype(acc) * e, axis=1, keepdims=True)
         return A + jnp.where(columns == item, col, 0.0)
 
-    return lax.fori_loop(0, sr, inside, A)
+    A = lax.fori_loop(0, sr, inside, jnp.zeros((nl, nr), acc))
+    if blocks > 1:
+        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
+
+        def across(a, A):
+            pairs = (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr)
+            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            return A + jnp.where(pairs, matmul(decayed_left, rhs, operand_dtype=operand_dtype, trans_b=True), 0.0)
+
+        A = A + lax.fori_loop(1, blocks, across, jnp.zeros((nl, nr), acc))
+    return jnp.where(columns < rank * rows_i + shift, A, 0.0)
 
 
 def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
@@ -141,42 +134,40 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, K), nr = left.shape, right.shape[0]
     sl, sr = nl // blocks, nr // blocks
-    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
-    dA = jnp.where(visible, dA.astype(acc), 0.0)
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
+    dA = jnp.where(columns < rank * rows_i + shift, dA.astype(acc), 0.0)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    dleft, dright = jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc)
-    if blocks > 1:
-        to_ref = _left_to_ref(lrows.G(None), rrows, sl, sr)
-        decayed_left = lrows.x(None).astype(acc) * to_ref
-        row_block = _block_of(nl, sl)
-
-        def across(a, carry):
-            through_right, dright = carry
-            dA_a = jnp.where(row_block == a, dA, 0.0)
-            from_ref = _ref_to_right(rrows, a, nr, sr)
-            return (through_right + mm(dA_a, rrows.x(None).astype(acc) * from_ref),
-                    dright + from_ref * mm(dA_a, decayed_left, trans_a=True))
-
-        through_right, dright = lax.fori_loop(1, blocks, across, (dleft, dright))
-        dleft = to_ref * through_right
-    columns = _iota((nl, nr), 1)
 
     def left_inside(j, dleft):
-        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True,
-                                     rank=rank, shift=shift)
+        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
         d_col = jnp.sum(jnp.where(columns == item, dA, 0.0), axis=1, keepdims=True)
         return dleft + d_col * right_j.astype(acc) * e
 
-    dleft = lax.fori_loop(0, sr, left_inside, dleft)
-    dA_t, rows_t = dA.T, _iota((nr, nl), 1)
+    dleft = lax.fori_loop(0, sr, left_inside, jnp.zeros((nl, K), acc))
+    # dA^T by a matmul with the identity at full precision: the transposed tile keeps the layout of a
+    # matmul result (a transpose's layout spreads its rows' columns over warps: slow row reductions)
+    eye = (_iota((nr, nr)) == _iota((nr, nr), 1)).astype(acc)
+    dA_t, rows_t = matmul(eye, dA, operand_dtype=acc, mode="f32", trans_b=True), _iota((nr, nl), 1)
 
     def right_inside(j, dright):
-        row, left_j, e = _diagonal(rrows, lrows, j, size=nr, per_block=sr, other_block=sl, target_is_left=False,
-                                   rank=rank, shift=shift)
+        row, left_j, e = _diagonal(rrows, lrows, j, size=nr, per_block=sr, other_block=sl, target_is_left=False)
         d_row = jnp.sum(jnp.where(rows_t == row, dA_t, 0.0), axis=1, keepdims=True)
         return dright + d_row * left_j.astype(acc) * e
 
-    return dleft, lax.fori_loop(0, sl, right_inside, dright)
+    dright = lax.fori_loop(0, sl, right_inside, jnp.zeros((nr, K), acc))
+    if blocks > 1:
+        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
+
+        def across(a, carry):
+            through_right, dright = carry
+            dA_a = jnp.where((lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr), dA, 0.0)
+            from_ref = _ref_to_right(rrows, a, sr)
+            return (through_right + mm(dA_a, rrows.x(None).astype(acc) * from_ref),
+                    dright + from_ref * mm(dA_a, decayed_left, trans_a=True))
+
+        through_right, dright = lax.fori_loop(1, blocks, across, (jnp.zeros((nl, K), acc), dright))
+        dleft = dleft + _left_to_ref(lrows, rrows, nl, sl, sr) * through_right
+    return dleft, dright
 
 
 # Cumulative decays reach the kernels as G: [BH, N, n] (scalar) or [BH, N, n, K] (per key channel).
