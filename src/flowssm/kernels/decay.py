@@ -141,9 +141,18 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     def left_inside(j, dleft):
         item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
         d_col = jnp.sum(jnp.where(columns == item, dA, 0.0), axis=1, keepdims=True)
-        return dleft + d_col * right_j.astype(acc) * e
+        return dleft + d_col * (right_j.astype(acc) * e)  # one tile meets the cotangents (a layout change)
 
+    # the rows' cotangent, then the items': one [., K] accumulator at a time through the loops
+    before_a = lambda a: (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr)  # block a's cross pairs
     dleft = lax.fori_loop(0, sr, left_inside, jnp.zeros((nl, K), acc))
+    if blocks > 1:
+        def left_across(a, through_right):
+            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            return through_right + mm(jnp.where(before_a(a), dA, 0.0), rhs)
+
+        through_right = lax.fori_loop(1, blocks, left_across, jnp.zeros((nl, K), acc))
+        dleft = dleft + _left_to_ref(lrows, rrows, nl, sl, sr) * through_right
     # dA^T by a matmul with the identity at full precision: the transposed tile keeps the layout of a
     # matmul result (a transpose's layout spreads its rows' columns over warps: slow row reductions)
     eye = (_iota((nr, nr)) == _iota((nr, nr), 1)).astype(acc)
@@ -152,21 +161,17 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     def right_inside(j, dright):
         row, left_j, e = _diagonal(rrows, lrows, j, size=nr, per_block=sr, other_block=sl, target_is_left=False)
         d_row = jnp.sum(jnp.where(rows_t == row, dA_t, 0.0), axis=1, keepdims=True)
-        return dright + d_row * left_j.astype(acc) * e
+        return dright + d_row * (left_j.astype(acc) * e)
 
     dright = lax.fori_loop(0, sl, right_inside, jnp.zeros((nr, K), acc))
     if blocks > 1:
         decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
 
-        def across(a, carry):
-            through_right, dright = carry
-            dA_a = jnp.where((lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr), dA, 0.0)
-            from_ref = _ref_to_right(rrows, a, sr)
-            return (through_right + mm(dA_a, rrows.x(None).astype(acc) * from_ref),
-                    dright + from_ref * mm(dA_a, decayed_left, trans_a=True))
+        def right_across(a, dright):
+            d_items = mm(jnp.where(before_a(a), dA, 0.0), decayed_left, trans_a=True)
+            return dright + _ref_to_right(rrows, a, sr) * d_items
 
-        through_right, dright = lax.fori_loop(1, blocks, across, (jnp.zeros((nl, K), acc), dright))
-        dleft = dleft + _left_to_ref(lrows, rrows, nl, sl, sr) * through_right
+        dright = lax.fori_loop(1, blocks, right_across, dright)
     return dleft, dright
 
 
