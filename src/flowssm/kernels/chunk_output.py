@@ -150,8 +150,9 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
         k32 = k[...].astype(acc)
         through_k = dk_state * k32
         d_end = jnp.exp(G_end) * jnp.sum(S * dS_out, axis=1) + jnp.sum(through_k, axis=0)
-        return (dq_state + dq_att, dk_att + dk_state, -mm(dv[...], S, trans_b=True),
-                jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k, q[...].astype(acc) * (dq_att + dq_state))
+        dG = jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k
+        return (dq_state + dq_att, dk_att + dk_state, -mm(dv[...], S, trans_b=True), dG,
+                q[...].astype(acc) * (dq_att + dq_state))
     G_end = G[n - 1]
     q, k, G, G_tok, corrected, S, dS_out, do, dv = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do, dv))
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)

@@ -166,9 +166,9 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     if len(g_ref.shape) == 2:  # the vjp first, drk formed again after it: fewer live tiles across its loops
         dL = jnp.where(below, -mm(drv, u_ref[...], trans_b=True) - mm(drk(), w_ref[...], trans_b=True), 0.0)
+        rows = (decay.ref_rows(k_ref, g_ref, scale_ref=b_ref), decay.ref_rows(k_ref, g_ref))  # rows b k, items k
         d_scaled, d_items = decay.scores_vjp(k_ref, g_ref, k_ref, g_ref, dL, blocks=blocks, rank=1, shift=0,
-                                             matmul=dot, operand_dtype=operand_dtype,
-                                             rows=(decay.ref_rows(k_ref, g_ref, scale_ref=b_ref), decay.ref_rows(k_ref, g_ref)))
+                                             matmul=dot, operand_dtype=operand_dtype, rows=rows)
         dk, db, dG = _scaled_keys_vjp(drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         k, d_rows = loaded(k_ref), loaded(b_ref)[:, None] * d_scaled
         dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
