@@ -156,20 +156,20 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
     dv_ref[...] = (a_ref[...].astype(acc)[:, None] * drv).astype(dv_ref.dtype)
     da_ref[...] = jnp.sum(drv * v_ref[...].astype(acc), axis=1).astype(da_ref.dtype)
-    drk = lambda: mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
+    form_drk = lambda: mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
     if not exact:
-        dk, db, dG = _scaled_keys_vjp(drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
+        dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         for ref, x in zip((dk_ref, db_ref, dg_ref), (dk, db, dG)):
             ref[...] = x.astype(ref.dtype)
         return
     n = g_ref.shape[0]
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     if len(g_ref.shape) == 2:  # the vjp first, drk formed again after it: fewer live tiles across its loops
-        dL = jnp.where(below, -mm(drv, u_ref[...], trans_b=True) - mm(drk(), w_ref[...], trans_b=True), 0.0)
+        dL = jnp.where(below, -mm(drv, u_ref[...], trans_b=True) - mm(form_drk(), w_ref[...], trans_b=True), 0.0)
         rows = (decay.ref_rows(k_ref, g_ref, scale_ref=b_ref), decay.ref_rows(k_ref, g_ref))  # rows b k, items k
         d_scaled, d_items = decay.scores_vjp(k_ref, g_ref, k_ref, g_ref, dL, blocks=blocks, rank=1, shift=0,
                                              matmul=dot, operand_dtype=operand_dtype, rows=rows)
-        dk, db, dG = _scaled_keys_vjp(drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
+        dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         k, d_rows = loaded(k_ref), loaded(b_ref)[:, None] * d_scaled
         dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
         db_ref[...] = (db + jnp.sum(k * d_scaled, axis=1)).astype(db_ref.dtype)
@@ -177,7 +177,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
         return
     beta, G = loaded(b_ref), loaded(g_ref)
     dL = -mm(drv, u_ref[...], trans_b=True)
-    drk = drk()
+    drk = form_drk()
     k = k_ref[...]
     dk, db, dG = _scaled_keys_vjp(drk, k, beta, G)
     dL = dL - mm(drk, w_ref[...], trans_b=True)
