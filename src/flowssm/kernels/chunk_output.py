@@ -44,8 +44,8 @@ def _blocks(q) -> int:
 def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None):
     """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
     channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
-    its kernel ``rows`` loaders)."""
-    if G.ndim == 2:
+    its kernel ``rows`` loaders: then the operands give only shapes and may be the kernel's refs)."""
+    if len(G.shape) == 2:
         return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank, matmul=matmul,
                             operand_dtype=operand_dtype, rows=rows)
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
@@ -54,13 +54,19 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None):
     """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
-    corrected ``u - w S``: [n, V]) in float32; ``rows`` as in :func:`attention_block`."""
-    acc = S.dtype
+    corrected ``u - w S``: [n, V]) in float32 (float64 for float64 ``G``). Operands: arrays, or the kernel's
+    refs, each read (``x[...]``) where first needed; ``rows`` as in :func:`attention_block`."""
+    acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
+    if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
+        att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+        S = S[...].astype(acc)
+        corrected = u[...].astype(acc) - mm(w[...], S)
+        return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected
+    q, k, G, G_tok, w, u = (x[...] for x in (q, k, G, G_tok, w, u))
+    S = S[...].astype(acc)
     corrected = u.astype(acc) - mm(w, S)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
-    if G.ndim == 2:
-        return scale * (mm(jnp.exp(G_tok) * q.astype(acc), S) + mm(att, corrected)), corrected
+    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected
 
 
@@ -82,9 +88,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     G_tok = decay.token_decays(G, rank)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *r_ref):
-        o, corrected = _output_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], w_ref[...], u_ref[...],
-                                     s_ref[...].astype(g_ref.dtype), rank=rank, scale=scale, matmul=dot,
-                                     operand_dtype=dtype,
+        o, corrected = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
+                                     matmul=dot, operand_dtype=dtype,
                                      rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
@@ -119,30 +124,37 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
     return token_major(o.astype(out_dtype or G.dtype), heads)
 
 
-def _output_bwd_block(q, k, G, G_tok, G_end, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
+def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
                       operand_dtype, rows=None):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
     S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
     dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up).
-    Per key channel (G: [n, k], G_tok: [C, k], G_end: [k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
+    Per key channel (G: [n, k], G_tok: [C, k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
+    Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
+    :func:`attention_block`.
     """
     n = k.shape[0]
     acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     last = lax.broadcasted_iota(jnp.int32, (n, 1), 0) == n - 1
-    if G.ndim == 2:
-        d_att = scale * mm(do, corrected, trans_b=True)
+    if len(G.shape) == 2:  # the scores' vjp first (from ``rows``), then the state's tiles
+        d_att = scale * mm(do[...], corrected[...], trans_b=True)
         dq_att, dk_att = decay.scores_vjp(q, G_tok, k, G, d_att, blocks=_blocks(q), rank=rank, shift=rank,
                                           matmul=matmul, operand_dtype=operand_dtype, rows=rows)
-        q32, k32 = q.astype(acc), k.astype(acc)
-        dq_state = scale * jnp.exp(G_tok) * mm(do, S, trans_b=True)
-        dk_state = jnp.exp(G_end[None, :] - G) * mm(corrected, dS_out, trans_b=True)
+        S, dS_out = S[...].astype(acc), dS_out[...].astype(acc)
+        dq_state = scale * jnp.exp(G_tok[...]) * mm(do[...], S, trans_b=True)
+        G_end, G = G[n - 1], G[...]
+        dk_state = jnp.exp(G_end[None, :] - G) * mm(corrected[...], dS_out, trans_b=True)
+        k32 = k[...].astype(acc)
         through_k = dk_state * k32
-        d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc), axis=1) + jnp.sum(through_k, axis=0)
-        return (dq_state + dq_att, dk_att + dk_state, -mm(dv, S, trans_b=True),
-                jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k, q32 * (dq_att + dq_state))
+        d_end = jnp.exp(G_end) * jnp.sum(S * dS_out, axis=1) + jnp.sum(through_k, axis=0)
+        dG = jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k
+        return (dq_state + dq_att, dk_att + dk_state, -mm(dv[...], S, trans_b=True), dG,
+                q[...].astype(acc) * (dq_att + dq_state))
+    G_end = G[n - 1]
+    q, k, G, G_tok, corrected, S, dS_out, do, dv = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do, dv))
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
     through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0)
@@ -181,9 +193,8 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     per_channel = decay.per_channel(G)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
-        grads = _output_bwd_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], g_ref[n - 1], r_ref[...],
-                                  s_ref[...], ds_ref[...], do_ref[...], dv_ref[...], rank=rank, scale=scale,
-                                  matmul=dot, operand_dtype=dtype,
+        grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
+                                  scale=scale, matmul=dot, operand_dtype=dtype,
                                   rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
             ref[...] = x.astype(ref.dtype)
@@ -223,6 +234,6 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
-        q, keys, G, decay.token_decays(G, rank), G[:, :, -1], corrected.astype(acc), S_in.astype(acc),
+        q, keys, G, decay.token_decays(G, rank), corrected.astype(acc), S_in.astype(acc),
         dS_out.astype(acc), do, dv)
     return token_major(dq, heads), token_major(dk, heads), dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)

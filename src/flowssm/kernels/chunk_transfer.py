@@ -129,53 +129,61 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
     return sol.w.astype(keys.dtype), sol.u.astype(keys.dtype)
 
 
+def _scaled_keys_vjp(drk, k, beta, G):
+    """Cotangents through ``rk = b e^G k`` given ``drk: [n, K]``: (dk: [n, K], db: [n], dG: [n] or [n, K])."""
+    acc = drk.dtype
+    eG = jnp.exp(G)
+    if G.ndim == 2:  # d(b e^G k) per entry: the key channels' shares of db and dG
+        through_k = drk * k.astype(acc) * eG
+        return beta[:, None] * eG * drk, jnp.sum(through_k, axis=1), beta[:, None] * through_k
+    through_k = jnp.sum(drk * k.astype(acc), axis=1) * eG
+    return (beta * eG)[:, None] * drk, through_k, beta * through_k
+
+
 def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
                         dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
     ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
-    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``, per key channel when
-    ``G: [n, K]``: then ``dG`` is ``[n, K]``, through ``decay.scores_vjp``); otherwise ``T = I``.
+    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
+    then ``dG`` is ``[n, K]``) ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
+    (``decay.scores_vjp``) gives dk, db and dG, the scores are not formed); otherwise ``T = I``.
 
     Outputs are written as soon as they are final and operands loaded when first needed: fewer live
     tiles, fewer registers.
     """
     mm = lambda a, b, **kw: dot(a, b, operand_dtype=operand_dtype, **kw)
-    beta, G = b_ref[...].astype(acc), g_ref[...].astype(acc)
-    per_channel = G.ndim == 2
-    eG = jnp.exp(G)
+    loaded = lambda ref: ref[...].astype(acc)
     drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
     dv_ref[...] = (a_ref[...].astype(acc)[:, None] * drv).astype(dv_ref.dtype)
     da_ref[...] = jnp.sum(drv * v_ref[...].astype(acc), axis=1).astype(da_ref.dtype)
-    if exact:
-        dL = -mm(drv, u_ref[...], trans_b=True)
-    drk = mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
-    k = k_ref[...]
-    if per_channel:  # d(b e^G k) per entry: the key channels' shares of db and dG
-        through_k = drk * k.astype(acc) * eG
-        dk = beta[:, None] * eG * drk
-        db, dG = jnp.sum(through_k, axis=1), beta[:, None] * through_k
-    else:
-        through_k = jnp.sum(drk * k.astype(acc), axis=1) * eG
-        dk = (beta * eG)[:, None] * drk
-        db, dG = through_k, beta * through_k
+    form_drk = lambda: mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
     if not exact:
-        dk_ref[...] = dk.astype(dk_ref.dtype)
-        db_ref[...] = db.astype(db_ref.dtype)
-        dg_ref[...] = dG.astype(dg_ref.dtype)
+        dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
+        for ref, x in zip((dk_ref, db_ref, dg_ref), (dk, db, dG)):
+            ref[...] = x.astype(ref.dtype)
         return
-    dL = dL - mm(drk, w_ref[...], trans_b=True)
-    n = k.shape[0]
+    n = g_ref.shape[0]
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    dL = jnp.where(below, dL, 0.0)
-    rows = (decay.ref_rows(k_ref, g_ref),) * 2
-    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)  # d/db_i of L_im
-    db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
-    if per_channel:
-        d_rows, d_items = decay.scores_vjp(k, G, k, G, beta[:, None] * dL, blocks=blocks, rank=1, shift=0, matmul=dot,
-                                           operand_dtype=operand_dtype, rows=rows)
-        dg_ref[...] = (dG + k.astype(acc) * (d_rows - d_items)).astype(dg_ref.dtype)
+    if len(g_ref.shape) == 2:  # the vjp first, drk formed again after it: fewer live tiles across its loops
+        dL = jnp.where(below, -mm(drv, u_ref[...], trans_b=True) - mm(form_drk(), w_ref[...], trans_b=True), 0.0)
+        rows = (decay.ref_rows(k_ref, g_ref, scale_ref=b_ref), decay.ref_rows(k_ref, g_ref))  # rows b k, items k
+        d_scaled, d_items = decay.scores_vjp(k_ref, g_ref, k_ref, g_ref, dL, blocks=blocks, rank=1, shift=0,
+                                             matmul=dot, operand_dtype=operand_dtype, rows=rows)
+        dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
+        k, d_rows = loaded(k_ref), loaded(b_ref)[:, None] * d_scaled
         dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
+        db_ref[...] = (db + jnp.sum(k * d_scaled, axis=1)).astype(db_ref.dtype)
+        dg_ref[...] = (dG + k * (d_rows - d_items)).astype(dg_ref.dtype)
         return
+    beta, G = loaded(b_ref), loaded(g_ref)
+    dL = -mm(drv, u_ref[...], trans_b=True)
+    drk = form_drk()
+    k = k_ref[...]
+    dk, db, dG = _scaled_keys_vjp(drk, k, beta, G)
+    dL = dL - mm(drk, w_ref[...], trans_b=True)
+    dL = jnp.where(below, dL, 0.0)
+    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype)  # d/db_i of L_im
+    db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
     dg_ref[...] = (dG + beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
     pair_decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
     dgram = jnp.where(below, dL * pair_decay * beta[:, None], 0.0)

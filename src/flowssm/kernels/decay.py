@@ -6,139 +6,182 @@ A kernel block with per-channel cumulative decays (``G: [r, K]``) needs
 
 (``rank = 1, shift = 0``: the transfer's strictly lower ``L``; ``rank = R, shift = R``: the output's
 token-sees-micro-step mask). Rows and items form ``blocks`` equal consecutive time blocks (16 tokens,
-:func:`flowssm.chunks.score_blocks`) and ``G_right`` is non-increasing along items. Pairs across blocks
-factor through the last item before the row block (``ref``): ``e^{G_left - ref} e^{ref - G_right}``,
-both ``<= 1``, one matmul per row block; pairs inside a block run a loop over the items, each an
-element-wise ``exp`` of a masked non-positive difference. ``exp`` never sees a positive number.
+:func:`flowssm.chunks.score_blocks`; ``nr = rank nl``, ``shift <= rank``) and ``G_right`` is non-increasing
+along items, with ``G_left_i <= G_right_p`` wherever ``p`` is visible from ``i``.
 
-Each row block runs on its own ``[sl, K]`` rows (``sl`` rows a block), loaded from the kernel refs
-(``rows``: :func:`ref_rows`); its item loop loads one ``[1, K]`` item row an iteration; the blocks'
-results are placed in the ``[nl, .]`` outputs by one-hot matmuls at float32 precision. Everything is
-2-D (no value slices, gathers or 3-D broadcasts): what Pallas's Triton lowering supports.
+Pairs across blocks factor through ``ref``, the decay of the last item before the row's block:
+``e^{G_left - ref} e^{ref - G_right}``, both ``<= 1``; one ``[nl, K] x [K, nr]`` matmul per row block ``a``
+(a loop over ``a``), whose ``[nl, nr]`` result is kept on block ``a``'s rows and the items before it. Pairs
+inside a block run a loop over the item offset ``j`` in the block, all row blocks at once: row ``i`` of
+block ``a`` meets item ``a sr + j`` (a gathered ``[nl, K]`` row load), an element-wise decay of their
+difference, summed over ``K``, selected into column ``a sr + j``. No one-hot matmul places anything. The
+vjp runs the same loops for the rows' cotangent, then the transposed ones for the items' (over the row
+offset, all item blocks at once, on ``dA^T``).
+
+Stability and accuracy: every decay is ``2^{min(x, 0) log2 e}`` (:func:`_decay`): the exponent is never
+positive, so nothing overflows; arguments that would be positive belong to pairs that are never visible
+and are masked. On the GPU that is one ``ex2.approx`` (relative error about ``2^-22``) after a rounded
+product, whose rounding adds at most ``|x| 2^-23`` relative error (``1e-5`` at ``x = -87``, below which
+float32 flushes to 0; ``1e-6`` for ``|x| < 8``); float64 keeps float64 accuracy. Terms are combined in
+float32 (float64) except the cross-block matmuls, whose operands are rounded to the operand dtype; the
+vjp's ``dA^T`` is an identity matmul at full precision (3xTF32 on the GPU: relative error ``2^-22``).
+
+Row loaders (:class:`Rows`) read an operand and its decays (all rows, or the rows of an int32 index
+vector) from the kernel refs where they are needed, or index arrays outside kernels. Every value is 2-D
+(index vectors 1-D), no value slices: what Pallas's Triton lowering supports.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 
-def _iota(shape, axis: int):
+class Rows(NamedTuple):
+    """Loaders of an operand's rows ``x`` and of their decays ``G``: index (None: all rows; int32 ``[m]``: those
+    rows) -> ``[m, K]``."""
+
+    x: Callable
+    G: Callable
+
+
+def _at(index, rows):
+    return (*index, slice(None) if rows is None else rows)
+
+
+def ref_rows(x_ref, g_ref, *index, scale_ref=None) -> Rows:
+    """Loaders from kernel refs of an operand and its decays (``[..., r, K]`` blocks, ``index`` the leading
+    indices), one load a call; ``scale_ref`` (``[..., r]``): the operand is ``scale[:, None] * x``."""
+
+    def x(rows):
+        tile = x_ref[(*_at(index, rows), slice(None))]
+        return tile if scale_ref is None else scale_ref[_at(index, rows)].astype(g_ref.dtype)[:, None] * tile
+
+    return Rows(x, lambda rows: g_ref[(*_at(index, rows), slice(None))])
+
+
+def array_rows(x, G) -> Rows:
+    """The loaders of arrays (outside kernels: the jnp references)."""
+    return Rows(*(lambda rows, y=y: y if rows is None else y[rows] for y in (x, G)))
+
+
+def _iota(shape, axis: int = 0):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def ref_rows(x_ref, g_ref, *index):
-    """A row loader from refs of an operand and its decays (``[..., r, K]`` blocks, ``index`` the leading
-    indices): ``(start, size)`` -> (rows ``[size, K]``, their decays ``[size, K]``), one load each."""
-    return lambda start, size: tuple(ref[(*index, pl.ds(start, size), slice(None))] for ref in (x_ref, g_ref))
+def _block_of(size: int, per_block: int, vector: bool = False):
+    """Block of each of ``size`` rows (``per_block`` a block): ``[size, 1]``, or ``[size]`` with ``vector``."""
+    return lax.div(_iota((size,) if vector else (size, 1)), jnp.int32(per_block))
 
 
-def array_rows(x, G):
-    """The row loader of arrays (outside kernels: the jnp references)."""
-    return lambda start, size: tuple(lax.dynamic_slice_in_dim(y, start, size) for y in (x, G))
+def _decay(x):
+    """``e^x`` for ``x <= 0`` (a decay), the argument clamped at 0: the exponent is never positive. Pairs with
+    ``x > 0`` are never visible; they get 1 (finite) and the callers mask them. ``exp2``: one ``ex2.approx``
+    on the GPU (``exp`` adds a range reduction of ~9 instructions an element; accuracy: module docstring)."""
+    return jnp.exp2(jnp.minimum(x, 0.0) * 1.4426950408889634)
 
 
-def _loaders(left, G_left, right, G_right, rows):
-    """``rows``: None (arrays) or the (left, right) loaders of a kernel."""
-    return rows or (array_rows(left, G_left), array_rows(right, G_right))
+def _left_to_ref(lrows: Rows, rrows: Rows, nl: int, sl: int, sr: int):
+    """``e^{G_left - ref}`` ([nl, K], ``<= 1``): ``ref`` the decays of the last item before each row's block
+    (item 0 for the rows of block 0, which meet no earlier block)."""
+    return _decay(lrows.G(None) - rrows.G(jnp.maximum(_block_of(nl, sl, vector=True) * sr - 1, 0)))
 
 
-def _place(x, a, blocks: int, matmul, transpose: bool = False):
-    """Block ``a`` (traced or static) of ``blocks`` row blocks: ``[sl, m]`` -> its rows of ``[blocks sl, m]``
-    (zero elsewhere), or with ``transpose`` ``[blocks sl, m]`` -> its ``[sl, m]`` rows; a one-hot matmul at
-    float32 precision."""
-    if blocks == 1:
-        return x
-    sl = x.shape[0] // blocks if transpose else x.shape[0]
-    one_hot = (_iota((blocks * sl, sl), 0) == a * sl + _iota((blocks * sl, sl), 1)).astype(x.dtype)
-    return matmul(one_hot, x, operand_dtype=x.dtype, mode="f32", trans_a=transpose)
+def _ref_to_right(rrows: Rows, a, sr: int):
+    """``e^{ref_a - G_right}`` ([nr, K]; ``ref_a`` the decays of the last item before row block ``a``, traced):
+    ``<= 1`` on the items before the block, which alone the callers keep."""
+    return _decay(rrows.G(jnp.full((1,), a * sr - 1, jnp.int32)) - rrows.G(None))
 
 
-def _block_start(left_rows, right_rows, right, G_right, a, sl: int, sr: int):
-    """Row block ``a`` (traced): (its rows [sl, K], their decays, ``e^{G_left - ref}`` [sl, K] and ``right
-    e^{ref - G_right}`` [nr, K] on the items before the block (none for ``a = 0``), their decays)."""
-    left_a, G_left_a = left_rows(a * sl, sl)
-    ref = right_rows(jnp.maximum(a * sr - 1, 0), 1)[1]  # block 0: item 0, whose decay bounds every row's
-    before = _iota((right.shape[0], 1), 0) < a * sr
-    e_right = jnp.where(before, jnp.exp(jnp.where(before, ref - G_right, 0.0)), 0.0)
-    return left_a, G_left_a, jnp.exp(G_left_a - ref), right * e_right, e_right
+def _diagonal(target: Rows, other: Rows, j, *, size: int, per_block: int, other_block: int, target_is_left: bool):
+    """Offset ``j`` of the diagonal blocks, one pair per ``target`` row (``size`` rows): row ``t`` of block ``b``
+    meets row ``b other_block + j`` of ``other`` -> (that index: [size, 1], those ``other`` rows: [size, K],
+    ``e^{G_left - G_right}`` (:func:`_decay`: the callers mask the pairs that are not visible): [size, K])."""
+    gathered = _block_of(size, per_block, vector=True) * other_block + j
+    G_mine, G_other = target.G(None), other.G(gathered)
+    e = _decay(G_mine - G_other if target_is_left else G_other - G_mine)
+    return _block_of(size, per_block) * other_block + j, other.x(gathered), e
 
 
-def _inside(G_left_a, G_p, row, p, rank: int, shift: int):
-    """Item ``p`` (decays ``G_p: [1, K]``) against the block's rows (global indices ``row: [sl, 1]``) that see
-    it: (``e^{G_left - G_p}`` there, else 0: [sl, K], the mask [sl, 1])."""
-    seen = p < rank * row + shift
-    return jnp.where(seen, jnp.exp(jnp.where(seen, G_left_a - G_p, 0.0)), 0.0), seen
-
-
-def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype, rows=None):
+def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
+           rows: tuple[Rows, Rows] | None = None):
     """left, G_left: [nl, K]; right, G_right: [nr, K] -> A: [nl, nr] (module docstring), float32 (float64).
-    ``rows``: the kernel's (left, right) row loaders (:func:`ref_rows`); None: slices of the arrays."""
+    ``rows``: the kernel's (left, right) loaders (:func:`ref_rows`; then ``left``, ``right`` give only shapes);
+    None: the arrays."""
     acc = G_left.dtype
-    left_rows, right_rows = _loaders(left, G_left, right, G_right, rows)
+    lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, _), nr = left.shape, right.shape[0]
     sl, sr = nl // blocks, nr // blocks
-    right, columns = right.astype(acc), _iota((sl, nr), 1)
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
 
-    def block(a, A):
-        left_a, G_left_a, e_left, right_before, _ = _block_start(left_rows, right_rows, right, G_right, a, sl, sr)
-        left_a = left_a.astype(acc)
-        row = a * sl + _iota((sl, 1), 0)
+    def inside(j, A):
+        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
+        col = jnp.sum(lrows.x(None).astype(acc) * right_j.astype(acc) * e, axis=1, keepdims=True)
+        return A + jnp.where(columns == item, col, 0.0)
 
-        def item(j, A_a):
-            p = a * sr + j
-            right_p, G_p = right_rows(p, 1)
-            e, _ = _inside(G_left_a, G_p, row, p, rank, shift)
-            col = jnp.sum(left_a * right_p.astype(acc) * e, axis=1, keepdims=True)
-            return A_a + jnp.where(columns == p, col, 0.0)
+    A = lax.fori_loop(0, sr, inside, jnp.zeros((nl, nr), acc))
+    if blocks > 1:
+        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
 
-        A_a = matmul(left_a * e_left, right_before, operand_dtype=operand_dtype, trans_b=True)
-        return A + _place(lax.fori_loop(0, sr, item, A_a), a, blocks, matmul)
+        def across(a, A):
+            pairs = (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr)
+            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            return A + jnp.where(pairs, matmul(decayed_left, rhs, operand_dtype=operand_dtype, trans_b=True), 0.0)
 
-    A = lax.fori_loop(0, blocks, block, jnp.zeros((nl, nr), acc))
-    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
-    return jnp.where(visible, A, 0.0)
+        A = A + lax.fori_loop(1, blocks, across, jnp.zeros((nl, nr), acc))
+    return jnp.where(columns < rank * rows_i + shift, A, 0.0)
 
 
 def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
-               rows=None):
+               rows: tuple[Rows, Rows] | None = None):
     """Cotangents of :func:`scores` given ``dA: [nl, nr]``: (dleft: [nl, K], dright: [nr, K]); those of the
     decays follow as ``dG_left = left * dleft``, ``dG_right = -right * dright``. ``rows`` as in
     :func:`scores`."""
     acc = G_left.dtype
-    left_rows, right_rows = _loaders(left, G_left, right, G_right, rows)
+    lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, K), nr = left.shape, right.shape[0]
     sl, sr = nl // blocks, nr // blocks
-    visible = _iota((nl, nr), 1) < rank * _iota((nl, nr), 0) + shift
-    dA = jnp.where(visible, dA.astype(acc), 0.0)
-    right = right.astype(acc)
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
+    dA = jnp.where(columns < rank * rows_i + shift, dA.astype(acc), 0.0)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    columns, items = _iota((sl, nr), 1), _iota((sr, 1), 0)
 
-    def block(a, carry):
-        dleft, dright = carry
-        left_a, G_left_a, e_left, right_before, e_right = _block_start(left_rows, right_rows, right, G_right, a,
-                                                                       sl, sr)
-        left_a = left_a.astype(acc)
-        dA_a = _place(dA, a, blocks, matmul, transpose=True)  # [sl, nr]
-        row = a * sl + _iota((sl, 1), 0)
+    def left_inside(j, dleft):
+        item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
+        d_col = jnp.sum(jnp.where(columns == item, dA, 0.0), axis=1, keepdims=True)
+        return dleft + d_col * (right_j.astype(acc) * e)  # one tile meets the cotangents (a layout change)
 
-        def item(j, carry):
-            dleft_a, dright_a = carry
-            p = a * sr + j
-            right_p, G_p = right_rows(p, 1)
-            e, seen = _inside(G_left_a, G_p, row, p, rank, shift)
-            d_col = jnp.where(seen, jnp.sum(jnp.where(columns == p, dA_a, 0.0), axis=1, keepdims=True), 0.0)
-            d_item = jnp.sum(d_col * left_a * e, axis=0, keepdims=True)
-            return dleft_a + d_col * right_p.astype(acc) * e, dright_a + jnp.where(items == j, d_item, 0.0)
+    # the rows' cotangent, then the items': one [., K] accumulator at a time through the loops
+    before_a = lambda a: (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr)  # block a's cross pairs
+    dleft = lax.fori_loop(0, sr, left_inside, jnp.zeros((nl, K), acc))
+    if blocks > 1:
+        def left_across(a, through_right):
+            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            return through_right + mm(jnp.where(before_a(a), dA, 0.0), rhs)
 
-        start = (e_left * mm(dA_a, right_before), jnp.zeros((sr, K), acc))
-        dleft_a, dright_a = lax.fori_loop(0, sr, item, start)
-        dright = dright + e_right * mm(dA_a, left_a * e_left, trans_a=True) + _place(dright_a, a, blocks, matmul)
-        return dleft + _place(dleft_a, a, blocks, matmul), dright
+        through_right = lax.fori_loop(1, blocks, left_across, jnp.zeros((nl, K), acc))
+        dleft = dleft + _left_to_ref(lrows, rrows, nl, sl, sr) * through_right
+    # dA^T by a matmul with the identity at full precision: the transposed tile keeps the layout of a
+    # matmul result (a transpose's layout spreads its rows' columns over warps: slow row reductions)
+    eye = (_iota((nr, nr)) == _iota((nr, nr), 1)).astype(acc)
+    dA_t, rows_t = matmul(eye, dA, operand_dtype=acc, mode="f32", trans_b=True), _iota((nr, nl), 1)
 
-    return lax.fori_loop(0, blocks, block, (jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc)))
+    def right_inside(j, dright):
+        row, left_j, e = _diagonal(rrows, lrows, j, size=nr, per_block=sr, other_block=sl, target_is_left=False)
+        d_row = jnp.sum(jnp.where(rows_t == row, dA_t, 0.0), axis=1, keepdims=True)
+        return dright + d_row * (left_j.astype(acc) * e)
+
+    dright = lax.fori_loop(0, sl, right_inside, jnp.zeros((nr, K), acc))
+    if blocks > 1:
+        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
+
+        def right_across(a, dright):
+            d_items = mm(jnp.where(before_a(a), dA, 0.0), decayed_left, trans_a=True)
+            return dright + _ref_to_right(rrows, a, sr) * d_items
+
+        dright = lax.fori_loop(1, blocks, right_across, dright)
+    return dleft, dright
 
 
 # Cumulative decays reach the kernels as G: [BH, N, n] (scalar) or [BH, N, n, K] (per key channel).
