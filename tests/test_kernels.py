@@ -261,10 +261,10 @@ def test_pallas_rejects_what_it_does_not_implement_naming_the_option(options, op
 def test_auto_backend_is_xla_on_cpu_and_tuning_is_validated(monkeypatch):
     request = backends.Request(flowssm.Exact(), "discrete", 64, 1, 128, 128, jnp.bfloat16)
     assert backends.resolve("auto", request) == "xla" and backends.check("pallas", request) == "pallas"
-    monkeypatch.setattr(backends, "on_gpu", lambda: True)  # on a GPU: per-channel decays stay on xla under auto
-    per_channel = dataclasses.replace(request, transition="per_channel")
-    assert backends.resolve("auto", request) == "pallas" and backends.resolve("auto", per_channel) == "xla"
-    assert backends.check("pallas", per_channel) == "pallas"
+    monkeypatch.setattr(backends, "on_gpu", lambda: True)  # on a GPU: the kernels where they run the request
+    per_channel, dplr = (dataclasses.replace(request, transition=t) for t in ("per_channel", "dplr"))
+    assert backends.resolve("auto", request) == "pallas" and backends.resolve("auto", per_channel) == "pallas"
+    assert backends.resolve("auto", dplr) == "xla" and backends.check("pallas", per_channel) == "pallas"
     with pytest.raises(ValueError, match="Tuning.block_k"):
         kc.Tuning(block_k=48)
     with pytest.raises(ValueError, match="Tuning.backward"):
