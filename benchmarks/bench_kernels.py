@@ -64,6 +64,36 @@ def inputs(seed, B, T, H, K, V):
     return q, k, v, beta, g, do
 
 
+def correlated_keys(seed, B, T, H, K):
+    """LM-like bf16 keys: L2-normalised SiLU features, mean cosine about 0.75 (where doubling's powers of L cancel)."""
+    k = jax.nn.silu(jax.random.normal(jax.random.PRNGKey(seed), (B, T, H, K)) + 2.0)
+    return (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+
+
+def method_errors(shape, methods) -> dict[str, float]:
+    """Each exact method's pallas output (bf16 inputs) against the xla backend in float32 at full precision, on
+    :func:`correlated_keys`: ``err_o_correlated_<method>``."""
+    q, _, v, beta, _, _ = inputs(1, *shape)
+    k = correlated_keys(2, *shape[:4])
+    ref, _ = highest(fns(False, backend="xla")[0])(*(x.astype(jnp.float32) for x in (q, k, v, beta)), None)
+    return {f"err_o_correlated_{m.replace(':', '')}": rel(fns(False, backend="pallas", solver=exact_spec(m))[0](q, k, v, beta, None)[0], ref)
+            for m in methods}
+
+
+def exact_spec(method: str) -> dict:
+    """``--methods`` entry -> solver mapping: an exact method's name, or ``name:block`` (e.g. ``merge:16``)."""
+    name, _, block = method.partition(":")
+    return {"name": "exact", "method": name} | ({"block": int(block)} if block else {})
+
+
+def highest(fn):
+    """``fn`` traced with float32 matmuls at full precision: the references (XLA's GPU default is TF32)."""
+    def run(*args):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args)
+    return run
+
+
 def fns(gated, **options):
     """jitted forward ``(o, S)`` and forward+backward (grads of ``sum(o * do)`` w.r.t. q, k, v, beta[, g])."""
     def run(q, k, v, b, g):
@@ -77,7 +107,8 @@ def fns(gated, **options):
 
 
 def work(B, T, H, K, V, C=CHUNK, factors=6):
-    """Matmul FLOPs of the three kernels (exact solver, doubling) and the bytes they move as designed."""
+    """Matmul FLOPs of the three kernels (exact solver: 10 n x n products, merge or doubling) and the bytes they move
+    as designed."""
     N, n, BH = T // C, C, B * H
     flops = (2 * n * n * K + 4 * (factors - 1) * n**3 + 2 * n * n * (K + V)  # transfer
              + 4 * n * K * V  # state pass
@@ -180,7 +211,7 @@ def check(say):
     out = {}
     for gated, scan in ((False, "sequential"), (True, "sequential"), (True, "associative")):
         pf, pb = fns(gated, backend="pallas", scan=scan)
-        xf, xb = fns(gated, backend="xla", scan=scan)
+        xf, xb = map(highest, fns(gated, backend="xla", scan=scan))
         o, S = pf(q, k, v, beta, g)
         o_r, S_r = xf(*f32, g)
         grads = [rel(a, b) for a, b in zip(pb(q, k, v, beta, g, do), xb(*f32, g, do))]
@@ -210,7 +241,7 @@ def peak_gb() -> float | None:
 def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True,
                 row=None, save=lambda: None, scans=("sequential", "associative"), methods=()):
     """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: the ungated variants only;
-    ``methods``: other exact methods' sequential rows (``pallas_seq_<method>``; the default is substitution)."""
+    ``methods``: other exact methods' sequential rows (``pallas_seq_<method>``; the default is the merge)."""
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {} if row is None else row
     row["shape"] = "x".join(map(str, shape))
@@ -220,7 +251,7 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
         return row
     variants = [(f"pallas_{scan[:3] if scan == 'sequential' else 'assoc'}", dict(backend="pallas", scan=scan))
                 for scan in scans]
-    variants += [(f"pallas_seq_{m}", dict(backend="pallas", scan="sequential", solver={"name": "exact", "method": m}))
+    variants += [(f"pallas_seq_{m.replace(':', '')}", dict(backend="pallas", scan="sequential", solver=exact_spec(m)))
                  for m in methods]
     B, T, H, K, V = shape
     t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
@@ -238,6 +269,10 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
         row["peak_gb"] = peak_gb()
         say(row["shape"], name, {key: round(val, 3) for key, val in row.items() if key.startswith(name)},
             "peak GB so far", row["peak_gb"])
+        save()
+    if methods:
+        row.update(method_errors(shape, ("merge",) + tuple(methods)))
+        say(row["shape"], "errors on correlated keys", {key: f"{val:.1e}" for key, val in row.items() if "correlated" in key})
         save()
     if first:
         for solver in ("euler", {"name": "signature", "depth": 3}):
@@ -282,7 +317,7 @@ def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
         tag = "gated_" if gated else ""
         packed_fwd, packed_grad = fns(gated, backend="pallas", cu_seqlens=cu)
         o, S = packed_fwd(*args)
-        o_x, S_x = fns(gated, backend="xla", cu_seqlens=cu)[0](*f32, g)
+        o_x, S_x = highest(fns(gated, backend="xla", cu_seqlens=cu)[0])(*f32, g)
         row.update({f"{tag}err_o_vs_xla": rel(o, o_x), f"{tag}err_S_vs_xla": rel(S, S_x)})
         row[f"pallas_packed_{tag}fwd"] = timed(packed_fwd, *args, reps=reps)
         row[f"pallas_packed_{tag}fwdbwd"] = timed(packed_grad, *args, do, reps=reps)
@@ -391,7 +426,8 @@ def main():
                         help="with --sweep: e.g. 'default;state_lowering=triton;mosaic_stages=2'")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--scans", default="sequential,associative", help="the pallas scans to time")
-    parser.add_argument("--methods", default="", help="other exact methods to time (sequential), e.g. doubling")
+    parser.add_argument("--methods", default="",
+                        help="other exact methods to time (sequential), e.g. substitution,doubling,merge:16")
     parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning takes minutes a shape)")
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")

@@ -202,7 +202,8 @@ def test_pallas_matches_token_loop(R, gated, scan, dtype, T, tol):
     assert rel(o, o_ref) < tol and rel(S, S_ref) < tol
 
 
-GRADIENT_CASES = [("kernels", solver, "sequential", True) for solver in EXACT] + [
+GRADIENT_CASES = [
+    ("kernels", Exact(), "sequential", True),  # the other exact methods: same saved-T backward (transfer tests above)
     ("kernels", Exact(), "associative", False),
     ("kernels", Euler(), "sequential", True),
     ("kernels", Signature(depth=2), "sequential", True),  # transfer backward by the reference's vjp
@@ -213,9 +214,10 @@ GRADIENT_CASES = [("kernels", solver, "sequential", True) for solver in EXACT] +
 
 @pytest.mark.parametrize("backward, solver, scan, gated", GRADIENT_CASES, ids=lambda x: repr(x))
 def test_pallas_forward_and_gradients_match_xla(backward, solver, scan, gated):
-    """Every solver the kernels run, as itself (every exact method included): outputs, final state and
-    gradients equal the xla backend's in float32 (the transfer backward is the kernel for programs with
-    ``T = (I + L)^{-1}`` or ``T = I``, the reference's vjp otherwise)."""
+    """Every kind of transfer program the kernels run: outputs, final state and gradients equal the xla backend's
+    in float32 (the transfer backward is the kernel for programs with ``T = (I + L)^{-1}`` or ``T = I``, the
+    reference's vjp otherwise). Every exact method computes ``(I + L)^{-1}`` and shares the default's backward
+    (the saved ``T``); their forward programs run in the transfer kernel tests above."""
     q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2, gated=gated)
     tuning = kc.Tuning(backward=backward)
 

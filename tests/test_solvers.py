@@ -24,7 +24,7 @@ from flowssm.models.config import MixerConfig
 from flowssm.solvers import (SOLVERS, Euler, Exact, FlowSolver, LogODE, Requirements, Signature, TransferProgram,
                              get_solver)
 from flowssm.solvers.exact import METHODS
-from flowssm.solvers.program import Substitution
+from flowssm.solvers.program import Merge, Substitution
 from flowssm.testing import random_inputs, rel_err
 
 _spec = importlib.util.spec_from_file_location(
@@ -70,12 +70,13 @@ def test_exact_methods_equal_a_triangular_solve_to_1e10(semantics, method):
         assert max_abs(u[i], solve(systems.L[i], systems.rhs_v[i])) < 1e-10
 
 
+@pytest.mark.parametrize("program", [Substitution, Merge])
 @pytest.mark.parametrize("block", [1, 2, 4])
-def test_blocked_substitution_is_exact_for_any_block_size(block):
-    """Block sizes that divide n = 6, that do not (4), and plain forward substitution (1)."""
+def test_blocked_programs_are_exact_for_any_block_size(program, block):
+    """Block sizes that divide n = 6, that do not (4), and single rows (1)."""
     systems = one_chunk_systems("discrete", beta_max=2.0)
     ref = solve_dense(Exact(), systems)
-    out = jax.vmap(lambda sy: flowssm.solvers.program.solve_system(Substitution(block=block), sy))(systems)
+    out = jax.vmap(lambda sy: flowssm.solvers.program.solve_system(program(block=block), sy))(systems)
     assert max_abs(out.w, ref[0]) < 1e-10 and max_abs(out.u, ref[1]) < 1e-10
 
 
@@ -306,6 +307,11 @@ def test_solvers_selectable_by_name_mapping_and_object(op_case):
         get_solver({"name": "logode", "depth": 3}, key="mixer.solver")
     with pytest.raises(ValueError, match=r"Exact\(method=...\)"):
         Exact(method="anti-diagonal")
+    assert get_solver({"name": "exact", "method": "merge", "block": 16}).program() == Merge(block=16)
+    with pytest.raises(ValueError, match=r"mixer\.solver: Exact\(block=...\): only the blocked methods"):
+        get_solver({"name": "exact", "method": "doubling", "block": 8}, key="mixer.solver")
+    with pytest.raises(ValueError, match=r"mixer\.solver: Merge\(block=...\): expected an int >= 1, got 0"):
+        get_solver({"name": "exact", "block": 0}, key="mixer.solver")
 
 
 # --- a solver written outside flowssm ------------------------------------------------------------
@@ -381,12 +387,12 @@ def test_study_runs_and_plots_on_a_tiny_grid(tmp_path):
     assert all((tmp_path / name).stat().st_size > 0 for name in ("rows.csv", "orders.png", "frontier.png"))
 
 
-@pytest.mark.parametrize("method", ["substitution", "wavefront"])
+@pytest.mark.parametrize("method", ["substitution", "merge", "wavefront"])
 def test_exact_methods_stay_accurate_in_float32_on_correlated_keys(method):
     """LM keys (L2-normalised SiLU features) are positively correlated, so ``L`` of a 64-token chunk has
     large positive entries: the doubling product's powers ``L^(2^i)`` grow like binomial coefficients
     and cancel (float32 error 2e4 at mean cosine 0.5, the NaN of ``lm_small_gpu``); blocked
-    substitution and the wavefront do not form those powers."""
+    substitution, the merge and the wavefront do not form those powers."""
     B, T, H, K = 1, 128, 1, 32
     kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(0), 4)
     features = lambda key: jax.nn.silu(jax.random.normal(key, (B, T, H, K)) + 2.0)

@@ -177,6 +177,41 @@ class Substitution(TransferProgram):
 
 
 @dataclasses.dataclass(frozen=True)
+class Merge(TransferProgram):
+    """Recursive block inversion: ``T`` of the ``block x block`` diagonal blocks of ``I + L`` (the doubling
+    product of the block-diagonal part, exact), then neighbouring blocks merged, size ``s -> 2 s``, by
+
+        [[A, 0], [C, B]]^{-1} = [[A^{-1}, 0], [-B^{-1} C A^{-1}, B^{-1}]],   i.e.   T <- T - T L_s T
+
+    with ``L_s`` the entries of ``L`` in a ``2s``-block but not an ``s``-block. ``2 log2 n - 2`` products
+    for ``n = 2^p`` (as many as doubling; substitution takes ``n / block`` more) and no powers of ``L`` beyond
+    the ``block``-sized diagonal blocks: every merged entry is an entry of the exact inverse.
+    """
+
+    block: int = 4
+    structure = INVERSE
+
+    def __post_init__(self):
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"Merge(block=...): expected an int >= 1, got {self.block!r}")
+
+    def matrix(self, L, matmul):
+        n = L.shape[-1]
+        b = min(self.block, n)
+        row, col = _iotas(n)
+        T = neumann_product(jnp.where(row // b == col // b, L, 0.0), math.ceil(math.log2(b)) if b > 1 else 0, matmul)
+        s = b
+        while s < n:
+            merged = jnp.where((row // (2 * s) == col // (2 * s)) & (row // s != col // s), L, 0.0)
+            T = T - matmul(T, matmul(merged, T))
+            s *= 2
+        return T
+
+    def apply(self, L, rhs, matmul):
+        return matmul(self.matrix(L, matmul), rhs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Wavefront(TransferProgram):
     """``(I + L)^{-1} rhs`` by the anti-diagonal sweep of the ``(i, m)`` grid (ParallelFlow's sweep).
 
@@ -224,6 +259,6 @@ def solve_system(program: TransferProgram, system: ChunkSystem) -> ChunkSolution
 
 
 __all__ = [
-    "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction", "Neumann",
+    "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction", "Merge", "Neumann",
     "Substitution", "TransferProgram", "Wavefront", "neumann_product", "solve_system",
 ]
