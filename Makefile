@@ -28,7 +28,7 @@ train: venv
 	$(VENV)/bin/flowssm train configs/lm_tiny.yaml
 
 test: venv
-	$(PY) -m pytest -n 2 --nbmake --durations=25 tests notebooks
+	$(PY) -m pytest -n 2 --dist worksteal --nbmake --durations=25 tests notebooks
 
 clean:
 	rm -rf $(VENV)

@@ -162,7 +162,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):
     b, ld = head_major(beta), head_major(g)
     S0 = run(lambda: jnp.zeros((BH, K, V), jnp.float32))
     t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)  # the launch options chunked_pallas would use
-    solver, scale, bv = get_solver({"name": "exact", "method": "doubling"}), K**-0.5, min(t.block_v, V)
+    solver, scale, bv = get_solver("exact"), K**-0.5, min(t.block_v, V)
     opts = dict(interpret=interpret)
     calls = {}
 

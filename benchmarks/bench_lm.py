@@ -5,7 +5,8 @@
     python benchmarks/bench_lm.py --tiny                               # CPU smoke test (tiny model)
 
 The same model on both sides: d_model 1024, 8 heads (K = V = 128), SwiGLU hidden 2816, vocab 32000,
-short convolution 4, output gate, untied embeddings; batch 8 x 2048 tokens; AdamW; float32 master
+short convolution 4, output gate, untied embeddings, the default exact solver (the merge); batch 8 x 2048
+tokens; AdamW; float32 master
 weights, bf16 compute (flowssm ``model.dtype=bfloat16``; fla under ``torch.autocast``). Each row runs
 in its own process (fresh compile, clean peak-memory counter) and appends one JSON line to
 ``OUT/rows.jsonl``; the table is printed last. Per row: parameters, first step (compile + run), median
@@ -54,8 +55,7 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     s = shape(tiny)
     backend = "xla" if "xla" in name else "pallas"
     family = "gated_deltanet" if "gated" in name else "deltanet"
-    mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend,
-                        solver={"name": "exact", "method": "doubling"})
+    mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend)  # Exact()
     config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=layers, mlp_hidden=s["hidden"],
                          tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", remat="remat" in name, mixer=mixer)
     model = LanguageModel(config, rngs=nnx.Rngs(0))
@@ -139,8 +139,7 @@ def decode_row(batch: int, tiny: bool) -> dict:
     from flowssm.models import LanguageModel, MixerConfig, ModelConfig
 
     s = shape(tiny)
-    mixer = MixerConfig(family="deltanet", num_heads=s["heads"], chunk_size=s["chunk"],
-                        solver={"name": "exact", "method": "doubling"})
+    mixer = MixerConfig(family="deltanet", num_heads=s["heads"], chunk_size=s["chunk"])  # Exact()
     config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=4, mlp_hidden=s["hidden"],
                          tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", mixer=mixer)
     model = LanguageModel(config, rngs=nnx.Rngs(0))

@@ -79,7 +79,7 @@ def operands(seed: int, B: int, T: int, H: int, K: int, V: int):
     chunked = lambda x: x.reshape(B, N, CHUNK, H, x.shape[-1])
     head_major = lambda x: jnp.moveaxis(x.reshape(B, N, CHUNK, H), 3, 1).reshape(BH, N, CHUNK).astype(jnp.float32)
     keys, values, b, ld = chunked(k), chunked(v), head_major(beta), head_major(g)
-    solver = get_solver({"name": "exact", "method": "doubling"})
+    solver = get_solver("exact")
     w, u = ct.chunk_transfer_reference(keys, values, b, b, ld, solver=solver, heads=H)
     S0 = jax.random.normal(ks, (BH, K, V), jnp.float32)
     return keys, ct.micro_log_decay(ld, 1), w, u, S0

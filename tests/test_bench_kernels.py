@@ -14,7 +14,7 @@ def test_bench_kernels_runs_on_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     lines = []
     row = bench_kernels.bench_shape((1, 32, 2, 16, 16), reps=1, fla_ok=False, first=True, say=lambda *a: lines.append(a),
-                                    xla=False)
+                                    xla=False, lean=True)
     assert row["pallas_seq_fwd"] > 0 and row["pallas_seq_fwdbwd"] > 0
     assert set(row["stages"]) >= {"transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
     assert "|" in bench_kernels.table([row])
