@@ -148,8 +148,9 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
     return out
 
 
-def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):
-    """Each pallas kernel (gated, exact) as ``chunked_pallas`` calls it, on token-major bf16 operands:
+def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge"):
+    """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`) as ``chunked_pallas`` calls it, on
+    token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
     (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU)."""
     run = jax.eval_shape if isinstance(q, jax.ShapeDtypeStruct) else (lambda f, *a: f(*a))
@@ -162,7 +163,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None):
     b, ld = head_major(beta), head_major(g)
     S0 = run(lambda: jnp.zeros((BH, K, V), jnp.float32))
     t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)  # the launch options chunked_pallas would use
-    solver, scale, bv = get_solver("exact"), K**-0.5, min(t.block_v, V)
+    solver, scale, bv = get_solver(exact_spec(method)), K**-0.5, min(t.block_v, V)
     opts = dict(interpret=interpret)
     calls = {}
 

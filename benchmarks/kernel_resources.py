@@ -52,8 +52,8 @@ def capture_triton() -> list:
     return captured
 
 
-def lower(out: str) -> None:
-    """Step 1: write ``out/<kernel>.ttir`` and ``out/meta.json``."""
+def lower(out: str, method: str = "merge") -> None:
+    """Step 1: write ``out/<kernel>.ttir`` and ``out/meta.json`` (``method``: the exact method, ``name[:block]``)."""
     import jax
     import jax.numpy as jnp
 
@@ -63,7 +63,7 @@ def lower(out: str) -> None:
     B, T, H, K, V = SHAPES[0]
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     calls = kernel_calls(spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(B, T, H, dtype=jnp.float32),
-                         spec(B, T, H, dtype=jnp.float32), spec(B, T, H, V), interpret=False)
+                         spec(B, T, H, dtype=jnp.float32), spec(B, T, H, V), interpret=False, method=method)
     meta = {}
     for name, (fn, args) in calls.items():
         captured.clear()
@@ -152,6 +152,7 @@ def main():
     parser.add_argument("--triton-site", help="a folder with upstream triton installed (pip --target)")
     parser.add_argument("--out", default="/tmp/kernel-resources")
     parser.add_argument("--lower", action="store_true", help="step 1 only (run by step 2 in a subprocess)")
+    parser.add_argument("--method", default="merge", help="without --op: the exact method, name[:block]")
     parser.add_argument("--op", action="store_true", help="the whole pallas op, forward and backward")
     parser.add_argument("--dtype", default="bfloat16", help="with --op: the inputs' dtype")
     parser.add_argument("--head-dim", type=int, default=128, help="with --op: K = V")
@@ -167,12 +168,12 @@ def main():
     if args.lower:
         if args.op:
             return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan, args.per_channel, args.linear)
-        return lower(args.out)
+        return lower(args.out, args.method)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
     op = (["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk), "--scan", args.scan]
           + (["--per-channel"] if args.per_channel else []) + (["--linear"] if args.linear else []) if args.op else [])
-    subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, *op], check=True)
+    subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, "--method", args.method, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "
           "| wgmma | wgmma serialized |\n|---|---|---|---|---|---|---|---|---|---|")
