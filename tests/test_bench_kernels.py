@@ -14,8 +14,9 @@ def test_bench_kernels_runs_on_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     lines = []
     row = bench_kernels.bench_shape((1, 32, 2, 16, 16), reps=1, fla_ok=False, first=True, say=lambda *a: lines.append(a),
-                                    xla=False, lean=True)
-    assert row["pallas_seq_fwd"] > 0 and row["pallas_seq_fwdbwd"] > 0
+                                    xla=False, lean=True, methods=("substitution",))
+    assert row["pallas_seq_fwd"] > 0 and row["pallas_seq_fwdbwd"] > 0 and row["pallas_seq_substitution_fwd"] > 0
+    assert 0 < row["err_o_correlated_merge"] < 2e-2 and 0 < row["err_o_correlated_substitution"] < 2e-2
     assert set(row["stages"]) >= {"transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
     assert "|" in bench_kernels.table([row])
 
@@ -24,3 +25,4 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     out = bench_kernels.segment_sweep((1, 64, 2, 16, 16), reps=1, say=lambda *a: None, targets=(8,))
     assert out["8"]["segments"] == 4 and out["8"]["fwd"] > 0 and out["8"]["fwdbwd"] > 0
+

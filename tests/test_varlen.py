@@ -70,6 +70,10 @@ def test_pallas_packed_gradients_of_the_outputs_alone():
         for name, a, b in zip(("q", "k", "v", "beta", "g", "initial_state"),
                               jax.grad(loss, argnums=range(6))(q, k, v, beta, g, h0), grads_ref):
             assert rel_err(a, b) < 1e-10, (options, name)
+    # no initial states: zeros, which the kernels never read (their backward: the spans kernel test)
+    o, S = flowssm.delta_rule(q, k, v, beta, g, cu_seqlens=CU, **RUNS[3])
+    o_ref, S_ref = alone(q, k, v, beta, g, jnp.zeros_like(h0))
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10
 
 
 def test_rank_r_associative_matches_packed_token_loop():
