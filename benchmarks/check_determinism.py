@@ -4,8 +4,8 @@
 
 On LM-like correlated keys (``bench_kernels.correlated_keys``), bf16: the default exact method and
 substitution, called in the order merge, substitution, merge, then again after device memory was filled
-with large values (a freed buffer), and the xla float32 reference (full-precision matmuls) twice. Reports every output's relative
-error against the first reference and the largest difference between repeated calls of one function
+with large values (a freed buffer), and the xla float32 reference (full-precision matmuls) twice.
+Reports every output's relative error against the first reference and the largest difference between repeated calls of one function
 (0 when nothing uninitialised or order-dependent is read). Writes ``check_determinism.json``.
 """
 
@@ -28,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
-    q, _, v, beta, g, _ = inputs(1, *shape)
+    q, _, v, beta, _, _ = inputs(1, *shape)
     k = correlated_keys(2, *shape[:4])
     xla = highest(fns(False, backend="xla")[0])
     f32 = lambda: (*(x.astype(jnp.float32) for x in (q, k, v, beta)), None)
