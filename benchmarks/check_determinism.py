@@ -5,8 +5,9 @@
 On LM-like correlated keys (``bench_kernels.correlated_keys``), bf16: the default exact method and
 substitution, called in the order merge, substitution, merge, then again after device memory was filled
 with large values (a freed buffer), and the xla float32 reference (full-precision matmuls) twice.
-Reports every output's relative error against the first reference and the largest difference between repeated calls of one function
-(0 when nothing uninitialised or order-dependent is read). Writes ``check_determinism.json``.
+Reports every output's relative error against the first reference and the largest difference between
+repeated calls of one function (0 when nothing uninitialised or order-dependent is read). Writes
+``check_determinism.json``.
 """
 
 from __future__ import annotations
