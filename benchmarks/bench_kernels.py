@@ -148,23 +148,28 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
     return out
 
 
-def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge"):
+def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge", spans=None):
     """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`) as ``chunked_pallas`` calls it, on
     token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
-    (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU)."""
+    (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU).
+    ``g``: ``[B, T, H]`` or per key channel ``[B, T, H, K]`` (KDA). ``spans`` (:class:`flowssm.varlen.Spans`,
+    ``B = 1``, inputs in the chunk-aligned layout): the state passes run one program per (head, sequence)."""
     run = jax.eval_shape if isinstance(q, jax.ShapeDtypeStruct) else (lambda f, *a: f(*a))
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, BH, C = T // CHUNK, B * H, CHUNK
+    per_channel = len(g.shape) == 4
     token = lambda x: run(lambda y: y.reshape(B, N, C, H, y.shape[-1]), x)
-    head_major = lambda x: run(lambda y: jnp.moveaxis(y, 2, 1).reshape(BH, N, C).astype(jnp.float32), x)
+    head_major = lambda x: run(lambda y: jnp.moveaxis(y, 2, 1).reshape(BH, N, C, *y.shape[3:]).astype(jnp.float32), x)
     qc, keys, values, dO = map(token, (q, k, v, do))
     b, ld = head_major(beta), head_major(g)
-    S0 = run(lambda: jnp.zeros((BH, K, V), jnp.float32))
-    t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)  # the launch options chunked_pallas would use
+    states = BH if spans is None else BH * spans.first.shape[0]
+    S0 = run(lambda: jnp.zeros((states, K, V), jnp.float32))
+    t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK, per_channel=per_channel)  # as chunked_pallas would
     solver, scale, bv = get_solver(exact_spec(method)), K**-0.5, min(t.block_v, V)
     opts = dict(interpret=interpret)
+    packed = {} if spans is None else {"spans": spans}
     calls = {}
 
     def add(name, fn, *args):
@@ -176,13 +181,14 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         keys, values, b, b, ld)
     G = run(lambda x: ct.micro_log_decay(x, 1), ld)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
-        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **opts), keys, G, w, u, S0)
+        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed, **opts),
+        keys, G, w, u, S0)
     _, corrected = add("output", lambda *a: co.chunk_output_kernel(
         *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, num_warps=t.output_warps,
         **opts), qc, keys, G, w, u, S_in)
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(
-        *a, rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **opts),
-        qc, keys, G, w, dO, S0)
+        *a, rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed,
+        **opts), qc, keys, G, w, dO, S0)
     _, _, dw, _ = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, num_warps=t.backward_warps, **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, dv)
@@ -191,10 +197,13 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     return calls
 
 
-def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
-    """Median ms of each kernel of :func:`kernel_calls` alone, and of the segmented associative scan."""
-    calls = kernel_calls(q, k, v, beta, g, do, tuning)
+def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spans=None):
+    """Median ms of each kernel of :func:`kernel_calls` alone, and (``segmented``) of the segmented associative
+    scan."""
+    calls = kernel_calls(q, k, v, beta, g, do, tuning, spans=spans)
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
+    if not segmented:
+        return times
     keys, G, w, u, S0 = calls["state_pass"][1]
     t = tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK, CHUNK)
     N, programs = G.shape[1], G.shape[0] * (v.shape[-1] // min(t.block_v, v.shape[-1]))
@@ -203,6 +212,26 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning()):
     segmented = jax.jit(lambda *a: kc.segmented_states(*a, segments, heads=k.shape[2], tuning=t, mosaic=mosaic))
     times[f"assoc_segmented ({segments} segments)"] = timed(segmented, keys, G, w, u, S0, reps=reps)
     return times
+
+
+def packed_stage_times(T, H, K, V, documents, reps) -> dict:
+    """Where the packed forward's time goes: each kernel alone on the chunk-aligned layout (state passes per
+    document), the same kernels on the unpacked row (sequential, one program per head), and the gathers
+    into and out of the layout (forward: q, k, v, beta in, o out)."""
+    q, k, v, beta, g, do = inputs(0, 1, T, H, K, V)
+    cu = jnp.asarray(packing(0, T, documents))
+    lay = varlen.layout(cu, T, CHUNK, chunks=varlen.pallas_chunks(varlen.num_chunks(T, documents, CHUNK)))
+    slot = lambda x: varlen.to_slots(x, lay, 1)
+    gathers = jax.jit(lambda q, k, v, b, o: (*map(slot, (q, k, v, b)), varlen.from_slots(o, lay, 1)))
+    fill = lambda x, index: jnp.take(x, index, axis=1, mode="fill", fill_value=0)  # no padded copy
+    gathers_fill = jax.jit(lambda q, k, v, b, o: (*(fill(x, lay.slot_token) for x in (q, k, v, b)),
+                                                  fill(o, lay.token_slot)))
+    slotted = [slot(x) for x in (q, k, v, beta, g, do)]
+    return {"packed": stage_times(*slotted, reps, segmented=False, spans=lay.spans),
+            "unpacked": stage_times(q, k, v, beta, g, do, reps, segmented=False),
+            "gathers_fwd": timed(gathers, q, k, v, beta, slot(v), reps=reps),
+            "gathers_fwd_fill": timed(gathers_fill, q, k, v, beta, slot(v), reps=reps),
+            "chunks": {"packed": int(lay.resets.seq.shape[0]), "unpacked": T // CHUNK}}
 
 
 def check(say):
@@ -413,6 +442,29 @@ def table(rows):
     return "\n".join(lines)
 
 
+def stages_only(args, say) -> None:
+    """``--stages``: per-kernel times only (written to ``stages.json`` after each part)."""
+    global CHUNK
+    out = {}
+    for part in args.stages.split(","):
+        if part == "packed":
+            CHUNK = 16 if args.tiny else CHUNK
+            size = PACKED_TINY if args.tiny else PACKED
+            out["packed"] = packed_stage_times(**size, reps=args.reps)
+        elif part == "kda":
+            B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
+            q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
+            g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), (B, T, H, K)) + 2.0)
+            out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **stage_times(q, k, v, beta, g, do, args.reps,
+                                                                          segmented=False)}
+        else:
+            raise SystemExit(f"--stages: expected 'packed' or 'kda', got {part!r}")
+        say(part, json.dumps(out[part]))
+        if args.out:
+            with open(os.path.join(args.out, "stages.json"), "w") as f:
+                json.dump(out, f, indent=1)
+
+
 def main():
     global CHUNK  # --tiny: chunk 16
     if sys.argv[1:2] == ["transitions"]:
@@ -440,6 +492,8 @@ def main():
     parser.add_argument("--packed", action="store_true", help="add the packed row (cu_seqlens) after the shapes")
     parser.add_argument("--packed-only", action="store_true", help="the packed row only (no check, no shapes)")
     parser.add_argument("--tiny", action="store_true", help="the packed row at a tiny shape, chunk 16 (CPU smoke test)")
+    parser.add_argument("--stages", default="", help="only per-kernel times: 'packed' (packed_stage_times) and/or "
+                        "'kda' (per-channel decays on the first shape of --shapes), comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()
@@ -454,6 +508,8 @@ def main():
         say("fla unavailable:", e)
         fla_ok = False
     packed_only = args.packed_only or args.tiny
+    if args.stages:
+        return stages_only(args, say)
     result = {"check": {} if args.no_check or args.fla_only or packed_only else check(say), "rows": []}
 
     def save():
