@@ -98,7 +98,8 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
     S_in, S_final = state_pass_kernel(keys, G, w, u, S0, block_v=8)
     for a, b in zip((S_in, S_final), state_pass_reference(keys, G, w, u, S0)):
         assert rel(a, b) < 1e-13
-    o, corrected = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
+    o, corrected, scores = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, save_scores=True,
+                                               **static)
     assert rel(o, chunk_output_reference(q, keys, G, w, u, S_in, **static)) < 1e-13
 
     def forward(q, keys, G, w, u, S0):
@@ -107,8 +108,10 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
 
     dq, dk, dG, dw, du, dS0 = jax.vjp(forward, q, keys, G, w, u, S0)[1]((do, dS_final))
     passes = [f(q, keys, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
-    for a, b in zip(*passes):
-        assert rel(a, b) < 1e-13
+    # the reverse pass reading the forward's attention blocks instead of recomputing them
+    passes.append(state_pass_bwd_kernel(q, keys, G, w, do, dS_final, scores=scores, **static))
+    for a, b, c in zip(*passes):
+        assert rel(a, b) < 1e-13 and rel(c, b) < 1e-13
     dS_out, dv, got_dS0 = passes[0]
     assert rel(dv, du) < 1e-12 and rel(got_dS0, dS0) < 1e-12
     outs = [f(q, keys, G, corrected, S_in, dS_out, do, dv, **static, **kw)

@@ -197,26 +197,31 @@ def test_state_pass_kernels_with_resets_match_references(segments):
         assert rel_err(a, b) < 1e-5 if jnp.any(b != 0) else not jnp.any(a != 0)
 
 
-def test_state_pass_kernels_over_spans_match_references():
+@pytest.mark.parametrize("zero", [True, False], ids=["zero-states", "states"])
+def test_state_pass_kernels_over_spans_match_references(zero):
     """Interpret mode: one program per (head, sequence) over its span, forward and backward, against the
     references (through the resets the spans imply); sequence 2 is empty, sequence 3 owns the trailing
-    identity chunks. Zero initial states and final-state cotangents, which the kernels then never read
-    (``zero_h0``, ``zero_dfinals``); the op-level packed tests run the same kernels with nonzero ones."""
+    identity chunks. The programs run longest sequence first (a permutation of the sequences here), so the
+    initial states and final-state cotangents are random (``zero``: zeros, which the kernels then never
+    read: ``zero_h0``, ``zero_dfinals``)."""
     F32 = jnp.float32
     BH, K_, V_, Ns = PASS_SHAPE["BH"], PASS_SHAPE["K"], PASS_SHAPE["V"], 4
     keys, G, w, u, q, do = pass_operands(1, **PASS_SHAPE)
-    zeros = jnp.zeros((BH * Ns, K_, V_), F32)
+    s0, dsf = (jnp.zeros((BH * Ns, K_, V_), F32),) * 2 if zero else jax.random.normal(
+        jax.random.PRNGKey(7), (2, BH * Ns, K_, V_), F32)
     spans = varlen.Spans(jnp.array([0, 1, 4, 4], jnp.int32), jnp.array([1, 4, 4, 6], jnp.int32))
-    kernel = state_pass_kernel(keys, G, w, u, zeros, block_v=16, spans=spans, zero_h0=True)
-    reference = state_pass_reference(keys, G, w, u, zeros, spans=spans)
+    kernel = state_pass_kernel(keys, G, w, u, s0, block_v=16, spans=spans, zero_h0=zero)
+    reference = state_pass_reference(keys, G, w, u, s0, spans=spans)
     static = dict(rank=1, scale=0.3, spans=spans)
-    kernel_bwd = state_pass_bwd_kernel(q, keys, G, w, do, zeros, block_v=16, zero_dfinals=True, **static)
-    reference_bwd = state_pass_bwd_reference(q, keys, G, w, do, zeros, **static)
+    kernel_bwd = state_pass_bwd_kernel(q, keys, G, w, do, dsf, block_v=16, zero_dfinals=zero, **static)
+    reference_bwd = state_pass_bwd_reference(q, keys, G, w, do, dsf, **static)
     for a, b in zip((*kernel, *kernel_bwd), (*reference, *reference_bwd), strict=True):
         assert rel_err(a, b) < 1e-5
     finals, dh0 = kernel[1].reshape(BH, Ns, K_, V_), kernel_bwd[2].reshape(BH, Ns, K_, V_)
-    # the empty sequence keeps its (zero) initial state; a non-empty one does not
-    assert not jnp.any(finals[:, 2]) and not jnp.any(dh0[:, 2]) and jnp.all(jnp.any(finals[:, 1] != 0, axis=(1, 2)))
+    # the empty sequence keeps its initial state (the cotangent of its final state); a non-empty one does not
+    assert jnp.array_equal(finals[:, 2], s0.reshape(BH, Ns, K_, V_)[:, 2])
+    assert jnp.array_equal(dh0[:, 2], dsf.reshape(BH, Ns, K_, V_)[:, 2])
+    assert jnp.all(jnp.any(finals[:, 1] != s0.reshape(BH, Ns, K_, V_)[:, 1], axis=(1, 2)))
 
 
 def test_sequence_parallel_packed_matches_single_device():

@@ -54,28 +54,32 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None):
     """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
-    corrected ``u - w S``: [n, V]) in float32 (float64 for float64 ``G``). Operands: arrays, or the kernel's
-    refs, each read (``x[...]``) where first needed; ``rows`` as in :func:`attention_block`."""
+    corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
+    Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
+    :func:`attention_block`."""
     acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
         att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
         S = S[...].astype(acc)
         corrected = u[...].astype(acc) - mm(w[...], S)
-        return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected
+        return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected, att
     q, k, G, G_tok, w, u = (x[...] for x in (q, k, G, G_tok, w, u))
     S = S[...].astype(acc)
     corrected = u.astype(acc) - mm(w, S)
     att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
-    return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected
+    return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected, att
 
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
-                        save_corrected: bool = False, heads: int | None = None, block_v: int | None = None,
-                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                        save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
+                        block_v: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                        interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
-    with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``).
+    with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
+    ``save_scores`` also the attention blocks ``A: [BH, N, C, n]`` in the dtype of ``G`` (per-channel decays:
+    the reverse state pass reads them instead of recomputing ``decay.scores`` inside its serial loop).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``."""
@@ -87,26 +91,36 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     out_dtype = out_dtype or G.dtype
     G_tok = decay.token_decays(G, rank)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *r_ref):
-        o, corrected = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
-                                     matmul=dot, operand_dtype=dtype,
-                                     rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
+    if save_scores and not save_corrected:
+        raise ValueError("chunk_output_kernel: save_scores=True needs save_corrected=True (the backward's residuals)")
+
+    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *saved_refs):
+        o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
+                                          matmul=dot, operand_dtype=dtype,
+                                          rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
-            r_ref[0][...] = corrected.astype(dtype)
+            saved_refs[0][...] = corrected.astype(dtype)
+        if save_scores:  # every column block writes the same block
+            saved_refs[1][...] = att.astype(saved_refs[1].dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
     cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
     tok = lambda spec: token_spec(spec, heads)
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
+    out_shape, out_specs = (out_shape,), (tok(cols(C)),)
+    if save_corrected:
+        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)), (*out_specs, cols(n))
+    if save_scores:
+        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, C, n), G.dtype)), (*out_specs, rows(C, n))
     return pallas_call(
         kernel,
-        out_shape=(out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)) if save_corrected else out_shape,
+        out_shape=out_shape if save_corrected else out_shape[0],
         grid=(BH, N, V // bv),
         in_specs=[tok(rows(C, K)), tok(rows(n, K)), *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C))),
                   rows(n, K), cols(n), cols(K)],
-        out_specs=(tok(cols(C)), cols(n)) if save_corrected else tok(cols(C)),
+        out_specs=out_specs if save_corrected else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",

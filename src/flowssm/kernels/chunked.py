@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
@@ -124,18 +125,20 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
-                         tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False, mosaic: bool = False):
+                         tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False, mosaic: bool = False,
+                         scores=None):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
     reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
     (``resets``, ``dfinals``, ``zero_dfinals``): the final states' cotangents enter inside the passes; a last
-    output, dh0. ``mosaic``: passes (1) and (3) on Mosaic GPU (``state_pass_bwd_mosaic``; unpacked, rank 1)."""
+    output, dh0. ``mosaic``: passes (1) and (3) on Mosaic GPU (``state_pass_bwd_mosaic``; unpacked, rank 1,
+    scalar decays). ``scores``: the forward's attention blocks (per-channel decays), read by both passes."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
     opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
-             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages,
+             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages, scores=scores,
                   **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals))))
     reverse_pass = functools.partial(state_pass_bwd_mosaic if mosaic else state_pass_bwd_kernel, **opts)
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
@@ -178,9 +181,10 @@ def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
 def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, spans=None, *, save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C] (or [BH, N, C, K] per key channel), S0: [BH, K, V]
-    -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P)); with ``save`` (the kernels' backward),
-    ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None; ``P``: the
-    segments' transition matrices when the segmented scan ran (its backward is segmented too), else None.
+    -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P, scores)); with ``save`` (the kernels'
+    backward), ``corrected = u - w S_in`` and, for a program computing ``(I + L)^{-1}``, ``T``, else None;
+    ``P``: the segments' transition matrices when the segmented scan ran (its backward is segmented too), else
+    None; ``scores``: for per-channel decays the output kernel's attention blocks, else None.
     With ``resets`` and ``spans`` (packed sequences, :mod:`flowssm.varlen`): S0 and S_final are [BH, Ns, K, V], one
     per sequence (an empty sequence's final state is its initial state); the sequential pass runs one program
     per (head, sequence), the segmented scan's passes restart at sequence starts."""
@@ -219,10 +223,12 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:  # sequential, or too few chunks to split
         S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                           num_stages=t.state_stages)
+    save_scores = save and decay.per_channel(G)  # the reverse state pass then reads them (see state_pass)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
-                            save_corrected=save, heads=H, block_v=t.output_block_v, num_warps=t.output_warps)
-    o, corrected = o if save else (o, None)
-    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P)
+                            save_corrected=save, save_scores=save_scores, heads=H, block_v=t.output_block_v,
+                            num_warps=t.output_warps)
+    o, corrected, *scores = o if save else (o, None)
+    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores[0] if scores else None)
 
 
 def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None):
@@ -258,7 +264,7 @@ def _dense(cotangent):
 
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
-    args, (w, u, T, S_in, corrected, P) = residuals
+    args, (w, u, T, S_in, corrected, P, scores) = residuals
     *args, resets, spans = args
     # packed: when the final states' cotangent is a symbolic zero (a loss of the outputs alone), the
     # reverse passes never read it
@@ -283,15 +289,17 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
                                                 scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_stages, spans=spans, zero_dfinals=zero_dfinals)
+                                                num_stages=t.state_stages, spans=spans, zero_dfinals=zero_dfinals,
+                                                scores=scores)
         dS0 = dS0.reshape(S0.shape)
     elif P is None:
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_stages)
+                                                num_stages=t.state_stages, scores=scores)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
-                                                     scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic)
+                                                     scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic,
+                                                     scores=scores)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,

@@ -31,6 +31,8 @@ Packed sequences (:mod:`flowssm.varlen`'s chunk-aligned layout) run one of two w
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -54,25 +56,52 @@ def _segment_blocks(N: int, segments: int):
     return N // segments, lambda i: (i // segments, i % segments)
 
 
-def _programs(N: int, segments: int, spans: Spans | None, resets: Resets | None):
-    """(programs a head, chunks a block, the block index map of program ``i``): ``segments`` stretches of
-    ``N / segments`` chunks, or with ``spans`` one program per sequence over all ``N`` chunks of its head."""
+def _programs(N: int, segments: int, spans: Spans | None, resets: Resets | None, BH: int):
+    """(programs a head, chunks a block, the block index map of program row ``i``): ``segments`` stretches of
+    ``N / segments`` chunks, or with ``spans`` one program per (sequence rank, head) over all ``N`` chunks of
+    its head: row ``i = rank * BH + head`` (:func:`_by_length`)."""
     if spans is None:
         return segments, *_segment_blocks(N, segments)
     if segments != 1 or resets is not None:
         raise ValueError(f"spans: one program per sequence runs without segments or resets, got segments={segments}"
                          f", resets={'set' if resets is not None else None}")
+    return spans.first.shape[0], N, lambda i: (i % BH, 0)
+
+
+def _by_length(spans: Spans, BH: int):
+    """The span programs' order, longest sequence first (the GPU starts programs in order, so the longest
+    loops start first and short ones fill in behind them; in sequence order a long loop that starts last
+    would run on alone at the end): (the spans in that order, ``to_rows``: a per-(head, sequence) array
+    ``[BH * Ns, ...]`` in program-row order ``rank * BH + head``, ``from_rows``: back)."""
     Ns = spans.first.shape[0]
-    return Ns, N, lambda i: (i // Ns, 0)
+    order = jnp.argsort(spans.first - spans.stop, stable=True)  # longest first
+    to_rows = lambda x: jnp.swapaxes(x.reshape(BH, Ns, *x.shape[1:])[:, order], 0, 1).reshape(x.shape)
+    rank = jnp.argsort(order)
+    from_rows = lambda x: jnp.swapaxes(x.reshape(Ns, BH, *x.shape[1:])[rank], 0, 1).reshape(x.shape)
+    return Spans(spans.first[order], spans.stop[order]), to_rows, from_rows
 
 
-def _loop_bounds(spans: Spans | None, refs, programs: int, M: int):
+def _ids(spans: Spans | None):
+    """(row, column) of the running program: with ``spans`` the grid is ``(columns, rows)`` (columns launch
+    side by side, the rows in rank order), else ``(rows, columns)``."""
+    return (pl.program_id(1), pl.program_id(0)) if spans is not None else (pl.program_id(0), pl.program_id(1))
+
+
+def _grid(rows: int, columns: int, spans: Spans | None, specs):
+    """The grid and the block specs (written as ``index_map(row, column)``) in :func:`_ids`' order."""
+    if spans is None:
+        return (rows, columns), specs
+    swap = lambda spec: dataclasses.replace(spec, index_map=lambda c, r, f=spec.index_map: f(r, c))
+    return (columns, rows), [swap(spec) for spec in specs]
+
+
+def _loop_bounds(spans: Spans | None, refs, BH: int, M: int):
     """The chunks ``[lo, hi)`` of the program's block it runs: its sequence's span, or the whole block."""
     if spans is None:
         return 0, M
     first_ref, stop_ref = refs
-    i = pl.program_id(0) % programs
-    return first_ref[i], stop_ref[i]
+    rank = _ids(spans)[0] // BH
+    return first_ref[rank], stop_ref[rank]
 
 
 def _span_specs(spans: Spans | None) -> list[pl.BlockSpec]:
@@ -121,7 +150,10 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     if flow and (write_states or S0 is not None):
         raise ValueError("state_pass_kernel: flow=True computes segment flows from [I | 0]: pass S0=None and "
                          "write_states=False")
-    segments, M, seg = _programs(N, segments, spans, resets)
+    segments, M, seg = _programs(N, segments, spans, resets, BH)
+    if spans is not None:
+        spans, to_rows, from_rows = _by_length(spans, BH)
+        S0 = to_rows(S0) if read_s0 else S0
     bv = min(block_v, K, V) if flow else min(block_v, V)
     p_blocks = K // bv if flow else 0  # column blocks of P (flow mode) before those of the state / Q
     interpret = resolve_interpret(interpret)
@@ -136,8 +168,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         h0_ref, refs = (refs[0], refs[1:]) if read_h0 else (None, refs)
         fin_ref, refs = (refs[-1], refs[:-1]) if packed and not flow else (None, refs)
         *s_in_ref, s_out_ref = refs
-        j = pl.program_id(1)
-        base = pl.program_id(0) % segments * M  # the segment's first chunk
+        row, j = _ids(spans)
+        base = row % segments * M  # the segment's first chunk
         if flow:  # P columns start at the identity and see no values; Q columns start at 0
             rows, cols = lax.broadcasted_iota(jnp.int32, (K, bv), 0), lax.broadcasted_iota(jnp.int32, (K, bv), 1)
             start = ((rows == cols + j * bv) & (j < p_blocks)).astype(acc)
@@ -174,7 +206,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
             return S
 
-        s_out_ref[...] = lax.fori_loop(*_loop_bounds(spans, span_refs, segments, M), step, start).astype(s_out_ref.dtype)
+        s_out_ref[...] = lax.fori_loop(*_loop_bounds(spans, span_refs, BH, M), step, start).astype(s_out_ref.dtype)
 
     whole = lambda d: pl.BlockSpec((None, M, n, d), lambda i, j: (*seg(i), 0, 0))
     u_col = (lambda j: jnp.maximum(j - p_blocks, 0)) if flow else (lambda j: j)
@@ -190,17 +222,21 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_specs = (states, state) if write_states else (state,)
     if packed and not flow:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(h0.shape, h0.dtype)), (*out_specs, per_seq(lambda j: j))
+    in_specs = in_specs + [state] * read_s0 + _span_specs(spans) + _packed_specs(resets, read_h0 and per_seq(u_col))
+    grid, specs = _grid(BH * segments, (K + V if flow else V) // bv, spans, [*in_specs, *out_specs])
     out = pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(BH * segments, (K + V if flow else V) // bv),
-        in_specs=in_specs + [state] * read_s0 + _span_specs(spans) + _packed_specs(resets, read_h0 and per_seq(u_col)),
-        out_specs=out_specs,
+        grid=grid,
+        in_specs=specs[:len(in_specs)],
+        out_specs=tuple(specs[len(in_specs):]),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
     )(keys, G, w, u, *((S0,) if read_s0 else ()), *(spans or ()), *(resets if packed else ()),
       *((h0,) if read_h0 else ()))
+    if spans is not None:  # S_final back from program-row order
+        out = (*out[:-1], from_rows(out[-1]))
     return out if len(out) > 1 else out[0]
 
 
@@ -228,7 +264,7 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
     ``spans`` through the resets they imply (:func:`flowssm.varlen.span_resets`)."""
     del block_v, num_warps, num_stages, interpret, zero_h0  # h0 is read either way
     if spans is not None:
-        _programs(G.shape[1], segments, spans, resets)  # the kernel's argument check
+        _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
         BH, N, K = G.shape[0], G.shape[1], w.shape[-1]
         S_in, _, finals = state_pass_reference(keys, G, w, u, jnp.zeros((BH, K, u.shape[-1]), S0.dtype), heads=heads,
                                                resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]))
@@ -262,12 +298,14 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
 
 
 def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype,
-                  rows=None):
+                  rows=None, att=None):
     """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], G_end: [] (or [n, K],
-    [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v])."""
+    [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v]).
+    ``att`` ([C, n]): the chunk's attention block saved by the forward, else computed here."""
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+    if att is None:
+        att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
     if G.ndim == 2:  # per channel: the decays scale the key channels of k and q
         k_end = jnp.exp(G_end[None, :] - G) * k.astype(acc)
         dv = scale * mm(att, do, trans_a=True) + mm(k_end, dS)
@@ -283,7 +321,7 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                          dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None):
+                          dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
@@ -298,6 +336,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     ``spans`` (module docstring): program ``head * Ns + i`` runs sequence ``i``'s chunks in reverse from
     ``dS_final[head * Ns + i]``, the cotangent of its final state (``dS_final: [BH * Ns, K, V]``; with
     ``zero_dfinals`` never read); ``dS0: [BH * Ns, K, V]`` is then that of its initial state.
+    ``scores`` ([BH, N, C, n], ``chunk_output_kernel(save_scores=True)``): the attention blocks, read instead
+    of recomputed (per-channel decays: their ``decay.scores`` loops then leave the serial loop).
     """
     packed = resets is not None
     read_dfinals = packed and not zero_dfinals
@@ -305,7 +345,10 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
     V = do.shape[-1]
-    segments, M, seg = _programs(N, segments, spans, resets)
+    segments, M, seg = _programs(N, segments, spans, resets, BH)
+    if spans is not None:
+        spans, to_rows, from_rows = _by_length(spans, BH)
+        dS_final = to_rows(dS_final) if read_dsf else dS_final
     bv = min(block_v, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
@@ -313,6 +356,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     per_channel = decay.per_channel(G)
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, *refs):
+        a_ref, refs = (refs[0], refs[1:]) if scores is not None else (None, refs)
         dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
         (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
@@ -320,8 +364,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         dh0_ref, outs = (outs[-1], outs[:-1]) if packed and write_states else (None, outs)
         *written, ds0_ref = outs
         acc = jnp.promote_types(dtype, jnp.promote_types(dS_final.dtype, g_ref.dtype))
-        base = pl.program_id(0) % segments * M  # the segment's first chunk
-        lo, hi = _loop_bounds(spans, span_refs, segments, M)
+        base = _ids(spans)[0] % segments * M  # the segment's first chunk
+        lo, hi = _loop_bounds(spans, span_refs, BH, M)
 
         def step(i, dS):
             c = lo + hi - 1 - i  # i runs over [lo, hi): c from hi - 1 down to lo
@@ -335,7 +379,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                 written[0][c] = dS.astype(written[0].dtype)
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
-                                   rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)))
+                                   rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)),
+                                   att=None if a_ref is None else a_ref[c])
             if write_states:
                 written[1][c] = dv.astype(written[1].dtype)
             if dh0_ref is not None:
@@ -361,33 +406,38 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     per_seq = packed and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
     if packed and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
+    in_specs = ([token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
+                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), whole(n, K),
+                 token_spec(cols(C), heads)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
+                + _span_specs(spans)
+                + _packed_specs(resets, read_dfinals and per_seq))
+    grid, specs = _grid(BH * segments, V // bv, spans, [*in_specs, *out_specs])
     out = pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(BH * segments, V // bv),
-        in_specs=[token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
-                  *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), whole(n, K),
-                  token_spec(cols(C), heads)] + [state] * read_dsf + _span_specs(spans)
-        + _packed_specs(resets, read_dfinals and per_seq),
-        out_specs=out_specs,
+        grid=grid,
+        in_specs=specs[:len(in_specs)],
+        out_specs=tuple(specs[len(in_specs):]),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, w, do, *((dS_final,) if read_dsf else ()), *(spans or ()), *(resets if packed else ()),
-      *((dfinals,) if read_dfinals else ()))
+    )(q, keys, G, G_tok, w, do, *(() if scores is None else (scores,)), *((dS_final,) if read_dsf else ()),
+      *(spans or ()), *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
+    if spans is not None:  # dS0 back from program-row order
+        out = (*out[:-1], from_rows(out[-1]))
     return out if len(out) > 1 else out[0]
 
 
 def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                              segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                              num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                             dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None):
+                             dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
     """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision (packed: an
     empty sequence's dh0 row is 0; ``spans``: through the resets they imply, an empty sequence's ``dS0`` row
-    is its ``dS_final`` row)."""
-    del block_v, num_warps, num_stages, interpret, zero_dfinals  # dfinals is read either way
+    is its ``dS_final`` row; the attention blocks are always recomputed, ``scores`` is not read)."""
+    del block_v, num_warps, num_stages, interpret, zero_dfinals, scores  # dfinals is read either way
     if spans is not None:
-        _programs(G.shape[1], segments, spans, resets)  # the kernel's argument check
+        _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
         BH, N = G.shape[:2]
         dfin = dS_final.reshape(BH, -1, *dS_final.shape[1:])
         resets = varlen.span_resets(spans, N)
