@@ -183,12 +183,12 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed, **opts),
         keys, G, w, u, S0)
-    _, corrected = add("output", lambda *a: co.chunk_output_kernel(
-        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, num_warps=t.output_warps,
-        **opts), qc, keys, G, w, u, S_in)
-    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(
-        *a, rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed,
-        **opts), qc, keys, G, w, dO, S0)
+    _, corrected, *scores = add("output", lambda *a: co.chunk_output_kernel(
+        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, save_scores=per_channel,
+        num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
+    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
+        *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages,
+        **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, _, dw, _ = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, num_warps=t.backward_warps, **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, dv)

@@ -21,7 +21,7 @@ Packed sequences (:mod:`flowssm.varlen`'s chunk-aligned layout) run one of two w
   chunks from its initial state; ``S0`` holds the initial states and ``S_final`` the final states (in
   reverse: the final states' cotangents and those of the initial states). Sequences run in parallel, so a
   packed row of ``Ns`` documents has ``Ns`` times the programs of the unpacked pass and a loop as long as
-  its longest document.
+  its longest document. The programs start longest sequence first, so the longest loops do not start last.
 - ``resets``, ``h0`` (the passes of the segmented scan, whose segments cut through sequences): at a chunk that
   starts sequence ``i`` the carried state becomes ``h0[i]`` (``[0 | h0[i]]`` for a segment flow) and the
   state leaving a sequence's last chunk is written to ``finals[i]``; in reverse, that chunk's cotangent
@@ -137,8 +137,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     owning no chunk are not written). ``zero_h0``: every ``h0`` row is 0; the kernel then never reads
     ``h0`` (only its shape and dtype): a restart multiplies the state by 0, with no tile load in the loop.
 
-    ``spans`` (:class:`flowssm.varlen.Spans`, ``[Ns]`` each; module docstring): program ``head * Ns + i`` runs
-    sequence ``i``'s chunks from ``S0[head * Ns + i]``, its initial state (``S0: [BH * Ns, K, V]``); then
+    ``spans`` (:class:`flowssm.varlen.Spans`, ``[Ns]`` each; module docstring): one program per (head, sequence
+    ``i``, column block), longest sequence first (:func:`_by_length`), runs ``i``'s chunks from
+    ``S0[head * Ns + i]``, its initial state (``S0: [BH * Ns, K, V]``); then
     ``S_final: [BH * Ns, K, V]`` holds the final states (an empty sequence's is its initial state), and
     ``zero_h0`` means every ``S0`` row is 0 (never read).
     """
@@ -333,7 +334,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     states' cotangents; module docstring): with ``write_states`` a last output ``dh0: [BH, Ns, K, V]`` in the
     dtype of ``dfinals`` (rows of sequences owning no chunk are not written). ``zero_dfinals``: every
     ``dfinals`` row is 0; it is then never read (only its shape and dtype), the cotangent is cut by a product.
-    ``spans`` (module docstring): program ``head * Ns + i`` runs sequence ``i``'s chunks in reverse from
+    ``spans`` (module docstring): the program of (head, sequence ``i``) runs ``i``'s chunks in reverse from
     ``dS_final[head * Ns + i]``, the cotangent of its final state (``dS_final: [BH * Ns, K, V]``; with
     ``zero_dfinals`` never read); ``dS0: [BH * Ns, K, V]`` is then that of its initial state.
     ``scores`` ([BH, N, C, n], ``chunk_output_kernel(save_scores=True)``): the attention blocks, read instead
