@@ -275,6 +275,13 @@ def test_auto_backend_is_xla_on_cpu_and_tuning_is_validated(monkeypatch):
         kc.Tuning(state_warps=3)
     resolve = lambda dtype, K, C=64, **kw: kc.Tuning(**kw).resolve(dtype, K, K, C, C)
     assert resolve(jnp.bfloat16, 128).state_stages == 3 and resolve(jnp.bfloat16, 128, state_stages=2).state_stages == 2
+    assert resolve(jnp.bfloat16, 128).state_bwd_stages == 3 and resolve(jnp.bfloat16, 128, state_stages=2).state_bwd_stages == 2
+    # per-channel decays: the reverse pass's float32 decay tiles and saved scores leave room for one stage (H200:
+    # shared memory ran out with more); the forward keeps three
+    channel = kc.Tuning().resolve(jnp.bfloat16, 128, 128, 64, 64, per_channel=True)
+    assert (channel.state_stages, channel.state_bwd_stages) == (3, 1)
+    with pytest.raises(ValueError, match="Tuning.state_bwd_stages"):
+        kc.Tuning(state_bwd_stages=5)
     assert resolve(jnp.float32, 128).state_warps == 8 and resolve(jnp.bfloat16, 256).output_block_v == 128
     with pytest.raises(ValueError, match="chunk_size: .*float32"):  # float32 operands: n <= 64
         flowssm.delta_rule(*make_inputs(4, 1, 16, 1, 16, 16)[:4], backend="pallas", chunk_size=128)

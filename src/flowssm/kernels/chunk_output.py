@@ -78,8 +78,9 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
-    ``save_scores`` also the attention blocks ``A: [BH, N, C, n]`` in the dtype of ``G`` (per-channel decays:
-    the reverse state pass reads them instead of recomputing ``decay.scores`` inside its serial loop).
+    ``save_scores`` also the attention blocks ``A: [BH, N, C, n]`` in the dtype of ``keys``, the operand dtype
+    of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
+    recomputing ``decay.scores`` inside its serial loop).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``."""
@@ -113,7 +114,7 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     if save_corrected:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)), (*out_specs, cols(n))
     if save_scores:
-        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, C, n), G.dtype)), (*out_specs, rows(C, n))
+        out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, C, n), dtype)), (*out_specs, rows(C, n))
     return pallas_call(
         kernel,
         out_shape=out_shape if save_corrected else out_shape[0],

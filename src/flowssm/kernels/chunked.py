@@ -138,7 +138,7 @@ def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: f
     V = do.shape[-1]
     opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
-             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages, scores=scores,
+             dict(num_warps=tuning.state_warps, num_stages=tuning.state_bwd_stages, scores=scores,
                   **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals))))
     reverse_pass = functools.partial(state_pass_bwd_mosaic if mosaic else state_pass_bwd_kernel, **opts)
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
@@ -289,13 +289,13 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
                                                 scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_stages, spans=spans, zero_dfinals=zero_dfinals,
+                                                num_stages=t.state_bwd_stages, spans=spans, zero_dfinals=zero_dfinals,
                                                 scores=scores)
         dS0 = dS0.reshape(S0.shape)
     elif P is None:
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_stages, scores=scores)
+                                                num_stages=t.state_bwd_stages, scores=scores)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
                                                      scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic,

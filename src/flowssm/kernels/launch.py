@@ -35,7 +35,7 @@ class Tuning:
     """Launch options. ``None`` means: chosen by :meth:`resolve` from the dtype and head sizes.
 
     Warps per kernel (``backward_warps``: the output and transfer backward kernels), the state passes'
-    pipeline stages and ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
+    pipeline stages (``state_bwd_stages``: the reverse passes') and ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
     ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
@@ -52,6 +52,7 @@ class Tuning:
     transfer_warps: int | None = None
     state_warps: int | None = None
     state_stages: int | None = None
+    state_bwd_stages: int | None = None
     block_v: int | None = None
     output_warps: int | None = None
     output_block_v: int | None = None
@@ -77,8 +78,10 @@ class Tuning:
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
-        if self.state_stages is not None and self.state_stages not in (1, 2, 3, 4):
-            raise ValueError(f"Tuning.state_stages: expected None or 1..4, got {self.state_stages!r}")
+        for name in ("state_stages", "state_bwd_stages"):
+            value = getattr(self, name)
+            if value is not None and value not in (1, 2, 3, 4):
+                raise ValueError(f"Tuning.{name}: expected None or 1..4, got {value!r}")
 
     def resolve(self, dtype, key_dim: int, value_dim: int, chunk: int, micro_steps: int,
                 per_channel: bool = False) -> Tuning:
@@ -92,12 +95,15 @@ class Tuning:
         block_v = min(self.block_v or (32 if wide and big else 64), V)
         forward_tile = (2 * n * K + n * block_v) * size  # keys, w, u of one chunk
         backward_tile = (C * K + 2 * n * K + C * block_v) * size  # q, keys, w, do of one chunk
-        fits = lambda s: s * max(forward_tile, backward_tile) <= STAGE_BYTES
+        # per-channel reverse pass: also float32 decay tiles G [n, K], G_t [C, K] and the saved scores [C, n]
+        reverse_tile = backward_tile + (4 * (n + C) * K + C * n * size if per_channel else 0)
+        stages = lambda tile: next((s for s in (3, 2) if s * max(forward_tile, tile) <= STAGE_BYTES), 1)
         output_block_v = V if K * V * size <= OUTPUT_STATE_BYTES else (64 if wide else 128)
         auto = dict(
             transfer_warps=8 if wide or big else 4,
             state_warps=8 if wide else 4,
-            state_stages=next((s for s in (3, 2) if fits(s)), 1),
+            state_stages=stages(backward_tile),
+            state_bwd_stages=self.state_stages or stages(reverse_tile),  # a set state_stages sets both
             block_v=block_v,
             output_warps=8 if wide or big else 4,
             output_block_v=min(output_block_v, V),
