@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
         [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
+        [--stages packed,kda]
     python3 benchmarks/bench_kernels.py transitions [...]   (GLA / KDA / DPLR rows alone: bench_transitions.py)
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
@@ -17,6 +18,10 @@ end, writes JSON to $OUT (or --out) after every shape.
 same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, errors of outputs and
 per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
 1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
+
+``--stages packed,kda`` times only each kernel alone (``stages.json``): ``packed`` on the packed row's
+chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
+gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape.
 """
 
 from __future__ import annotations
@@ -223,14 +228,10 @@ def packed_stage_times(T, H, K, V, documents, reps) -> dict:
     lay = varlen.layout(cu, T, CHUNK, chunks=varlen.pallas_chunks(varlen.num_chunks(T, documents, CHUNK)))
     slot = lambda x: varlen.to_slots(x, lay, 1)
     gathers = jax.jit(lambda q, k, v, b, o: (*map(slot, (q, k, v, b)), varlen.from_slots(o, lay, 1)))
-    fill = lambda x, index: jnp.take(x, index, axis=1, mode="fill", fill_value=0)  # no padded copy
-    gathers_fill = jax.jit(lambda q, k, v, b, o: (*(fill(x, lay.slot_token) for x in (q, k, v, b)),
-                                                  fill(o, lay.token_slot)))
     slotted = [slot(x) for x in (q, k, v, beta, g, do)]
     return {"packed": stage_times(*slotted, reps, segmented=False, spans=lay.spans),
             "unpacked": stage_times(q, k, v, beta, g, do, reps, segmented=False),
             "gathers_fwd": timed(gathers, q, k, v, beta, slot(v), reps=reps),
-            "gathers_fwd_fill": timed(gathers_fill, q, k, v, beta, slot(v), reps=reps),
             "chunks": {"packed": int(lay.resets.seq.shape[0]), "unpacked": T // CHUNK}}
 
 
