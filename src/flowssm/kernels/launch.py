@@ -35,8 +35,9 @@ class Tuning:
     """Launch options. ``None`` means: chosen by :meth:`resolve` from the dtype and head sizes.
 
     Warps per kernel (``backward_warps``: the output and transfer backward kernels), the state passes'
-    pipeline stages (``state_bwd_stages``: the reverse passes') and ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode of the
-    ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
+    pipeline stages (``state_bwd_stages``: the reverse passes'; None: as ``state_stages`` when that is set) and
+    ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode
+    of the ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
     unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
