@@ -1,4 +1,5 @@
-"""Training-step benchmark of the DeltaNet LM: flowssm (pallas and xla backends) against fla's model.
+"""Training-step benchmark of the DeltaNet LM (and its GLA, KDA and packed variants): flowssm (pallas and xla
+backends) against fla's models.
 
     python benchmarks/bench_lm.py --out /tmp/lm                        # GPU: every row of the table
     python benchmarks/bench_lm.py --rows flowssm-pallas-4,fla-4 --steps 10
@@ -14,6 +15,12 @@ ms/step over back-to-back steps, tokens/s, model FLOPs utilisation ``6 P tokens 
 peak device memory, and the loss at the first and last step (both sides train on the same 4 cycled
 batches, so the loss must fall). ``decode`` rows time :meth:`LanguageModel.generate` (prefill 128
 tokens through the chunked op, then 128 decode steps in one jitted scan) at batch 1 and 64.
+
+Variants (same sizes): ``-gla-`` / ``-kda-`` rows swap the mixer for a per-channel-decay one (flowssm
+families "gla" / "kda"; fla's ``GLAForCausalLM`` with ``expand_k=1`` / ``KDAForCausalLM``: their gate
+parametrisations differ from flowssm's, the ops are the same); ``flowssm-pallas-packed-4`` trains on rows of
+packed documents (random lengths, :func:`document_positions`; the same batches otherwise), to set against
+``flowssm-pallas-4``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ import time
 
 PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on the H200 (device README)
 ROWS = ["fla-4", "flowssm-pallas-4", "flowssm-xla-4", "flowssm-pallas-remat-4", "fla-12", "flowssm-pallas-12",
-        "flowssm-xla-12", "flowssm-pallas-gated-4", "decode-1", "decode-64"]
+        "flowssm-xla-12", "flowssm-pallas-gated-4", "flowssm-pallas-packed-4", "flowssm-pallas-gla-4", "fla-gla-4",
+        "flowssm-pallas-kda-4", "fla-kda-4", "decode-1", "decode-64"]
+FAMILIES = {"gated": "gated_deltanet", "gla": "gla", "kda": "kda"}  # row-name part -> flowssm mixer family
 
 
 def shape(tiny: bool) -> dict:
@@ -44,6 +53,22 @@ def batches(s: dict, n: int = 4):
     return [rng.integers(0, s["vocab"], (s["batch"], s["seq"] + 1), dtype=np.int32) for _ in range(n)]
 
 
+def document_positions(batch: int, seq: int, documents: int = 4, seed: int = 0):
+    """Positions of ``documents`` packed documents a row (random boundaries; 0 where one starts): [batch, seq]."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    positions = np.empty((batch, seq), np.int32)
+    for row in positions:
+        starts = np.sort(np.concatenate([[0], rng.choice(np.arange(1, seq), documents - 1, replace=False)]))
+        row[:] = np.arange(seq) - np.repeat(starts, np.diff(np.append(starts, seq)))
+    return positions
+
+
+def family_of(name: str) -> str:
+    return next((f for part, f in FAMILIES.items() if f"-{part}-" in name), "deltanet")
+
+
 def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     import jax
     import jax.numpy as jnp
@@ -54,7 +79,7 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
 
     s = shape(tiny)
     backend = "xla" if "xla" in name else "pallas"
-    family = "gated_deltanet" if "gated" in name else "deltanet"
+    family = family_of(name)
     mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend)  # Exact()
     config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=layers, mlp_hidden=s["hidden"],
                          tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", remat="remat" in name, mixer=mixer)
@@ -63,12 +88,14 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     tx = optax.adamw(3e-4, weight_decay=0.1)
     state = (params, tx.init(params))
 
+    positions = jnp.asarray(document_positions(s["batch"], s["seq"])) if "packed" in name else None
+
     @jax.jit
     def step(state, tokens):
         params, opt = state
 
         def loss_fn(params):
-            nll, _ = nnx.merge(graphdef, params, rest).losses(tokens[:, :-1], tokens[:, 1:])
+            nll, _ = nnx.merge(graphdef, params, rest).losses(tokens[:, :-1], tokens[:, 1:], positions=positions)
             return nll.mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -94,15 +121,24 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
                 backend=backend, device=jax.devices()[0].device_kind)
 
 
-def fla_row(layers: int, steps: int, tiny: bool) -> dict:
+def fla_model(family: str, layers: int, s: dict):
+    """fla's model of ``family`` at the benchmark sizes (K = V = d_model / heads)."""
+    from fla import models
+
+    common = dict(hidden_size=s["d_model"], num_heads=s["heads"], num_hidden_layers=layers, vocab_size=s["vocab"],
+                  intermediate_size=s["hidden"], tie_word_embeddings=False)
+    if family == "gla":
+        return models.GLAForCausalLM(models.GLAConfig(expand_k=1, expand_v=1, **common))
+    if family == "kda":
+        return models.KDAForCausalLM(models.KDAConfig(head_dim=s["d_model"] // s["heads"], **common))
+    return models.DeltaNetForCausalLM(models.DeltaNetConfig(use_gate=True, **common))
+
+
+def fla_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     import torch
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
     s = shape(tiny)
-    config = DeltaNetConfig(hidden_size=s["d_model"], num_heads=s["heads"], num_hidden_layers=layers,
-                            vocab_size=s["vocab"], intermediate_size=s["hidden"], use_gate=True,
-                            tie_word_embeddings=False)
-    model = DeltaNetForCausalLM(config).cuda()
+    model = fla_model(family_of(name), layers, s).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     data = [torch.from_numpy(b).long().cuda() for b in batches(s)]
 
@@ -161,7 +197,7 @@ def run_row(name: str, steps: int, tiny: bool) -> dict:
     if name.startswith("decode-"):
         return decode_row(int(name.split("-")[1]), tiny)
     layers = int(name.rsplit("-", 1)[1])
-    row = fla_row(layers, steps, tiny) if name.startswith("fla") else flowssm_row(name, layers, steps, tiny)
+    row = fla_row(name, layers, steps, tiny) if name.startswith("fla") else flowssm_row(name, layers, steps, tiny)
     s = shape(tiny)
     tokens = s["batch"] * s["seq"]
     row.update(tok_s=tokens / (row["ms"] / 1e3), mfu=6 * row["params"] * tokens / (row["ms"] / 1e3) / PEAK_FLOPS)

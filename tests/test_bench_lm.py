@@ -22,3 +22,15 @@ def test_pallas_coverage_check_passes_on_tiny_shapes(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
     assert len(rows) == 2 and all(r["ok"] for r in rows)
+
+
+def test_document_positions_pack_the_asked_documents_a_row():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_lm import document_positions, family_of
+
+    positions = document_positions(3, 64, documents=5, seed=1)
+    starts = positions == 0
+    assert positions.shape == (3, 64) and (starts.sum(1) == 5).all() and starts[:, 0].all()
+    assert ((positions[:, 1:] == positions[:, :-1] + 1) | starts[:, 1:]).all()
+    assert [family_of(n) for n in ("fla-4", "fla-kda-4", "flowssm-pallas-gla-4", "flowssm-pallas-gated-4")] == [
+        "deltanet", "kda", "gla", "gated_deltanet"]

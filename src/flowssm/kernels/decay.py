@@ -18,6 +18,16 @@ difference, summed over ``K``, selected into column ``a sr + j``. No one-hot mat
 vjp runs the same loops for the rows' cotangent, then the transposed ones for the items' (over the row
 offset, all item blocks at once, on ``dA^T``).
 
+Factored blocks: where every block's decay is small (:data:`BLOCK_RANGE`, checked per chunk at run time, a
+``lax.cond``), the pairs inside a block factor through the same ``ref`` as the pairs across blocks:
+``e^{G_left - ref} <= 1`` times ``e^{ref - G_right} <= e^{BLOCK_RANGE}`` on block ``a``'s items. Row block
+``a``'s scores, across and inside, are then one matmul, and the loop over item offsets goes: ``blocks``
+matmuls and ``blocks + 1`` element-wise decays of a tile in all, against ``nr / blocks`` steps of gathered
+loads and decays. Chunks with a stronger decay run the loops. The factored products are rounded to the
+operand dtype like the cross-block ones (their visible terms, ``<= |left_c right_c|``, keep that relative
+accuracy); no factor overflows (``e^{40}`` times the operand) and the masked pairs, whatever they hold, are
+selected away.
+
 Stability and accuracy: every decay is ``2^{min(x, 0) log2 e}`` (:func:`_decay`): the exponent is never
 positive, so nothing overflows; arguments that would be positive belong to pairs that are never visible
 and are masked. On the GPU that is one ``ex2.approx`` (relative error about ``2^-22``) after a rounded
@@ -83,16 +93,21 @@ def _decay(x):
     return jnp.exp2(jnp.minimum(x, 0.0) * 1.4426950408889634)
 
 
+# The largest decay (nats, any channel) from the item before a block to its last item for which the block's
+# own pairs are factored through ``ref`` (module docstring): factors up to e^40 ~ 2.4e17.
+BLOCK_RANGE = 40.0
+
+
+def _ref_index(size: int, per_block: int, items_per_block: int):
+    """[size] index of ``ref`` for each of ``size`` rows, ``per_block`` a block: the last item before the row's
+    block (``items_per_block`` items a block; item 0 for block 0)."""
+    return jnp.maximum(_block_of(size, per_block, vector=True) * items_per_block - 1, 0)
+
+
 def _left_to_ref(lrows: Rows, rrows: Rows, nl: int, sl: int, sr: int):
     """``e^{G_left - ref}`` ([nl, K], ``<= 1``): ``ref`` the decays of the last item before each row's block
     (item 0 for the rows of block 0, which meet no earlier block)."""
-    return _decay(lrows.G(None) - rrows.G(jnp.maximum(_block_of(nl, sl, vector=True) * sr - 1, 0)))
-
-
-def _ref_to_right(rrows: Rows, a, sr: int):
-    """``e^{ref_a - G_right}`` ([nr, K]; ``ref_a`` the decays of the last item before row block ``a``, traced):
-    ``<= 1`` on the items before the block, which alone the callers keep."""
-    return _decay(rrows.G(jnp.full((1,), a * sr - 1, jnp.int32)) - rrows.G(None))
+    return _decay(lrows.G(None) - rrows.G(_ref_index(nl, sl, sr)))
 
 
 def _diagonal(target: Rows, other: Rows, j, *, size: int, per_block: int, other_block: int, target_is_left: bool):
@@ -105,6 +120,24 @@ def _diagonal(target: Rows, other: Rows, j, *, size: int, per_block: int, other_
     return _block_of(size, per_block) * other_block + j, other.x(gathered), e
 
 
+def factored(rrows: Rows, nr: int, blocks: int):
+    """Whether a chunk's blocks are factored (traced bool): ``max(ref - G_right) <= BLOCK_RANGE`` over every
+    item of every block (``G_right`` non-increasing: the block's last item decides)."""
+    return jnp.max(rrows.G(_ref_index(nr, nr // blocks, nr // blocks)) - rrows.G(None)) <= BLOCK_RANGE
+
+
+def _ref_to_block(rrows: Rows, a, sr: int):
+    """``e^{ref_a - G_right}`` (``ref_a`` of row block ``a``, traced): ``<= 1`` on the items before block ``a``,
+    up to ``e^{BLOCK_RANGE}`` on its own; later items (never visible from it) get the clamped exponent."""
+    ref = rrows.G(jnp.full((1,), jnp.maximum(a * sr - 1, 0), jnp.int32))
+    return jnp.exp2(jnp.minimum(ref - rrows.G(None), BLOCK_RANGE) * 1.4426950408889634)
+
+
+def _row_block(rows_i, columns, a, sl: int, sr: int):
+    """The pairs row block ``a``'s matmul fills: its rows, the items of blocks ``<= a``."""
+    return (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < (a + 1) * sr)
+
+
 def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
            rows: tuple[Rows, Rows] | None = None):
     """left, G_left: [nl, K]; right, G_right: [nr, K] -> A: [nl, nr] (module docstring), float32 (float64).
@@ -113,6 +146,27 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
     acc = G_left.dtype
     lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, _), nr = left.shape, right.shape[0]
+    sl, sr = nl // blocks, nr // blocks
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
+    visible = columns < rank * rows_i + shift
+
+    def by_blocks():
+        decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
+
+        def row_block(a, A):
+            rhs = rrows.x(None).astype(acc) * _ref_to_block(rrows, a, sr)
+            mm = matmul(decayed_left, rhs, operand_dtype=operand_dtype, trans_b=True)
+            return A + jnp.where(_row_block(rows_i, columns, a, sl, sr), mm, 0.0)
+
+        return jnp.where(visible, lax.fori_loop(0, blocks, row_block, jnp.zeros((nl, nr), acc)), 0.0)
+
+    return lax.cond(factored(rrows, nr, blocks), by_blocks,
+                    lambda: _looped_scores(lrows, rrows, nl, nr, blocks, visible, acc, matmul, operand_dtype))
+
+
+def _looped_scores(lrows: Rows, rrows: Rows, nl: int, nr: int, blocks: int, visible, acc, matmul, operand_dtype):
+    """:func:`scores` with the pairs inside blocks in a loop over item offsets (any decay); ``visible``: the
+    [nl, nr] mask."""
     sl, sr = nl // blocks, nr // blocks
     rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
 
@@ -127,11 +181,11 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
 
         def across(a, A):
             pairs = (lax.div(rows_i, jnp.int32(sl)) == a) & (columns < a * sr)
-            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            rhs = rrows.x(None).astype(acc) * _ref_to_block(rrows, a, sr)
             return A + jnp.where(pairs, matmul(decayed_left, rhs, operand_dtype=operand_dtype, trans_b=True), 0.0)
 
         A = A + lax.fori_loop(1, blocks, across, jnp.zeros((nl, nr), acc))
-    return jnp.where(columns < rank * rows_i + shift, A, 0.0)
+    return jnp.where(visible, A, 0.0)
 
 
 def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
@@ -147,6 +201,32 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     dA = jnp.where(columns < rank * rows_i + shift, dA.astype(acc), 0.0)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
 
+    def by_blocks():
+        to_ref = _left_to_ref(lrows, rrows, nl, sl, sr)
+        decayed_left = lrows.x(None).astype(acc) * to_ref
+
+        def row_block(a, grads):
+            through_right, dright = grads
+            e = _ref_to_block(rrows, a, sr)
+            dA_a = jnp.where(_row_block(rows_i, columns, a, sl, sr), dA, 0.0)
+            return (through_right + mm(dA_a, rrows.x(None).astype(acc) * e),
+                    dright + e * mm(dA_a, decayed_left, trans_a=True))
+
+        zeros = (jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc))
+        through_right, dright = lax.fori_loop(0, blocks, row_block, zeros)
+        return to_ref * through_right, dright
+
+    return lax.cond(factored(rrows, nr, blocks), by_blocks,
+                    lambda: _looped_scores_vjp(lrows, rrows, dA, (nl, K, nr), blocks, acc, matmul, mm))
+
+
+def _looped_scores_vjp(lrows: Rows, rrows: Rows, dA, shape: tuple[int, int, int], blocks: int, acc, matmul, mm):
+    """:func:`scores_vjp` with the pairs inside blocks in loops over offsets (any decay); ``dA`` masked,
+    ``shape``: (nl, K, nr)."""
+    nl, K, nr = shape
+    sl, sr = nl // blocks, nr // blocks
+    rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
+
     def left_inside(j, dleft):
         item, right_j, e = _diagonal(lrows, rrows, j, size=nl, per_block=sl, other_block=sr, target_is_left=True)
         d_col = jnp.sum(jnp.where(columns == item, dA, 0.0), axis=1, keepdims=True)
@@ -157,7 +237,7 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     dleft = lax.fori_loop(0, sr, left_inside, jnp.zeros((nl, K), acc))
     if blocks > 1:
         def left_across(a, through_right):
-            rhs = rrows.x(None).astype(acc) * _ref_to_right(rrows, a, sr)
+            rhs = rrows.x(None).astype(acc) * _ref_to_block(rrows, a, sr)
             return through_right + mm(jnp.where(before_a(a), dA, 0.0), rhs)
 
         through_right = lax.fori_loop(1, blocks, left_across, jnp.zeros((nl, K), acc))
@@ -178,7 +258,7 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
 
         def right_across(a, dright):
             d_items = mm(jnp.where(before_a(a), dA, 0.0), decayed_left, trans_a=True)
-            return dright + _ref_to_right(rrows, a, sr) * d_items
+            return dright + _ref_to_block(rrows, a, sr) * d_items
 
         dright = lax.fori_loop(1, blocks, right_across, dright)
     return dleft, dright
