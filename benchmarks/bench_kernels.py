@@ -19,7 +19,8 @@ same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, e
 per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
 1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
 
-``--stages packed,kda`` times only each kernel alone (``stages.json``): ``packed`` on the packed row's
+``--stages packed,kda`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda`` once a
+``--sweep-tunings`` variant): ``packed`` on the packed row's
 chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
 gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape.
 """
@@ -386,6 +387,12 @@ def tunings(text: str) -> tuple[Tuning, ...]:
                  for item in text.split(";"))
 
 
+def label_of(tuning: Tuning) -> str:
+    """The fields of ``tuning`` that differ from the defaults ("default" if none)."""
+    return ", ".join(f"{f.name}={getattr(tuning, f.name)!r}" for f in dataclasses.fields(tuning)
+                     if getattr(tuning, f.name) != f.default) or "default"
+
+
 def sweep(shape, reps, say, variants=SWEEP):
     """Launch variants of the whole pallas forward and forward+backward (ungated, sequential) on ``shape``."""
     q, k, v, beta, g, do = inputs(0, *shape)
@@ -393,8 +400,7 @@ def sweep(shape, reps, say, variants=SWEEP):
     S0_shape = (B, H, K, V)
     out = {}
     for tuning in variants:
-        label = ", ".join(f"{f.name}={getattr(tuning, f.name)!r}" for f in dataclasses.fields(tuning)
-                          if getattr(tuning, f.name) != f.default) or "default"
+        label = label_of(tuning)
         try:
             f = lambda q_, k_, v_, b_: chunked_pallas(
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
@@ -456,8 +462,14 @@ def stages_only(args, say) -> None:
             B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
             g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), (B, T, H, K)) + 2.0)
-            out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **stage_times(q, k, v, beta, g, do, args.reps,
-                                                                          segmented=False)}
+            times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False)
+            if args.sweep:  # one entry a launch variant
+                out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}"}
+                for tuning in args.sweep_tunings:
+                    out["kda"][label_of(tuning)] = times(tuning)
+                    say(part, label_of(tuning), json.dumps(out["kda"][label_of(tuning)]))
+            else:
+                out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **times(Tuning())}
         else:
             raise SystemExit(f"--stages: expected 'packed' or 'kda', got {part!r}")
         say(part, json.dumps(out[part]))

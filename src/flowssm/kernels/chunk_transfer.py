@@ -34,9 +34,9 @@ def micro_log_decay(log_decay, rank: int):
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None):
     """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
-    its kernel ``rows`` loaders: then k and G give only shapes and may be the kernel's refs)."""
+    its kernel ``rows`` loaders)."""
     n = k.shape[0]
-    if len(G.shape) == 2:
+    if G.ndim == 2:
         return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=dot, operand_dtype=operand_dtype,
                             rows=rows)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
@@ -47,19 +47,14 @@ def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None):
 def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
                     rows=None):
     """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
-    or None for ``T = I``) in float32. ``blocks``, ``rows``: of the per-channel scores (``decay``). k and G:
-    arrays, or the kernel's refs, read after the scores (which read them through ``rows``)."""
+    or None for ``T = I``) in float32. ``blocks``, ``rows``: of the per-channel scores (``decay``)."""
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
-    per_channel, identity = len(G.shape) == 2, program.structure == IDENTITY
-    scores = lambda k, G: (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype,
-                                                       rows=rows)).astype(f32)
-    L = scores(k, G) if per_channel and not identity else None  # per channel: from ``rows``, before the tiles
-    k, G = k[...], G[...]
-    L = scores(k, G) if L is None and not identity else L
+    per_channel = G.ndim == 2
     scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
-    if identity:
+    if program.structure == IDENTITY:
         decayed = scale_k if per_channel else scale_k[:, None]
         return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
+    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     T = program.matrix(L, matmul)
     u = dot(T * alpha[None, :], v, operand_dtype=operand_dtype)
@@ -95,7 +90,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
-        w, u, T = _transfer_block(k_ref, v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref,
+        w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
                                   program=program, operand_dtype=dtype, mode=mode, blocks=blocks,
                                   rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)

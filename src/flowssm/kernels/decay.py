@@ -43,7 +43,6 @@ vector) from the kernel refs where they are needed, or index arrays outside kern
 
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
@@ -159,11 +158,6 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
             mm = matmul(decayed_left, rhs, operand_dtype=operand_dtype, trans_b=True)
             return A + jnp.where(_row_block(rows_i, columns, a, sl, sr), mm, 0.0)
 
-        if os.environ.get("FLOWSSM_EXP_UNROLL"):
-            A = jnp.zeros((nl, nr), acc)
-            for a in range(blocks):
-                A = row_block(a, A)
-            return jnp.where(visible, A, 0.0)
         return jnp.where(visible, lax.fori_loop(0, blocks, row_block, jnp.zeros((nl, nr), acc)), 0.0)
 
     return lax.cond(factored(rrows, nr, blocks), by_blocks,
@@ -219,12 +213,7 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
                     dright + e * mm(dA_a, decayed_left, trans_a=True))
 
         zeros = (jnp.zeros((nl, K), acc), jnp.zeros((nr, K), acc))
-        if os.environ.get("FLOWSSM_EXP_UNROLL"):
-            for a in range(blocks):
-                zeros = row_block(a, zeros)
-            through_right, dright = zeros
-        else:
-            through_right, dright = lax.fori_loop(0, blocks, row_block, zeros)
+        through_right, dright = lax.fori_loop(0, blocks, row_block, zeros)
         return to_ref * through_right, dright
 
     return lax.cond(factored(rrows, nr, blocks), by_blocks,
