@@ -89,9 +89,12 @@ class Tuning:
         """Every ``None`` replaced by the choice for this operand dtype, (padded) head sizes ``K, V``,
         chunk ``C`` and ``n = C R`` micro-steps: the largest pipeline depth whose tiles fit
         :data:`STAGE_BYTES`, narrower column blocks for float32 and for head sizes above 128. Per-channel
-        decays hold ``[n, K]`` float32 decay tiles in the chunk kernels: 8 warps there, as for float32."""
+        decays hold ``[n, K]`` float32 decay tiles: 8 warps in the state passes and the backward kernels, as
+        for float32 (the transfer and output forward kernels and the output backward's 64-column ``K`` blocks
+        timed faster as for bf16: RESULTS.md, run 12)."""
         size = jnp.dtype(dtype).itemsize
-        wide, big = size >= 4 or per_channel, max(key_dim, value_dim) > 128
+        f32, big = size >= 4, max(key_dim, value_dim) > 128
+        wide = f32 or per_channel
         K, V, C, n = key_dim, value_dim, chunk, micro_steps
         block_v = min(self.block_v or (32 if wide and big else 64), V)
         forward_tile = (2 * n * K + n * block_v) * size  # keys, w, u of one chunk
@@ -101,15 +104,15 @@ class Tuning:
         stages = lambda tile: next((s for s in (3, 2) if s * max(forward_tile, tile) <= STAGE_BYTES), 1)
         output_block_v = V if K * V * size <= OUTPUT_STATE_BYTES else (64 if wide else 128)
         auto = dict(
-            transfer_warps=8 if wide or big else 4,
+            transfer_warps=8 if f32 or big else 4,
             state_warps=8 if wide else 4,
             state_stages=stages(backward_tile),
             state_bwd_stages=self.state_stages or stages(reverse_tile),  # a set state_stages sets both
             block_v=block_v,
-            output_warps=8 if wide or big else 4,
+            output_warps=8 if f32 or big else 4,
             output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
-            block_k=32 if wide else 64,
+            block_k=32 if f32 else 64,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
