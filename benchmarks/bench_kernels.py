@@ -183,7 +183,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         return run(calls[name][0], *args)
 
     w, u, Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-        *a, solver=solver, mode="tf32", save_transfer=True, heads=H, num_warps=t.transfer_warps, **opts),
+        *a, solver=solver, mode="tf32", save_transfer=True, heads=H, score_mode=t.score_mode,
+        num_warps=t.transfer_warps, **opts),
         keys, values, b, b, ld)
     G = run(lambda x: ct.micro_log_decay(x, 1), ld)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
@@ -191,15 +192,17 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         keys, G, w, u, S0)
     _, corrected, *scores = add("output", lambda *a: co.chunk_output_kernel(
         *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, save_scores=per_channel,
-        num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
+        score_mode=t.score_mode, num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, _, dw, _ = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
-        *a, rank=1, scale=scale, heads=H, block_k=t.block_k, num_warps=t.backward_warps, **opts),
+        *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
+        **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, dv)
     add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(
-        *a, solver=solver, heads=H, num_warps=t.backward_warps, **opts), keys, values, b, b, ld, Tm, w, u, dw, dv)
+        *a, solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, **opts),
+        keys, values, b, b, ld, Tm, w, u, dw, dv)
     return calls
 
 

@@ -17,6 +17,8 @@ the forward's state pass, ``do~ = scale do``, ``A`` the masked decayed ``q k^T``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -41,26 +43,29 @@ def _blocks(q) -> int:
     return chunks.score_blocks(q.shape[0])
 
 
-def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None):
+def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None, score_mode: str = "operand"):
     """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
     channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
-    its kernel ``rows`` loaders: then the operands give only shapes and may be the kernel's refs)."""
+    its kernel ``rows`` loaders: then the operands give only shapes and may be the kernel's refs; its matmuls
+    in ``score_mode``, see ``launch.Tuning``)."""
     if len(G.shape) == 2:
-        return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank, matmul=matmul,
-                            operand_dtype=operand_dtype, rows=rows)
+        return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank,
+                            matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows)
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * pair_decay, 0.0)
 
 
-def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None):
+def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
+                  score_mode: str = "operand"):
     """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
     corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
-    :func:`attention_block`."""
+    :func:`attention_block`, as ``score_mode``."""
     acc = G.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
-        att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+        att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows,
+                              score_mode=score_mode)
         S = S[...].astype(acc)
         corrected = u[...].astype(acc) - mm(w[...], S)
         return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected, att
@@ -73,8 +78,8 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
-                        block_v: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                        interpret: bool | None = None):
+                        block_v: int | None = None, score_mode: str = "operand", num_warps: int = 4,
+                        num_stages: int = 1, interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
@@ -83,7 +88,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     recomputing ``decay.scores`` inside its serial loop).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
-    block is recomputed per column block, the state tile is ``[K, block_v]``."""
+    block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
+    of per-channel decayed scores (``launch.Tuning.score_mode``)."""
     BH, N, C, K = layout_dims(q, heads)
     n, V = u.shape[2:]
     bv = min(block_v or V, V)
@@ -97,7 +103,7 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *saved_refs):
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
-                                          matmul=dot, operand_dtype=dtype,
+                                          matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                           rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
@@ -140,7 +146,7 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
 
 
 def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
-                      operand_dtype, rows=None):
+                      operand_dtype, rows=None, score_mode: str = "operand"):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
@@ -157,7 +163,8 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
     if len(G.shape) == 2:  # the scores' vjp first (from ``rows``), then the state's tiles
         d_att = scale * mm(do[...], corrected[...], trans_b=True)
         dq_att, dk_att = decay.scores_vjp(q, G_tok, k, G, d_att, blocks=_blocks(q), rank=rank, shift=rank,
-                                          matmul=matmul, operand_dtype=operand_dtype, rows=rows)
+                                          matmul=functools.partial(matmul, mode=score_mode),
+                                          operand_dtype=operand_dtype, rows=rows)
         S, dS_out = S[...].astype(acc), dS_out[...].astype(acc)
         dq_state = scale * jnp.exp(G_tok[...]) * mm(do[...], S, trans_b=True)
         G_end, G = G[n - 1], G[...]
@@ -184,8 +191,8 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
 
 
 def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
-                            heads: int | None = None, block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
-                            interpret: bool | None = None):
+                            heads: int | None = None, block_k: int = 64, score_mode: str = "operand",
+                            num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
     (head, chunk, block of ``K`` columns).
 
@@ -195,7 +202,7 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
     dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K], dG: [BH, N, n] in float32 (float64 for float64
     ``G``)); dG includes the token decays' share.
-    With ``heads=H``, q, keys, do, dq and dkeys are token-major.
+    With ``heads=H``, q, keys, do, dq and dkeys are token-major. ``score_mode``: as the forward's.
     """
     BH, N, C, K = layout_dims(q, heads)
     n, V = corrected.shape[2:]
@@ -209,7 +216,7 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
 
     def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
         grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
-                                  scale=scale, matmul=dot, operand_dtype=dtype,
+                                  scale=scale, matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                   rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
         for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
             ref[...] = x.astype(ref.dtype)

@@ -12,6 +12,8 @@ solver returns: it never looks at solver classes.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -32,29 +34,31 @@ def micro_log_decay(log_decay, rank: int):
     return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype), axis=2), rank, axis=2)
 
 
-def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None):
+def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand"):
     """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
-    its kernel ``rows`` loaders)."""
+    its kernel ``rows`` loaders, its matmuls in ``score_mode``)."""
     n = k.shape[0]
     if G.ndim == 2:
-        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=dot, operand_dtype=operand_dtype,
-                            rows=rows)
+        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(dot, mode=score_mode),
+                            operand_dtype=operand_dtype, rows=rows)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
-                    rows=None):
+                    rows=None, score_mode: str = "operand"):
     """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
-    or None for ``T = I``) in float32. ``blocks``, ``rows``: of the per-channel scores (``decay``)."""
+    or None for ``T = I``) in float32. ``blocks``, ``rows``, ``score_mode``: of the per-channel scores
+    (``decay``)."""
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
     per_channel = G.ndim == 2
     scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
     if program.structure == IDENTITY:
         decayed = scale_k if per_channel else scale_k[:, None]
         return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
-    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows)).astype(f32)
+    L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows,
+                                     score_mode=score_mode)).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     T = program.matrix(L, matmul)
     u = dot(T * alpha[None, :], v, operand_dtype=operand_dtype)
@@ -65,8 +69,8 @@ def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_d
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
-                          save_transfer: bool = False, heads: int | None = None, num_warps: int = 4,
-                          num_stages: int = 1, interpret: bool | None = None):
+                          save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
+                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -74,7 +78,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     key channel: ``L_im = b_i sum_c k_ic k_mc e^{G_ic - G_mc}``, ``w = T (b e^G * k)``) -> (w: [BH, N, n, K],
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
-    ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``).
+    ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
+    per-channel decayed scores (``launch.Tuning.score_mode``).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -91,7 +96,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
-                                  program=program, operand_dtype=dtype, mode=mode, blocks=blocks,
+                                  program=program, operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
                                   rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
@@ -141,7 +146,8 @@ def _scaled_keys_vjp(drk, k, beta, G):
 
 
 def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
-                        dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int):
+                        dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int,
+                        score_mode: str = "operand"):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
     ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
     below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
@@ -168,7 +174,8 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
         dL = jnp.where(below, -mm(drv, u_ref[...], trans_b=True) - mm(form_drk(), w_ref[...], trans_b=True), 0.0)
         rows = (decay.ref_rows(k_ref, g_ref, scale_ref=b_ref), decay.ref_rows(k_ref, g_ref))  # rows b k, items k
         d_scaled, d_items = decay.scores_vjp(k_ref, g_ref, k_ref, g_ref, dL, blocks=blocks, rank=1, shift=0,
-                                             matmul=dot, operand_dtype=operand_dtype, rows=rows)
+                                             matmul=functools.partial(dot, mode=score_mode),
+                                             operand_dtype=operand_dtype, rows=rows)
         dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         k, d_rows = loaded(k_ref), loaded(b_ref)[:, None] * d_scaled
         dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
@@ -191,14 +198,15 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
 
 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
-                              heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                              interpret: bool | None = None):
+                              heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
+                              num_stages: int = 1, interpret: bool | None = None):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
     Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
     -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs)
     except dvalues, written in the dtype of ``values`` (its final dtype: nothing else adds to it).
+    ``score_mode``: as the forward's.
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -216,7 +224,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
         t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
         _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
-                            exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R))
+                            exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R),
+                            score_mode=score_mode)
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))

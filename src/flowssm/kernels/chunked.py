@@ -192,7 +192,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
-                                     save_transfer=save_transfer, heads=H, num_warps=t.transfer_warps)
+                                     save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
+                                     num_warps=t.transfer_warps)
     G = micro_log_decay(log_decay, n // C)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
@@ -226,7 +227,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     save_scores = save and decay.per_channel(G)  # the reverse state pass then reads them (see state_pass)
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            num_warps=t.output_warps)
+                            score_mode=t.score_mode, num_warps=t.output_warps)
     o, corrected, *scores = o if save else (o, None)
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores[0] if scores else None)
 
@@ -303,8 +304,9 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
-                                             heads=H, block_k=t.block_k, num_warps=t.backward_warps)
-    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, num_warps=t.backward_warps)
+                                             heads=H, block_k=t.block_k, score_mode=t.score_mode,
+                                             num_warps=t.backward_warps)
+    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode, num_warps=t.backward_warps)
                     if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
                                                              solver=st.solver, heads=H)

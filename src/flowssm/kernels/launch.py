@@ -38,6 +38,10 @@ class Tuning:
     pipeline stages (``state_bwd_stages``: the reverse passes'; None: as ``state_stages`` when that is set) and
     ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode
     of the ``T`` powers (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full precision otherwise).
+    score_mode: matmul mode of the per-channel decayed scores and their vjp (``decay.scores``, GLA and KDA):
+    "operand" (bf16 products for bf16 inputs, the fastest) or "tf32" (KDA's gradients as accurate as the
+    scalar-decay path's, 3.4e-3 against 8.8e-3 relative to float32 xla, for about 18 % more forward+backward
+    time on an H200: RESULTS.md, run 12) or "f32".
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
     many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
     unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
@@ -50,6 +54,7 @@ class Tuning:
     """
 
     transfer_mode: str | None = None
+    score_mode: str = "operand"
     transfer_warps: int | None = None
     state_warps: int | None = None
     state_stages: int | None = None
@@ -66,7 +71,8 @@ class Tuning:
     mosaic_stages: int = 4
 
     def __post_init__(self):
-        choices = {"transfer_mode": (None,) + DOT_MODES, "assoc": ASSOCIATIVE, "backward": BACKWARDS,
+        choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
+                   "backward": BACKWARDS,
                    "state_lowering": STATE_LOWERINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
