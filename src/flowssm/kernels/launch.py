@@ -96,8 +96,9 @@ class Tuning:
         chunk ``C`` and ``n = C R`` micro-steps: the largest pipeline depth whose tiles fit
         :data:`STAGE_BYTES`, narrower column blocks for float32 and for head sizes above 128. Per-channel
         decays hold ``[n, K]`` float32 decay tiles: 8 warps in the state passes and the backward kernels, as
-        for float32 (the transfer and output forward kernels and the output backward's 64-column ``K`` blocks
-        timed faster as for bf16: RESULTS.md, run 12)."""
+        for float32. The transfer and output forward kernels at 4 warps and the output backward's 64-column
+        ``K`` blocks, as for bf16, timed faster at ``K = 128`` (RESULTS.md, run 12); at ``K = 256`` blocks of 64
+        spill in the offline report (``benchmarks/kernel_resources.py``), so 32 there."""
         size = jnp.dtype(dtype).itemsize
         f32, big = size >= 4, max(key_dim, value_dim) > 128
         wide = f32 or per_channel
@@ -118,7 +119,7 @@ class Tuning:
             output_warps=8 if f32 or big else 4,
             output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
-            block_k=32 if f32 else 64,
+            block_k=32 if f32 or (per_channel and big) else 64,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
