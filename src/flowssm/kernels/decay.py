@@ -88,11 +88,12 @@ def _block_of(size: int, per_block: int, vector: bool = False):
     return lax.div(_iota((size,) if vector else (size, 1)), jnp.int32(per_block))
 
 
-def _decay(x):
-    """``e^x`` for ``x <= 0`` (a decay), the argument clamped at 0: the exponent is never positive. Pairs with
-    ``x > 0`` are never visible; they get 1 (finite) and the callers mask them. ``exp2``: one ``ex2.approx``
-    on the GPU (``exp`` adds a range reduction of ~9 instructions an element; accuracy: module docstring)."""
-    return jnp.exp2(jnp.minimum(x, 0.0) * 1.4426950408889634)
+def _decay(x, limit: float = 0.0):
+    """``e^x`` with the argument clamped at ``limit``: 0 (a decay, ``x <= 0``): the exponent is never positive;
+    pairs with ``x > 0`` are never visible, they get 1 (finite) and the callers mask them. ``exp2``: one
+    ``ex2.approx`` on the GPU (``exp`` adds a range reduction of ~9 instructions an element; accuracy: module
+    docstring)."""
+    return jnp.exp2(jnp.minimum(x, limit) * 1.4426950408889634)
 
 
 # The largest decay (nats, any channel) from ``ref`` to a block's last item for which the block's own pairs
@@ -132,7 +133,7 @@ def _ref_to_block(rrows: Rows, a, sr: int):
     """``e^{ref_a - G_right}`` (``ref_a`` of row block ``a``, traced): ``<= 1`` on the items before block ``a``,
     up to ``e^{BLOCK_RANGE}`` on its own; later items (never visible from it) get the clamped exponent."""
     ref = rrows.G(jnp.full((1,), jnp.maximum(a * sr - 1, 0), jnp.int32))
-    return jnp.exp2(jnp.minimum(ref - rrows.G(None), BLOCK_RANGE) * 1.4426950408889634)
+    return _decay(ref - rrows.G(None), limit=BLOCK_RANGE)
 
 
 def _row_block(rows_i, columns, a, sl: int, sr: int):
