@@ -38,18 +38,22 @@ def inputs(seed, strength=1.0, dtype=F64):
     return tuple(jnp.asarray(x, dtype) for x in arrays)
 
 
-@pytest.mark.parametrize("strength,factored", [(0.5, True), (10.0, False)], ids=["factored", "looped"])
-def test_decayed_scores_and_vjp_match_the_jnp_scores(strength, factored, C=32, R=2):
-    """``decay.scores`` (transfer and output masks, two time blocks, two micro-steps a token) and its vjp
-    equal ``chunks.decayed_scores`` and autodiff, on both of its forms: blocks factored through one decay
-    (weak decays) and the loops (a block's decay past ``decay.BLOCK_RANGE``)."""
+@pytest.mark.parametrize("strength,form", [(0.5, "whole"), (3.0, "factored"), (10.0, "looped")],
+                         ids=["whole", "factored", "looped"])
+def test_decayed_scores_and_vjp_match_the_jnp_scores(strength, form, C=64, R=2):
+    """``decay.scores`` (transfer and output masks, four time blocks, two micro-steps a token) and its vjp
+    equal ``chunks.decayed_scores`` and autodiff, on each of its forms: the whole chunk through one decay (weak
+    decays), blocks factored through one decay each (a chunk's decay past ``decay.CHUNK_RANGE``) and the loops
+    (a block's decay past ``decay.BLOCK_RANGE``)."""
     r = np.random.default_rng(C)
     n = C * R
     G_tok = jnp.cumsum(-r.uniform(0, strength, (C, K)), axis=0)
     G = jnp.repeat(G_tok, R, axis=0)
     k, q = jnp.asarray(r.normal(size=(n, K))), jnp.asarray(r.normal(size=(C, K)))
     blocks = chunks.score_blocks(C)
-    assert bool(decay.factored(decay.array_rows(k, G), n, blocks)) == factored
+    items = decay.array_rows(k, G)
+    taken = "whole" if decay.whole(items, n) else "factored" if decay.factored(items, n, blocks) else "looped"
+    assert taken == form
     for left, G_left, rank, shift in ((k, G, 1, 0), (q, G_tok, R, R)):
         visible = jnp.arange(n)[None] < rank * jnp.arange(left.shape[0])[:, None] + shift
         ref = lambda *a: chunks.decayed_scores(*a, visible, blocks)

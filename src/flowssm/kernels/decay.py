@@ -27,10 +27,16 @@ decays of a tile in all, against ``nr / blocks`` steps of gathered loads and dec
 KDA's output kernel from 1.49 to 0.54 ms at 4 x 4096 x 16 x 128 x 128 (RESULTS.md, run 12). Chunks with a
 stronger decay run the loops.
 
+Whole chunks: where a chunk decays by at most :data:`CHUNK_RANGE` = 80 nats in every channel (first item to
+last, checked per chunk, an outer ``lax.cond``), every pair factors through one reference, the middle of the
+chunk's decays (``ref = (G_first + G_last) / 2`` per channel): ``e^{G_left - ref} e^{ref - G_right}``, each
+factor at most ``e^{40}``. The scores are then one ``[nl, K] x [K, nr]`` matmul and two element-wise decays; the
+vjp two matmuls. Weaker checks come next: factored blocks, then the loops.
+
 Stability and accuracy: the loops' decays are ``2^{min(x, 0) log2 e}`` (:func:`_decay`): the exponent is
 never positive, so nothing overflows; arguments that would be positive belong to pairs that are never
 visible and are masked. The factored form's exponents are clamped at ``BLOCK_RANGE`` instead: no factor
-exceeds ``e^{40}`` times its operand, the visible products are ``e^{G_left - G_right} <= 1`` times the
+exceeds ``e^{40}`` times its operand (whole chunks: the same bound on both factors), the visible products are ``e^{G_left - G_right} <= 1`` times the
 operands, and pairs that are not visible, whatever they hold, are selected away. On the GPU a decay is one
 ``ex2.approx`` (relative error about ``2^-22``) after a rounded product, whose rounding adds at most
 ``|x| 2^-23`` relative error (``1e-5`` at ``x = -87``, below which float32 flushes to 0; ``1e-6`` for
@@ -101,6 +107,37 @@ def _decay(x, limit: float = 0.0):
 BLOCK_RANGE = 40.0
 
 
+# The largest decay (nats, any channel) from a chunk's first item to its last for which all its pairs factor
+# through the chunk's middle decay (module docstring): factors up to e^40 on either side.
+CHUNK_RANGE = 2 * BLOCK_RANGE
+
+
+def _ends(rrows: Rows, nr: int):
+    """The decays of a chunk's first and last items: ([1, K], [1, K])."""
+    return tuple(rrows.G(jnp.full((1,), i, jnp.int32)) for i in (0, nr - 1))
+
+
+def whole(rrows: Rows, nr: int):
+    """Whether a chunk's pairs factor through one reference (traced bool): ``G_first - G_last <= CHUNK_RANGE``
+    in every channel."""
+    first, last = _ends(rrows, nr)
+    return jnp.max(first - last) <= CHUNK_RANGE
+
+
+def _chunk_factors(lrows: Rows, rrows: Rows, nr: int):
+    """``(e^{G_left - ref}: [nl, K], e^{ref - G_right}: [nr, K])``, each at most ``e^{BLOCK_RANGE}`` in a
+    :func:`whole` chunk (clamped there otherwise)."""
+    first, last = _ends(rrows, nr)
+    ref = 0.5 * (first + last)
+    return _decay(lrows.G(None) - ref, limit=BLOCK_RANGE), _decay(ref - rrows.G(None), limit=BLOCK_RANGE)
+
+
+def _by_form(rrows: Rows, nr: int, blocks: int, at_once, by_blocks, looped):
+    """The first form a chunk's decays allow (traced): one matmul (:func:`whole`), factored blocks
+    (:func:`factored`), the loops."""
+    return lax.cond(whole(rrows, nr), at_once, lambda: lax.cond(factored(rrows, nr, blocks), by_blocks, looped))
+
+
 def _ref_index(size: int, per_block: int, items_per_block: int):
     """[size] index of ``ref`` for each of ``size`` rows, ``per_block`` a block: the last item before the row's
     block (``items_per_block`` items a block; item 0 for block 0)."""
@@ -153,6 +190,12 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
     rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
     visible = columns < rank * rows_i + shift
 
+    def at_once():
+        e_left, e_right = _chunk_factors(lrows, rrows, nr)
+        mm = matmul(lrows.x(None).astype(acc) * e_left, rrows.x(None).astype(acc) * e_right,
+                    operand_dtype=operand_dtype, trans_b=True)
+        return jnp.where(visible, mm, 0.0)
+
     def by_blocks():
         decayed_left = lrows.x(None).astype(acc) * _left_to_ref(lrows, rrows, nl, sl, sr)
 
@@ -163,7 +206,7 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
 
         return jnp.where(visible, lax.fori_loop(0, blocks, row_block, jnp.zeros((nl, nr), acc)), 0.0)
 
-    return lax.cond(factored(rrows, nr, blocks), by_blocks,
+    return _by_form(rrows, nr, blocks, at_once, by_blocks,
                     lambda: _looped_scores(lrows, rrows, nl, nr, blocks, visible, acc, matmul, operand_dtype))
 
 
@@ -204,6 +247,11 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
     dA = jnp.where(columns < rank * rows_i + shift, dA.astype(acc), 0.0)
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
 
+    def at_once():
+        e_left, e_right = _chunk_factors(lrows, rrows, nr)
+        return (e_left * mm(dA, rrows.x(None).astype(acc) * e_right),
+                e_right * mm(dA, lrows.x(None).astype(acc) * e_left, trans_a=True))
+
     def by_blocks():
         to_ref = _left_to_ref(lrows, rrows, nl, sl, sr)
         decayed_left = lrows.x(None).astype(acc) * to_ref
@@ -219,7 +267,7 @@ def scores_vjp(left, G_left, right, G_right, dA, *, blocks: int, rank: int, shif
         through_right, dright = lax.fori_loop(0, blocks, row_block, zeros)
         return to_ref * through_right, dright
 
-    return lax.cond(factored(rrows, nr, blocks), by_blocks,
+    return _by_form(rrows, nr, blocks, at_once, by_blocks,
                     lambda: _looped_scores_vjp(lrows, rrows, dA, (nl, K, nr), blocks, acc, matmul, mm))
 
 
