@@ -182,11 +182,11 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         calls[name] = (jax.jit(fn), args)
         return run(calls[name][0], *args)
 
+    G = add("decays", lambda x: ct.micro_log_decay(x, 1), ld)
     w, u, Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-        *a, solver=solver, mode="tf32", save_transfer=True, heads=H, score_mode=t.score_mode,
-        num_warps=t.transfer_warps, **opts),
-        keys, values, b, b, ld)
-    G = run(lambda x: ct.micro_log_decay(x, 1), ld)
+        *a[:5], solver=solver, mode="tf32", save_transfer=True, heads=H, score_mode=t.score_mode,
+        num_warps=t.transfer_warps, G=a[5], **opts),
+        keys, values, b, b, ld, G)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed, **opts),
         keys, G, w, u, S0)
@@ -196,13 +196,13 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
-    _, _, dw, _ = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
+    _, _, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, dv)
-    add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(
-        *a, solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, **opts),
-        keys, values, b, b, ld, Tm, w, u, dw, dv)
+    add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
+        *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
+        **opts), keys, values, b, b, ld, Tm, w, u, dw, dv, G, dG)
     return calls
 
 

@@ -33,7 +33,7 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     unpacked row, and the gathers; 4 documents of 64 tokens, chunk 16 (7 chunks in the layout, 4 unpacked)."""
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     out = bench_kernels.packed_stage_times(**bench_kernels.PACKED_TINY, reps=1)
-    kernels = {"transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
+    kernels = {"decays", "transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
     assert set(out["packed"]) == kernels and set(out["unpacked"]) == kernels
     assert out["chunks"] == {"packed": 7, "unpacked": 4}
     assert min(out["packed"].values()) > 0 and out["gathers_fwd"] > 0

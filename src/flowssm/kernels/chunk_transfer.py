@@ -29,9 +29,16 @@ from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 
 def micro_log_decay(log_decay, rank: int):
     """Per-token log-decays ``[BH, N, C]`` (or ``[BH, N, C, K]`` per key channel) -> cumulative decay of each
-    micro-step ``[BH, N, C R(, K)]``."""
+    micro-step ``[BH, N, C R(, K)]``: ``G_i = sum_{c <= i // R} g_c`` (``chunks.cumulative_log_decay``'s
+    resets), as products with the ``[C R, C]`` prefix mask: on an H200 at 64 x 64 x 64 x 128 float32 such a
+    product took 0.13 ms where ``jnp.cumsum`` took 0.22 (RESULTS.md, run 13)."""
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
-    return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype), axis=2), rank, axis=2)
+    finite, resets, gap = chunks.reset_parts(log_decay.astype(dtype))
+    C = log_decay.shape[2]
+    prefix = (lax.broadcasted_iota(jnp.int32, (C * rank, C), 1)
+              <= lax.broadcasted_iota(jnp.int32, (C * rank, C), 0) // rank).astype(dtype)
+    spread = lambda x: jnp.einsum("ic,bnc...->bni...", prefix, x, precision=lax.Precision.HIGHEST)
+    return spread(finite) - gap * spread(resets)
 
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand"):
@@ -70,7 +77,7 @@ def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_d
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
-                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None, G=None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -79,7 +86,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
-    per-channel decayed scores (``launch.Tuning.score_mode``).
+    per-channel decayed scores (``launch.Tuning.score_mode``). ``G``: ``micro_log_decay(log_decay, R)`` where
+    the caller has it (else computed here).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -90,7 +98,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     if save_transfer and program.structure != INVERSE:
         raise ValueError(f"save_transfer: T is saved for programs computing (I + L)^{{-1}} only, got {program!r} "
                          f"(solver {solver!r})")
-    G = micro_log_decay(log_decay, R)
+    G = micro_log_decay(log_decay, R) if G is None else G
     blocks = chunks.score_blocks(n // R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
@@ -121,9 +129,9 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                              heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                             interpret: bool | None = None):
+                             interpret: bool | None = None, G=None):
     """Same contract as :func:`chunk_transfer_kernel`, through ``chunks.build_system`` and ``solver.solve``."""
-    del mode, num_warps, num_stages, interpret
+    del mode, num_warps, num_stages, interpret, G
     keys, values = head_major(keys, heads), head_major(values, heads)
     BH, N, n, _ = keys.shape
     C = log_decay.shape[2]
@@ -197,16 +205,22 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     dk_ref[...] = (dk + mm(dgram, k) + mm(dgram, k, trans_a=True)).astype(dk_ref.dtype)
 
 
+def _log_decay_cotangent(log_decay, rank: int, dG):
+    """The cotangent of the per-token ``log_decay`` given that of ``G = micro_log_decay(log_decay, rank)``."""
+    return jax.vjp(lambda ld: micro_log_decay(ld, rank), log_decay)[1](dG)[0]
+
+
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
-                              num_stages: int = 1, interpret: bool | None = None):
+                              num_stages: int = 1, interpret: bool | None = None, G=None, dG=None):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
     Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
     -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs)
     except dvalues, written in the dtype of ``values`` (its final dtype: nothing else adds to it).
-    ``score_mode``: as the forward's.
+    ``score_mode``, ``G``: as the forward's; ``dG`` (shaped like ``G``): a cotangent of ``G`` from elsewhere (the
+    output backward), added to this kernel's before the one vjp through :func:`micro_log_decay`.
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -219,7 +233,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
-    G = micro_log_decay(log_decay, R)
+    G = micro_log_decay(log_decay, R) if G is None else G
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
         t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
@@ -232,7 +246,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     g_spec = rows(K) if decay.per_channel(G) else vec
     tk, tv = token_spec(rows(K), heads), token_spec(rows(V), heads)
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
-    dk, dv, db, da, dG = pallas_call(
+    dk, dv, db, da, dG_kernel = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
@@ -242,17 +256,20 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
     )(keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
-    return dk, dv, db, da, jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
+    return dk, dv, db, da, _log_decay_cotangent(log_decay, R, dG_kernel if dG is None else dG_kernel + dG)
 
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                                  heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                                 interpret: bool | None = None):
+                                 interpret: bool | None = None, G=None, dG=None):
     """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
-    (any solver; ``T``, ``w``, ``u`` unused)."""
-    del T, w, u, num_warps, num_stages, interpret
+    (any solver; ``T``, ``w``, ``u``, ``G`` unused)."""
+    del T, w, u, num_warps, num_stages, interpret, G
     acc = jnp.promote_types(keys.dtype, jnp.float32)
     up = lambda x: x.astype(acc)
     ref = lambda *a: chunk_transfer_reference(*a, solver=solver, heads=heads)
     _, vjp = jax.vjp(lambda *a: tuple(x.astype(acc) for x in ref(*a)), *map(up, (keys, values, beta, alpha, log_decay)))
-    return vjp((up(dw), up(du)))
+    grads = vjp((up(dw), up(du)))
+    if dG is None:
+        return grads
+    return (*grads[:4], grads[4] + _log_decay_cotangent(up(log_decay), keys.shape[2] // log_decay.shape[2], dG))

@@ -191,10 +191,10 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
+    G = micro_log_decay(log_decay, n // C)
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                      save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                     num_warps=t.transfer_warps)
-    G = micro_log_decay(log_decay, n // C)
+                                     num_warps=t.transfer_warps, G=G)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
@@ -309,8 +309,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode, num_warps=t.backward_warps)
                     if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
-                                                             solver=st.solver, heads=H)
-    dlog_decay = dlog_decay + jax.vjp(lambda ld: micro_log_decay(ld, R), log_decay)[1](dG)[0]
+                                                             solver=st.solver, heads=H, G=G, dG=dG)
     grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
     return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None)
 
