@@ -43,6 +43,7 @@ from flowssm import varlen
 from flowssm.kernels import Tuning, chunked_pallas
 from flowssm.kernels import chunk_output as co
 from flowssm.kernels import chunk_transfer as ct
+from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
@@ -182,7 +183,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         calls[name] = (jax.jit(fn), args)
         return run(calls[name][0], *args)
 
-    G = add("decays", lambda x: ct.micro_log_decay(x, 1), ld)
+    G = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld)
     w, u, Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
         *a[:5], solver=solver, mode="tf32", save_transfer=True, heads=H, score_mode=t.score_mode,
         num_warps=t.transfer_warps, G=a[5], **opts),

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 
 from flowssm.kernels import Tuning
 from flowssm.kernels import chunk_transfer as ct
+from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels.chunked import segmented_cotangents
 from flowssm.kernels.launch import segment_count
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
@@ -82,7 +83,7 @@ def operands(seed: int, B: int, T: int, H: int, K: int, V: int):
     solver = get_solver("exact")
     w, u = ct.chunk_transfer_reference(keys, values, b, b, ld, solver=solver, heads=H)
     S0 = jax.random.normal(ks, (BH, K, V), jnp.float32)
-    return keys, ct.micro_log_decay(ld, 1), w, u, S0
+    return keys, cd.micro_log_decay(ld, 1), w, u, S0
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -12,6 +12,7 @@ from flowssm import backends
 from flowssm.kernels import chunked as kc
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_bwd_reference
 from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference
+from flowssm.kernels.cumulative_decay import micro_log_decay
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                         state_pass_reference)
 from flowssm.paths import make_path
@@ -72,7 +73,7 @@ def test_state_pass_and_output_kernels_match_references():
     C = log_decay.shape[-1]
     R = n // C
     w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
-    G = kc.micro_log_decay(log_decay, R)
+    G = micro_log_decay(log_decay, R)
     S0 = jax.random.normal(jax.random.PRNGKey(1), (BH, K, values.shape[-1]), F32)
     states = state_pass_kernel(keys, G, w, u, S0, block_v=16)
     for a, b in zip(states, state_pass_reference(keys, G, w, u, S0)):
@@ -102,7 +103,7 @@ def test_state_pass_and_output_backward_kernels_match_references():
     C = log_decay.shape[-1]
     R = n // C
     w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
-    G = kc.micro_log_decay(log_decay, R)
+    G = micro_log_decay(log_decay, R)
     ks = jax.random.split(jax.random.PRNGKey(8), 4)
     q = jax.random.normal(ks[0], (BH, N, C, K), F32)
     do, dS_final = jax.random.normal(ks[1], (BH, N, C, V), F32), jax.random.normal(ks[2], (BH, K, V), F32)
@@ -126,7 +127,7 @@ def test_segmented_state_passes_match_references_and_the_sequential_pass():
     BH, N, n, K = keys.shape
     V, R = values.shape[-1], n // log_decay.shape[-1]
     w, u = kc.chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
-    G = kc.micro_log_decay(log_decay, R)
+    G = micro_log_decay(log_decay, R)
     ks = jax.random.split(jax.random.PRNGKey(10), 4)
     S0 = jax.random.normal(ks[0], (BH * 2, K, V), F32)
     seg = dict(segments=2, block_v=16)

@@ -13,7 +13,8 @@ from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, chunk_output_kernel,
                                           chunk_output_reference)
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
-                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
+                                            chunk_transfer_kernel, chunk_transfer_reference)
+from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.kernels.common import reference_dot
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                         state_pass_reference)
@@ -65,6 +66,23 @@ def test_decayed_scores_and_vjp_match_the_jnp_scores(strength, form, C=64, R=2):
         got_left, got_right = decay.scores_vjp(left, G_left, k, G, dA, **kw)
         for a, b in ((got_left, d_left), (got_right, d_right), (left * got_left, dG_left), (-k * got_right, dG_right)):
             assert rel(a, b) < 1e-13
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_cumulative_decay_kernels_match_the_cumsums_and_autodiff(R, BH=2, N=2, C=16):
+    """The prefix-mask kernels equal ``micro_log_decay`` (cumsums) and its autodiff, hard resets included
+    (gradient 0 there); scalar decays go through the jnp functions."""
+    r = np.random.default_rng(R)
+    for shape in ((BH, N, C, K), (BH, N, C)):
+        g = -r.uniform(0, 2, shape)
+        g[0, 1, 5], g[1, 0, 0] = -np.inf, -np.inf
+        g = jnp.asarray(g, F64)
+        G, vjp = jax.vjp(lambda x: micro_log_decay(x, R), g)
+        assert rel(cumulative_decay_kernel(g, R), G) < 1e-14
+        dG = jnp.asarray(r.normal(size=G.shape))
+        got = cumulative_decay_vjp_kernel(g, dG, R)
+        assert got.shape == g.shape and rel(got, vjp(dG)[0]) < 1e-14
+        assert float(jnp.abs(got[0, 1, 5]).max()) == 0.0
 
 
 def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):

@@ -59,8 +59,12 @@ def reset_parts(log_decay):
     # the barrier's output (``where(reset, 0, zeros)`` simplifies back to the constant)
     log_decay = jax.lax.optimization_barrier(log_decay)
     reset = jnp.isneginf(log_decay)
-    reset_gap = math.ceil(-math.log(jnp.finfo(log_decay.dtype).smallest_subnormal)) + 1
-    return jnp.where(reset, 0.0, log_decay), reset.astype(log_decay.dtype), reset_gap
+    return jnp.where(reset, 0.0, log_decay), reset.astype(log_decay.dtype), reset_gap(log_decay.dtype)
+
+
+def reset_gap(dtype) -> int:
+    """The decay (nats) a hard reset stands for: ``exp(-reset_gap)`` is 0 in ``dtype``."""
+    return math.ceil(-math.log(jnp.finfo(dtype).smallest_subnormal)) + 1
 
 
 def decayed_scores(left, G_left, right, G_right, visible, blocks: int):

@@ -22,23 +22,10 @@ from jax.experimental import pallas as pl
 from flowssm import chunks
 from flowssm.kernels import decay
 from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
+from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.paths import Path
 from flowssm.solvers import FlowSolver
 from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
-
-
-def micro_log_decay(log_decay, rank: int):
-    """Per-token log-decays ``[BH, N, C]`` (or ``[BH, N, C, K]`` per key channel) -> cumulative decay of each
-    micro-step ``[BH, N, C R(, K)]``: ``G_i = sum_{c <= i // R} g_c`` (``chunks.cumulative_log_decay``'s
-    resets), as products with the ``[C R, C]`` prefix mask: on an H200 at 64 x 64 x 64 x 128 float32 such a
-    product took 0.13 ms where ``jnp.cumsum`` took 0.22 (RESULTS.md, run 13)."""
-    dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
-    finite, resets, gap = chunks.reset_parts(log_decay.astype(dtype))
-    C = log_decay.shape[2]
-    prefix = (lax.broadcasted_iota(jnp.int32, (C * rank, C), 1)
-              <= lax.broadcasted_iota(jnp.int32, (C * rank, C), 0) // rank).astype(dtype)
-    spread = lambda x: jnp.einsum("ic,bnc...->bni...", prefix, x, precision=lax.Precision.HIGHEST)
-    return spread(finite) - gap * spread(resets)
 
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand"):
@@ -98,7 +85,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     if save_transfer and program.structure != INVERSE:
         raise ValueError(f"save_transfer: T is saved for programs computing (I + L)^{{-1}} only, got {program!r} "
                          f"(solver {solver!r})")
-    G = micro_log_decay(log_decay, R) if G is None else G
+    G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     blocks = chunks.score_blocks(n // R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
@@ -205,11 +192,6 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     dk_ref[...] = (dk + mm(dgram, k) + mm(dgram, k, trans_a=True)).astype(dk_ref.dtype)
 
 
-def _log_decay_cotangent(log_decay, rank: int, dG):
-    """The cotangent of the per-token ``log_decay`` given that of ``G = micro_log_decay(log_decay, rank)``."""
-    return jax.vjp(lambda ld: micro_log_decay(ld, rank), log_decay)[1](dG)[0]
-
-
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
                               num_stages: int = 1, interpret: bool | None = None, G=None, dG=None):
@@ -233,7 +215,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
-    G = micro_log_decay(log_decay, R) if G is None else G
+    G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
         t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
@@ -256,7 +238,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
     )(keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
-    return dk, dv, db, da, _log_decay_cotangent(log_decay, R, dG_kernel if dG is None else dG_kernel + dG)
+    dG = dG_kernel if dG is None else dG_kernel + dG
+    return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG, R, interpret=interpret)
 
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
@@ -272,4 +255,5 @@ def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, 
     grads = vjp((up(dw), up(du)))
     if dG is None:
         return grads
-    return (*grads[:4], grads[4] + _log_decay_cotangent(up(log_decay), keys.shape[2] // log_decay.shape[2], dG))
+    R = keys.shape[2] // log_decay.shape[2]
+    return (*grads[:4], grads[4] + jax.vjp(lambda ld: micro_log_decay(ld, R), up(log_decay))[1](dG)[0])

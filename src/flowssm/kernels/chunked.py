@@ -38,8 +38,9 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
-                                            chunk_transfer_kernel, chunk_transfer_reference, micro_log_decay)
+                                            chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret
+from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, micro_log_decay
 from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
@@ -191,7 +192,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
-    G = micro_log_decay(log_decay, n // C)
+    G = cumulative_decay_kernel(log_decay, n // C)
     w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                      save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
                                      num_warps=t.transfer_warps, G=G)
@@ -278,7 +279,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     H, t = st.heads, st.tuning
     n = keys.shape[2]
     R = n // qc.shape[2]
-    G = micro_log_decay(log_decay, R)
+    G = cumulative_decay_kernel(log_decay, R)
     dfinals, packed = dS_final.astype(S0.dtype), {}
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
         packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
