@@ -47,19 +47,13 @@ def cumulative_log_decay(log_decay: Float[Array, "... C"], axis: int = -1) -> Fl
     ``exp(g_{m+1} + ... + g_i)`` up to one rounding at magnitude ``reset_gap`` otherwise, where
     ``-inf - (-inf)`` would give NaN. Gradients through reset positions are 0.
     """
-    finite, resets, gap = reset_parts(log_decay)
-    return jnp.cumsum(finite, axis=axis) - gap * jnp.cumsum(resets, axis=axis)
-
-
-def reset_parts(log_decay):
-    """``log_decay`` split for :func:`cumulative_log_decay`: (the log-decays with resets as 0, the reset
-    indicator in the same dtype, ``reset_gap``: a Python int)."""
     # the barrier keeps XLA from constant-folding the cumsums for an ungated path (constant zeros): folding
-    # a [BH, N, C] constant took 8 s of compile time per call at 1 x 65536 x 16 heads. Both parts must see
+    # a [BH, N, C] constant took 8 s of compile time per call at 1 x 65536 x 16 heads. Both cumsums must see
     # the barrier's output (``where(reset, 0, zeros)`` simplifies back to the constant)
     log_decay = jax.lax.optimization_barrier(log_decay)
     reset = jnp.isneginf(log_decay)
-    return jnp.where(reset, 0.0, log_decay), reset.astype(log_decay.dtype), reset_gap(log_decay.dtype)
+    finite = jnp.cumsum(jnp.where(reset, 0.0, log_decay), axis=axis)
+    return finite - reset_gap(log_decay.dtype) * jnp.cumsum(reset, axis=axis).astype(log_decay.dtype)
 
 
 def reset_gap(dtype) -> int:
