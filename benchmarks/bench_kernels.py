@@ -28,7 +28,6 @@ gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the fir
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -393,8 +392,7 @@ def tunings(text: str) -> tuple[Tuning, ...]:
 
 def label_of(tuning: Tuning) -> str:
     """The fields of ``tuning`` that differ from the defaults ("default" if none)."""
-    return ", ".join(f"{f.name}={getattr(tuning, f.name)!r}" for f in dataclasses.fields(tuning)
-                     if getattr(tuning, f.name) != f.default) or "default"
+    return ", ".join(f"{name}={value!r}" for name, value in tuning.changes().items()) or "default"
 
 
 def sweep(shape, reps, say, variants=SWEEP):

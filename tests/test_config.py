@@ -27,6 +27,13 @@ def test_defaults_and_overrides_are_typed():
     assert cfg.train.batch_size == C.TrainConfig().batch_size  # untouched fields keep defaults
 
 
+def test_kernel_choices_load_typed_and_round_trip():
+    cfg = C.load(None, ["model.mixer.family=kda", "model.mixer.kernels.score_mode=tf32",
+                        "model.mixer.kernels.transfer_warps=8"])
+    assert cfg.model.mixer.kernels.changes() == {"score_mode": "tf32", "transfer_warps": 8}
+    assert C.from_dict(C.RunConfig, yaml.safe_load(C.dump(cfg))) == cfg
+
+
 def test_int_is_accepted_for_float_fields():
     assert C.load(None, ["optim.grad_clip=2"]).optim.grad_clip == 2.0
 
@@ -40,6 +47,12 @@ BAD = [
     (["train.dtype=bfloat16"], "train.dtype: moved to model.dtype"),
     (["model.remat=1"], "model.remat"),
     (["model.mixer.backend=cuda"], "model.mixer.backend"),
+    # the kernels' choices: their fields and values, and where they cannot apply
+    (["model.mixer.kernels.score_mode=bf17"], "model.mixer.kernels.score_mode"),
+    (["model.mixer.kernels.warps=8"], "model.mixer.kernels.warps"),
+    (["model.mixer.kernels.transfer_warps=3"], "model.mixer.kernels.transfer_warps"),
+    (["model.mixer.family=rwkv7", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
+    (["model.mixer.backend=xla", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     # what a backend cannot run is refused at load time, naming the keys
     (["model.mixer.backend=pallas", "model.mixer.solver=logode"], "model.mixer.solver"),
     (["model.mixer.backend=pallas", "model.mixer.semantics=continuous"], "model.mixer.semantics"),

@@ -226,3 +226,23 @@ def test_score_mode_sets_the_precision_of_the_decayed_scores():
     assert max(errors["tf32"]) < 1e-5 < 1e-4 < min(errors["operand"]), errors
     with pytest.raises(ValueError, match="Tuning.score_mode"):
         kc.Tuning(score_mode="bf16")
+
+
+def test_a_configs_kernel_choices_reach_the_kernels(monkeypatch):
+    """``model.mixer.kernels`` travels from the config through the layer and the op to ``chunked_pallas``."""
+    from flax import nnx
+
+    import flowssm.kernels
+    from flowssm.kernels import Tuning
+    from flowssm.layers import DeltaMixer
+    from flowssm.train import config as C
+
+    seen, real = [], flowssm.kernels.chunked_pallas
+    monkeypatch.setattr(flowssm.kernels, "chunked_pallas",
+                        lambda *a, tuning=None, **kw: seen.append(tuning) or real(*a, tuning=tuning, **kw))
+    cfg = C.load(None, ["model.d_model=32", "model.mixer.family=kda", "model.mixer.num_heads=2",
+                        "model.mixer.backend=pallas", "model.mixer.chunk_size=16",
+                        "model.mixer.kernels.score_mode=tf32"])
+    mixer = DeltaMixer(32, cfg.model.mixer, rngs=nnx.Rngs(0))
+    mixer(jnp.ones((1, 16, 32)))
+    assert seen == [Tuning(score_mode="tf32")]

@@ -56,6 +56,7 @@ CASES = {
     "scale not finite": (lambda: dr(scale=float("nan")), ValueError, ["scale", "nan"]),
     "signature depth": (lambda: dr(solver={"name": "signature", "depth": -1}), ValueError, ["depth", "-1"]),
     "exact method": (lambda: dr(solver=flowssm.Exact), TypeError, ["solver"]),
+    "tuning as a string": (lambda: dr(tuning="tf32"), TypeError, ["tuning", "Tuning", "'tf32'"]),
     "step state shape": (lambda: flowssm.delta_rule_step(jnp.zeros((B, H, K, K), f32), q[:, 0], k[:, 0], v[:, 0], beta[:, 0]), ValueError, ["state", "[B, H, K, V]", "(2, 3, 4, 4)"]),
     "step q_t shape": (lambda: flowssm.delta_rule_step(S, q, k[:, 0], v[:, 0], beta[:, 0]), ValueError, ["q_t", "[B, H, K]", "(2, 5, 3, 4)"]),
     "linear attention g": (lambda: flowssm.linear_attention(q, k, v, jnp.zeros((B, H), f32)), ValueError, ["g", "[B, T, H]"]),

@@ -117,6 +117,7 @@ class DeltaMixer(nnx.Module):
         self.H, self.R, self.K = config.num_heads, config.rank, head_dim(config, d_model)
         self.solver = config.solver
         self.chunk_size, self.scan, self.backend = config.chunk_size, config.scan, config.backend
+        self.kernels = config.kernels
         self.semantics, self.beta_max = config.semantics, 2.0 if config.allow_neg_eigval else 1.0
         H, R, K = self.H, self.R, self.K
         self.qkv_dims = (H * K, H * R * K, H * R * K)  # q, k, v widths (V = K)
@@ -185,12 +186,13 @@ class DeltaMixer(nnx.Module):
             g = self._document_resets(g, positions)
         kw = dict(chunk_size=self.chunk_size, scan=self.scan, backend=self.backend)
         if self.delta:
-            o, state = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics, **kw)
+            o, state = flowssm.delta_rule(q, k, v, beta, g, solver=self.solver, semantics=self.semantics,
+                                          tuning=self.kernels, **kw)
         elif self.dplr:
             write, a, b = _dplr_keys(k, beta)
             o, state = flowssm.dplr_delta_rule(q, write, v, a, b, g, solver=self.solver, **kw)
         else:
-            o, state = flowssm.linear_attention(q, k, v, g, **kw)
+            o, state = flowssm.linear_attention(q, k, v, g, tuning=self.kernels, **kw)
         conv = None if self.conv is None else self.conv.tail(pre, positions).astype(jnp.float32)
         return self._output(x, o), MixerCache(state.astype(jnp.float32), conv)
 

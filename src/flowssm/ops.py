@@ -56,9 +56,10 @@ def _scale(scale, K: int) -> float:
     return float(scale)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics"))
-def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, backend, semantics):
-    """q: [B, T, H, K] -> (o: [B, T, H, V] in the compute dtype, final state [B, H, K, V])."""
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "tuning"))
+def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, backend, semantics, tuning=None):
+    """q: [B, T, H, K] -> (o: [B, T, H, V] in the compute dtype, final state [B, H, K, V]); ``tuning``: the
+    kernels' (backend "pallas")."""
     T = path.length
     qh = jnp.moveaxis(q.astype(path.keys.dtype), 2, 1)  # [B, H, T, K]
     if backend == "reference":
@@ -68,7 +69,8 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
     if backend == "pallas":
         from flowssm.kernels import chunked_pallas
 
-        return chunked_pallas(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics)
+        return chunked_pallas(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
+                              tuning=tuning)
     C = min(chunk_size, T)
     N = -(-T // C)
     path = chunk_path(pad_path(path, N * C), C)  # padding tokens are the identity map: exact
@@ -81,8 +83,9 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
     return jnp.moveaxis(o, 1, 2), S
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "zero_h0"))
-def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics, zero_h0=False):
+@functools.partial(jax.jit,
+                   static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "zero_h0", "tuning"))
+def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics, zero_h0=False, tuning=None):
     """The packed computation behind the ops (validated arguments). q: [1, T, H, K], path: head-major,
     h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V]).
     ``zero_h0``: no initial states were given (h0 is zeros; the kernels skip reading it)."""
@@ -101,7 +104,7 @@ def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, 
         slotted = varlen.slots_path(path, lay, operand_dtype(q, path))
         o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), slotted, None if zero_h0 else h0, scale=scale,
                                    chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
-                                   layout=lay)
+                                   layout=lay, tuning=tuning)
         return varlen.from_slots(o, lay, 1), finals
     C = min(chunk_size, T)
     lay = varlen.layout(cu, T, C)
@@ -141,21 +144,30 @@ def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
         raise ValueError(f"beta: {logode.DISCRETE_BETA_ERROR}")
 
 
+def _check_tuning(tuning):
+    """``tuning``: None or a :class:`flowssm.kernels.Tuning` (the kernels' launch and precision choices)."""
+    from flowssm.kernels.launch import Tuning
+
+    if tuning is not None and not isinstance(tuning, Tuning):
+        raise TypeError(f"tuning: expected None or a flowssm.kernels.Tuning, got {tuning!r} ({type(tuning).__name__})")
+    return tuning
+
+
 def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens=None,
-         names=backends.OP_NAMES):
+         names=backends.OP_NAMES, tuning=None):
     if cu_seqlens is not None:
         return _run_packed(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
-                           names)
+                           names, tuning)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
-    o, S = _chunked(
-        q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend, semantics=semantics
-    )
+    o, S = _chunked(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend,
+                    semantics=semantics, tuning=_check_tuning(tuning))
     return o.astype(q.dtype), S
 
 
-def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens, names):
+def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens, names,
+                tuning=None):
     """:func:`_run` for packed sequences (see :mod:`flowssm.varlen`): final states ``[N, H, K, V]``."""
     solver, _, scale = validate(q, path, None, scale, chunk_size, solver, scan, semantics)
     cu = varlen.check_cu_seqlens(cu_seqlens, q.shape[0], path.length)
@@ -163,7 +175,7 @@ def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, b
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = _packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
-                   backend=backend, semantics=semantics, zero_h0=initial_state is None)
+                   backend=backend, semantics=semantics, zero_h0=initial_state is None, tuning=_check_tuning(tuning))
     return o.astype(q.dtype), S
 
 
@@ -182,6 +194,7 @@ def delta_rule(
     backend: str = "auto",
     semantics: str = "discrete",
     cu_seqlens: Int[Array, " Np1"] | None = None,
+    tuning=None,
 ):
     """(Gated) DeltaNet / DeltaProduct: ``S <- diag(e^{g_t}) S``, then for each of the ``R`` keys
     ``S <- (I - beta k k^T) S + beta k v^T``; ``o_t = scale S_t^T q_t``. A per-channel ``g: [B, T, H, K]``
@@ -203,11 +216,16 @@ def delta_rule(
     are then ``[N, H, K, V]``, one per sequence (empty sequences return their initial state). Every
     backend, scan, solver and semantics; one compilation serves every packing of the same ``T`` and ``N``
     (its values are checked only when concrete, see :func:`flowssm.varlen.check_cu_seqlens`).
+
+    ``tuning``: a :class:`flowssm.kernels.Tuning`, the Pallas kernels' launch and precision choices (e.g.
+    ``Tuning(score_mode="tf32")``: per-channel score products in TF32 instead of bf16); None: their
+    defaults. Read where the call runs on the kernels (``backend`` "pallas", or "auto" on a GPU).
     """
     if beta is None:
         raise TypeError("beta: expected a floating-point array, got None")
     path = make_path(k, v, beta, g)
-    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens)
+    return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
+                tuning=tuning)
 
 
 def linear_attention(
@@ -222,15 +240,17 @@ def linear_attention(
     scan: str = "auto",
     backend: str = "auto",
     cu_seqlens: Int[Array, " Np1"] | None = None,
+    tuning=None,
 ):
     """(Decayed) linear attention: ``S <- diag(e^{g_t}) S + k_t v_t^T``, ``o_t = scale S_t^T q_t``;
     ``g: [B, T, H]`` (scalar decay, fla's simple GLA) or ``[B, T, H, K]`` (per key channel: GLA).
 
     The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
-    ``cu_seqlens``: packed sequences as in :func:`delta_rule`.
+    ``cu_seqlens``: packed sequences and ``tuning``: the kernels' choices, as in :func:`delta_rule`.
     """
     path = linear_attention_path(k, v, g)
-    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete", cu_seqlens)
+    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete", cu_seqlens,
+                tuning=tuning)
 
 
 def _step(state, q_t, path: Path, scale, semantics):

@@ -319,7 +319,7 @@ _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning = Tuning(), layout: varlen.Layout | None = None):
+                   semantics: str, tuning: Tuning | None = None, layout: varlen.Layout | None = None):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
@@ -337,6 +337,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     calls on pieces of whole chunks, each starting from the state the previous one left (exact; autodiff
     chains them).
     """
+    tuning = tuning or Tuning()
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]

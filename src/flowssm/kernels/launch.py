@@ -90,6 +90,10 @@ class Tuning:
             if value is not None and value not in (1, 2, 3, 4):
                 raise ValueError(f"Tuning.{name}: expected None or 1..4, got {value!r}")
 
+    def changes(self) -> dict:
+        """The fields set away from their defaults."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
     def resolve(self, dtype, key_dim: int, value_dim: int, chunk: int, micro_steps: int,
                 per_channel: bool = False) -> Tuning:
         """Every ``None`` replaced by the choice for this operand dtype, (padded) head sizes ``K, V``,

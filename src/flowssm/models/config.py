@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from flowssm.kernels.launch import Tuning
 from flowssm.solvers import Exact, FlowSolver, get_solver
 
 FAMILIES = (
@@ -32,6 +33,9 @@ class MixerConfig:
     :mod:`flowssm.backends`; "auto": the kernels on a GPU when they can run this mixer); chunk_size: C;
     semantics: "discrete" | "continuous"; allow_neg_eigval: beta (rwkv7: its rate) in (0, 2) instead of (0, 1);
     conv_size: short causal depthwise conv width (0 disables); output_gate: SiLU-gated output norm.
+    kernels: the Pallas kernels' launch and precision choices (:class:`flowssm.kernels.Tuning`, or a mapping of
+    its fields, e.g. ``{"score_mode": "tf32"}``), read where the mixer runs on the kernels; only families with
+    kernels (not rwkv7, not attention) and backends that can pick them ("auto", "pallas") accept non-defaults.
     """
 
     family: str = "deltanet"
@@ -46,9 +50,25 @@ class MixerConfig:
     allow_neg_eigval: bool = False
     conv_size: int = 4
     output_gate: bool = True
+    kernels: Tuning = Tuning()
 
     def __post_init__(self):
         object.__setattr__(self, "solver", get_solver(self.solver, key="mixer.solver"))
+        if isinstance(self.kernels, dict):
+            object.__setattr__(self, "kernels", tuning_from(self.kernels, "mixer.kernels"))
+
+
+def tuning_from(fields: dict, key: str) -> Tuning:
+    """A :class:`Tuning` from a mapping of its fields; a wrong field or value raises ValueError naming
+    ``key.field``."""
+    names = [f.name for f in dataclasses.fields(Tuning)]
+    for name in fields:
+        if name not in names:
+            raise ValueError(f"{key}.{name}: unknown key; allowed keys: {names}")
+    try:
+        return Tuning(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e).replace("Tuning.", f"{key}.", 1)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +154,14 @@ def validate_mixer(mixer: MixerConfig, d_model: int, dtype: str = "float32", pre
             f"{key('output_gate')}, {key('allow_neg_eigval')}: expected bools, got "
             f"{mixer.output_gate!r}, {mixer.allow_neg_eigval!r}"
         )
+    if not isinstance(mixer.kernels, Tuning):
+        raise ValueError(f"{key('kernels')}: expected a flowssm.kernels.Tuning or a mapping of its fields, "
+                         f"got {mixer.kernels!r}")
+    if mixer.kernels != Tuning() and (mixer.family in ("attention", *DPLR_FAMILIES)
+                                      or mixer.backend not in ("auto", "pallas")):
+        raise ValueError(f"{key('kernels')}: the Pallas kernels' choices apply to families with kernels (not "
+                         f"'attention' or {DPLR_FAMILIES}) on backend 'auto' or 'pallas'; got family "
+                         f"{mixer.family!r}, backend {mixer.backend!r} with {mixer.kernels.changes()}")
     solver = mixer.solver
     if mixer.family == "attention":
         return mixer

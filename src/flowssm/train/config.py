@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from flowssm.models.config import MixerConfig, ModelConfig
+from flowssm.kernels.launch import Tuning
+from flowssm.models.config import MixerConfig, ModelConfig, tuning_from
 from flowssm.models.config import validate as validate_model
 from flowssm.solvers import FlowSolver, get_solver
 
@@ -131,6 +132,13 @@ def _coerce(key: str, tp, value):
         if not isinstance(value, inner) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected {inner.__name__} or null, got {value!r} ({type(value).__name__})")
         return value
+    if tp is Tuning:  # the kernels' choices: their own checks, errors named by the config key
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        try:
+            return tuning_from(value, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
