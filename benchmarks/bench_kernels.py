@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
         [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
-        [--stages packed,kda]
+        [--stages packed,kda,gla]
     python3 benchmarks/bench_kernels.py transitions [...]   (GLA / KDA / DPLR rows alone: bench_transitions.py)
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
@@ -19,10 +19,11 @@ same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, e
 per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
 1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
 
-``--stages packed,kda`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda`` once a
-``--sweep-tunings`` variant): ``packed`` on the packed row's
+``--stages packed,kda,gla`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda`` and ``gla``
+once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
 chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
-gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape.
+gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape, ``gla``
+the same for linear attention (``T = I``, ``beta = 1``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
-from flowssm.solvers import get_solver
+from flowssm.solvers import Euler, get_solver
+from flowssm.solvers.program import INVERSE
 from timing import rel, timed  # noqa: F401  (bench_kernels.rel / .timed: used by other scripts)
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
@@ -154,8 +156,10 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
     return out
 
 
-def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge", spans=None):
-    """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`) as ``chunked_pallas`` calls it, on
+def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge", spans=None,
+                 solver=None):
+    """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`, or ``solver``: e.g. ``Euler()`` with
+    ``beta = 1`` for linear attention, GLA, whose transfer saves no ``T``) as ``chunked_pallas`` calls it, on
     token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
     (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU).
@@ -173,7 +177,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     states = BH if spans is None else BH * spans.first.shape[0]
     S0 = run(lambda: jnp.zeros((states, K, V), jnp.float32))
     t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK, per_channel=per_channel)  # as chunked_pallas would
-    solver, scale, bv = get_solver(exact_spec(method)), K**-0.5, min(t.block_v, V)
+    solver, scale, bv = solver or get_solver(exact_spec(method)), K**-0.5, min(t.block_v, V)
+    inverse = solver.program().structure == INVERSE  # the transfer saves T for its backward
     opts = dict(interpret=interpret)
     packed = {} if spans is None else {"spans": spans}
     calls = {}
@@ -183,8 +188,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         return run(calls[name][0], *args)
 
     G = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld)
-    w, u, Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-        *a[:5], solver=solver, mode="tf32", save_transfer=True, heads=H, score_mode=t.score_mode,
+    w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
+        *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
         num_warps=t.transfer_warps, G=a[5], **opts),
         keys, values, b, b, ld, G)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
@@ -202,14 +207,14 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         qc, keys, G, corrected, S_in, dS_out, dO, dv)
     add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
         *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
-        **opts), keys, values, b, b, ld, Tm, w, u, dw, dv, G, dG)
+        **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG)
     return calls
 
 
-def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spans=None):
-    """Median ms of each kernel of :func:`kernel_calls` alone, and (``segmented``) of the segmented associative
-    scan."""
-    calls = kernel_calls(q, k, v, beta, g, do, tuning, spans=spans)
+def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spans=None, solver=None):
+    """Median ms of each kernel of :func:`kernel_calls` alone (``solver`` as there), and (``segmented``) of the
+    segmented associative scan."""
+    calls = kernel_calls(q, k, v, beta, g, do, tuning, spans=spans, solver=solver)
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
     if not segmented:
         return times
@@ -460,20 +465,21 @@ def stages_only(args, say) -> None:
             CHUNK = 16 if args.tiny else CHUNK
             size = PACKED_TINY if args.tiny else PACKED
             out["packed"] = packed_stage_times(**size, reps=args.reps)
-        elif part == "kda":
+        elif part in ("kda", "gla"):  # per-channel decays; gla: linear attention (T = I, beta = 1)
             B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
             g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), (B, T, H, K)) + 2.0)
-            times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False)
+            solver, beta = (Euler(), jnp.ones_like(beta)) if part == "gla" else (None, beta)
+            times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False, solver=solver)
             if args.sweep:  # one entry a launch variant
-                out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}"}
+                out[part] = {"shape": f"{B}x{T}x{H}x{K}x{V}"}
                 for tuning in args.sweep_tunings:
-                    out["kda"][label_of(tuning)] = times(tuning)
-                    say(part, label_of(tuning), json.dumps(out["kda"][label_of(tuning)]))
+                    out[part][label_of(tuning)] = times(tuning)
+                    say(part, label_of(tuning), json.dumps(out[part][label_of(tuning)]))
             else:
-                out["kda"] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **times(Tuning())}
+                out[part] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **times(Tuning())}
         else:
-            raise SystemExit(f"--stages: expected 'packed' or 'kda', got {part!r}")
+            raise SystemExit(f"--stages: expected 'packed', 'kda' or 'gla', got {part!r}")
         say(part, json.dumps(out[part]))
         if args.out:
             with open(os.path.join(args.out, "stages.json"), "w") as f:
@@ -508,7 +514,7 @@ def main():
     parser.add_argument("--packed-only", action="store_true", help="the packed row only (no check, no shapes)")
     parser.add_argument("--tiny", action="store_true", help="the packed row at a tiny shape, chunk 16 (CPU smoke test)")
     parser.add_argument("--stages", default="", help="only per-kernel times: 'packed' (packed_stage_times) and/or "
-                        "'kda' (per-channel decays on the first shape of --shapes), comma-separated")
+                        "'kda' / 'gla' (per-channel decays on the first shape of --shapes), comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()

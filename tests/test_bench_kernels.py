@@ -39,16 +39,18 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     assert min(out["packed"].values()) > 0 and out["gathers_fwd"] > 0
 
 
-def test_kda_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
-    """``--stages kda --sweep --sweep-tunings 'transfer_warps=4'``: each kernel alone with per-channel decays,
-    one entry a variant, labelled by the fields it changes (``stages.json``)."""
+def test_kda_and_gla_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
+    """``--stages kda,gla --sweep --sweep-tunings 'transfer_warps=4'``: each kernel alone with per-channel decays
+    (delta rule, and linear attention: no saved ``T``), one entry a variant, labelled by the fields it changes
+    (``stages.json``)."""
     import argparse
     import json
 
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
-    args = argparse.Namespace(stages="kda", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
+    args = argparse.Namespace(stages="kda,gla", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
                               sweep_tunings=bench_kernels.tunings("transfer_warps=4"))
     bench_kernels.stages_only(args, say=lambda *a: None)
-    out = json.loads((tmp_path / "stages.json").read_text())["kda"]
-    assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape", "transfer_warps=4"}
-    assert min(out["transfer_warps=4"].values()) > 0
+    for part in ("kda", "gla"):
+        out = json.loads((tmp_path / "stages.json").read_text())[part]
+        assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape", "transfer_warps=4"}
+        assert min(out["transfer_warps=4"].values()) > 0 and "transfer_bwd" in out["transfer_warps=4"]
