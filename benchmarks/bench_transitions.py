@@ -1,6 +1,7 @@
 """Generalised transitions against fla: GLA, KDA and DPLR, correctness and timings (issue 17).
 
     python3 benchmarks/bench_kernels.py transitions [--reps 30] [--kinds gla,kda,dplr] [--backend auto] [--no-fla] [--tiny]
+        [--tuning score_mode=tf32]
     python3 benchmarks/bench_transitions.py ...   (the same)
 
 For each kind, on 4x4096x16x128x128 (B x T x H x K x V; ``--tiny``: 1x64x2x16x16 on CPU, no fla), bf16
@@ -15,7 +16,9 @@ shapes only: it is slow).
 Conventions (both sides): ``S_t = diag(e^{g_t}) S_{t-1} + k v^T`` (GLA, fla's ``g``);
 ``S_t = (I - beta k k^T) diag(e^{g_t}) S_{t-1} + beta k v^T`` (KDA, fla's ``g``, ``beta``);
 ``S_t = (diag(e^{gk_t}) + b a^T) S_{t-1} + k v^T`` (DPLR, fla's ``a, b, gk``); scale ``K^-0.5``.
-Writes ``bench_transitions.json`` to ``--out`` (default $OUT) when given.
+``--tuning``: the kernels' choices for GLA and KDA (``flowssm.kernels.Tuning`` fields, ``field=value,...``), passed
+as the ops' ``tuning=``; each row records them. Writes ``bench_transitions.json`` to ``--out`` (default $OUT)
+when given.
 """
 
 from __future__ import annotations
@@ -68,12 +71,15 @@ def kind_backend(kind, backend):
     return backend
 
 
-def flowssm_fns(kind, chunk_size, backend="xla"):
-    """Jitted forward and forward+backward (grads of ``sum(o * do)`` w.r.t. every input but ``do``)."""
-    fwd = jax.jit(lambda x: flowssm_call(kind, x, chunk_size=chunk_size, backend=backend))
+def flowssm_fns(kind, chunk_size, backend="xla", tuning=None):
+    """Jitted forward and forward+backward (grads of ``sum(o * do)`` w.r.t. every input but ``do``); ``tuning``:
+    the kernels' choices (GLA and KDA; dplr has none: ``main`` refuses any for it)."""
+    kernels = {} if tuning is None or kind == "dplr" else {"tuning": tuning}
+    options = dict(chunk_size=chunk_size, backend=backend, **kernels)
+    fwd = jax.jit(lambda x: flowssm_call(kind, x, **options))
 
     def loss(x, do):
-        o = flowssm_call(kind, x, chunk_size=chunk_size, backend=backend)[0]
+        o = flowssm_call(kind, x, **options)[0]
         return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
 
     return fwd, jax.jit(jax.grad(loss))
@@ -108,13 +114,15 @@ def fla_run(kind, x, reps_ms):
     return out
 
 
-def row(kind, shape, reps, fla_ok, say, chunk_size, backend="auto"):
-    """One kind's row: flowssm timings and its errors against fla (or the token loop)."""
+def row(kind, shape, reps, fla_ok, say, chunk_size, backend="auto", tuning=None):
+    """One kind's row: flowssm timings and its errors against fla (or the token loop); ``tuning``: as in
+    :func:`flowssm_fns`."""
     x = inputs(0, *shape)
     backend = kind_backend(kind, backend)
-    fwd, fwdbwd = flowssm_fns(kind, chunk_size, backend)
+    fwd, fwdbwd = flowssm_fns(kind, chunk_size, backend, tuning)
     o, S = fwd(x)
     r = {"kind": kind, "backend": backend, "shape": "x".join(map(str, shape)),
+         "tuning": tuning.changes() if tuning is not None else {},
          "flowssm_fwd": timed(fwd, x, reps=reps), "flowssm_fwdbwd": timed(fwdbwd, x, x["do"], reps=reps)}
     if backend != "xla":  # the kernels against the xla path: outputs, final state, every input's gradient
         xla_fwd, xla_fwdbwd = flowssm_fns(kind, chunk_size, "xla")
@@ -141,12 +149,18 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=("auto", "pallas", "xla"),
                         help="flowssm's backend (auto: pallas for gla and kda, xla for dplr)")
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--tuning", default="default", help="GLA's and KDA's kernel choices, e.g. 'score_mode=tf32'")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"--kinds: expected a comma-separated subset of {KINDS}, got {kind!r}")
+    from bench_kernels import tunings
+
+    (tuning,) = tunings(args.tuning)
+    if tuning.changes() and "dplr" in kinds:
+        raise ValueError(f"--tuning: dplr runs no kernels; drop it from --kinds or the choices {tuning.changes()}")
     t0 = time.time()
     say = lambda *a: print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)
     fla_ok = False
@@ -162,7 +176,7 @@ def main(argv=None):
     say("jax", jax.__version__, jax.devices(), "fla" if fla_ok else "no fla")
     rows = []
     for kind in kinds:  # the JSON is rewritten after every row
-        rows.append(row(kind, shape, args.reps, fla_ok, say, chunk, args.backend))
+        rows.append(row(kind, shape, args.reps, fla_ok, say, chunk, args.backend, tuning))
         if args.out:
             with open(os.path.join(args.out, "bench_transitions.json"), "w") as f:
                 json.dump(rows, f, indent=1)
