@@ -30,7 +30,7 @@ from flowssm import flows as F
 from flowssm.ops import validate
 from flowssm.paths import Path, chunk_path, dplr_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import chunk_states
-from flowssm.solvers import Euler, FlowSolver
+from flowssm.solvers import Additive, FlowSolver
 
 
 def lift(flow: F.WYFlow) -> F.WYFlow:
@@ -219,7 +219,7 @@ def sequence_parallel_linear_attention(
     """:func:`flowssm.linear_attention` (``S <- e^{g_t} S + k_t v_t^T``) sharded over time like
     :func:`sequence_parallel_delta_rule` (``cu_seqlens`` too)."""
     path = linear_attention_path(k, v, g)
-    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Euler(), scan, "discrete", cu_seqlens)
+    return _run(q, path, initial_state, mesh, axis_name, scale, chunk_size, Additive(), scan, "discrete", cu_seqlens)
 
 
 def sequence_parallel_dplr_delta_rule(

@@ -17,7 +17,8 @@ from jaxtyping import Array, Float, Int
 from flowssm import backends, chunks, reference, varlen
 from flowssm.paths import Path, check_float, chunk_path, dplr_path, linear_attention_path, make_path, pad_path
 from flowssm.scan import SCANS, chunk_states
-from flowssm.solvers import Euler, FlowSolver, check_runnable, get_solver, logode
+from flowssm.solvers import Additive, FlowSolver, check_runnable, get_solver, logode
+from flowssm.solvers.program import ADDITIVE
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
@@ -134,6 +135,13 @@ def request(q, path: Path, solver: FlowSolver, chunk_size: int, semantics: str) 
     return backends.Request(solver, semantics, chunk_size, R, K, path.values.shape[-1], dtype, path.transition)
 
 
+def _refuse_additive(solver) -> None:
+    """The additive solver assumes ``beta = 0`` (linear attention); a path with multiplicative steps is refused."""
+    if isinstance(solver, FlowSolver) and solver.program().structure == ADDITIVE:
+        raise ValueError(f"solver: {solver!r} is linear_attention's (it assumes beta = 0 and drops the "
+                         f"multiplicative steps); use 'exact', 'euler', 'logode' or 'signature'")
+
+
 def _check_logode_beta(solver: FlowSolver, path: Path, semantics: str) -> None:
     """LogODE under discrete semantics needs ``beta |k|^2 < 1``: a ValueError here when the inputs are
     concrete (eager calls). Under ``jit`` the solver's in-graph ``equinox.error_if`` raises at run time
@@ -223,6 +231,7 @@ def delta_rule(
     """
     if beta is None:
         raise TypeError("beta: expected a floating-point array, got None")
+    _refuse_additive(solver)
     path = make_path(k, v, beta, g)
     return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
                 tuning=tuning)
@@ -245,11 +254,12 @@ def linear_attention(
     """(Decayed) linear attention: ``S <- diag(e^{g_t}) S + k_t v_t^T``, ``o_t = scale S_t^T q_t``;
     ``g: [B, T, H]`` (scalar decay, fla's simple GLA) or ``[B, T, H, K]`` (per key channel: GLA).
 
-    The path has no multiplicative keys (``L = 0``), so every chunk solver is exact; Euler is used.
+    The path has no multiplicative keys (``beta = 0``, ``L = 0``), so every chunk solver is exact; the
+    :class:`flowssm.solvers.Additive` solver tells the kernels so (no transfer, no products with ``w = 0``).
     ``cu_seqlens``: packed sequences and ``tuning``: the kernels' choices, as in :func:`delta_rule`.
     """
     path = linear_attention_path(k, v, g)
-    return _run(q, path, initial_state, scale, chunk_size, Euler(), scan, backend, "discrete", cu_seqlens,
+    return _run(q, path, initial_state, scale, chunk_size, Additive(), scan, backend, "discrete", cu_seqlens,
                 tuning=tuning)
 
 
@@ -323,6 +333,7 @@ def dplr_delta_rule(
     (every solver but logode); discrete semantics; backends "reference" and "xla". ``cu_seqlens``: packed
     sequences as in :func:`delta_rule`.
     """
+    _refuse_additive(solver)
     path = dplr_path(k, v, a, b, gk)
     return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, "discrete", cu_seqlens,
                 names=DPLR_NAMES)

@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 
 from flowssm import chunks
 from flowssm.kernels import decay
-from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
-                                    token_major, token_spec)
+from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
+                                    resolve_interpret, to_head_major, token_major, token_spec)
 
 
 def _mask_and_decay(G, G_tok, rank: int):
@@ -57,7 +57,7 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
                   score_mode: str = "operand"):
-    """q: [C, K], k, w: [n, K], G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
+    """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
     corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
     :func:`attention_block`, as ``score_mode``."""
@@ -67,11 +67,11 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
         att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows,
                               score_mode=score_mode)
         S = S[...].astype(acc)
-        corrected = u[...].astype(acc) - mm(w[...], S)
+        corrected = u[...].astype(acc) if w is None else u[...].astype(acc) - mm(w[...], S)
         return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected, att
-    q, k, G, G_tok, w, u = (x[...] for x in (q, k, G, G_tok, w, u))
+    q, k, G, G_tok, u = (x[...] for x in (q, k, G, G_tok, u))
     S = S[...].astype(acc)
-    corrected = u.astype(acc) - mm(w, S)
+    corrected = u.astype(acc) if w is None else u.astype(acc) - mm(w[...], S)
     att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype)
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected, att
 
@@ -83,25 +83,28 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
-    ``save_scores`` also the attention blocks ``A: [BH, N, C, n]`` in the dtype of ``keys``, the operand dtype
+    ``save_scores`` also (last) the attention blocks ``A: [BH, N, C, n]`` in the dtype of ``keys``, the operand dtype
     of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
-    recomputing ``decay.scores`` inside its serial loop).
+    recomputing ``decay.scores`` inside its serial loop). ``w=None``: ``w = 0`` (additive paths: the corrected
+    values are ``u``, never saved), never read; ``u`` may be token-major ``[B, N, n, H, V]`` (by its rank).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
     of per-channel decayed scores (``launch.Tuning.score_mode``)."""
     BH, N, C, K = layout_dims(q, heads)
-    n, V = u.shape[2:]
+    n, V = layout_dims(u, heads)[2:]
     bv = min(block_v or V, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     out_dtype = out_dtype or G.dtype
     G_tok = decay.token_decays(G, rank)
 
-    if save_scores and not save_corrected:
-        raise ValueError("chunk_output_kernel: save_scores=True needs save_corrected=True (the backward's residuals)")
+    if save_corrected and w is None:
+        raise ValueError("chunk_output_kernel: save_corrected=True with w=None: the corrected values are u itself")
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, o_ref, *saved_refs):
+    def kernel(q_ref, k_ref, g_ref, gt_ref, *refs):
+        w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
+        u_ref, s_ref, o_ref, *saved_refs = refs
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
                                           matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                           rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
@@ -109,7 +112,7 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         if save_corrected:
             saved_refs[0][...] = corrected.astype(dtype)
         if save_scores:  # every column block writes the same block
-            saved_refs[1][...] = att.astype(saved_refs[1].dtype)
+            saved_refs[-1][...] = att.astype(saved_refs[-1].dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
     cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
@@ -117,21 +120,22 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
     out_shape, out_specs = (out_shape,), (tok(cols(C)),)
+    saves = save_corrected or save_scores
     if save_corrected:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)), (*out_specs, cols(n))
     if save_scores:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, C, n), dtype)), (*out_specs, rows(C, n))
     return pallas_call(
         kernel,
-        out_shape=out_shape if save_corrected else out_shape[0],
+        out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
         in_specs=[tok(rows(C, K)), tok(rows(n, K)), *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C))),
-                  rows(n, K), cols(n), cols(K)],
-        out_specs=out_specs if save_corrected else out_specs[0],
+                  *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
+        out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(q, keys, G, G_tok, w, u, S_in)
+    )(q, keys, G, G_tok, *(() if w is None else (w,)), u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
@@ -139,7 +143,8 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
                            num_stages: int = 1, interpret: bool | None = None):
     """Same contract as :func:`chunk_output_kernel` (without ``save_corrected``), in plain jnp at full precision."""
     del block_v, num_warps, num_stages, interpret
-    q, keys = head_major(q, heads), head_major(keys, heads)
+    q, keys, u = head_major(q, heads), head_major(keys, heads), to_head_major(u, heads)
+    w = jnp.zeros(keys.shape, keys.dtype) if w is None else w
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
     o = jax.vmap(jax.vmap(block))(q, keys, G, decay.token_decays(G, rank), w, u, S_in.astype(G.dtype))
     return token_major(o.astype(out_dtype or G.dtype), heads)
@@ -151,6 +156,7 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
     S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
+    ``dv=None``: no ``dw`` (None; additive paths have no ``w``);
     dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up).
     Per key channel (G: [n, k], G_tok: [C, k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
@@ -173,10 +179,10 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
         through_k = dk_state * k32
         d_end = jnp.exp(G_end) * jnp.sum(S * dS_out, axis=1) + jnp.sum(through_k, axis=0)
         dG = jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k
-        return (dq_state + dq_att, dk_att + dk_state, -mm(dv[...], S, trans_b=True), dG,
+        return (dq_state + dq_att, dk_att + dk_state, None if dv is None else -mm(dv[...], S, trans_b=True), dG,
                 q[...].astype(acc) * (dq_att + dq_state))
     G_end = G[n - 1]
-    q, k, G, G_tok, corrected, S, dS_out, do, dv = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do, dv))
+    q, k, G, G_tok, corrected, S, dS_out, do = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do))
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
     through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0)
@@ -185,7 +191,7 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
     dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
     through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
     d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
-    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, -mm(dv, S, trans_b=True),
+    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, None if dv is None else -mm(dv[...], S, trans_b=True),
             jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 
@@ -202,10 +208,13 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
     dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K], dG: [BH, N, n] in float32 (float64 for float64
     ``G``)); dG includes the token decays' share.
-    With ``heads=H``, q, keys, do, dq and dkeys are token-major. ``score_mode``: as the forward's.
+    With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
+    additive path). ``dv=None`` (additive paths, ``w = 0``): ``dw`` is not formed, None. ``score_mode``: as
+    the forward's.
     """
     BH, N, C, K = layout_dims(q, heads)
-    n, V = corrected.shape[2:]
+    n, V = layout_dims(corrected, heads)[2:]
+    with_dw = dv is not None
     bk = min(block_k, K)
     nkb = K // bk
     interpret = resolve_interpret(interpret)
@@ -214,11 +223,13 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref):
+    def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, *refs):
+        dv_ref, refs = (refs[0], refs[1:]) if with_dw else (None, refs)
+        dq_ref, dk_ref, *dw_ref, dg_ref, dgt_ref = refs
         grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
                                   scale=scale, matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                   rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
-        for ref, x in zip((dq_ref, dk_ref, dw_ref, dg_ref, dgt_ref), grads):
+        for ref, x in zip((dq_ref, dk_ref, *dw_ref, dg_ref, dgt_ref), (*grads[:2], *grads[2:3] * with_dw, *grads[3:])):
             ref[...] = x.astype(ref.dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
@@ -231,17 +242,19 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
         decays, decay_shapes, decay_outs = (cols(n), cols(C)), ((BH, N, n, K), (BH, N, C, K)), (cols(n), cols(C))
     else:  # each block of K columns writes its share
         decays, decay_shapes, decay_outs = (vec(n), vec(C)), ((nkb, BH, N, n), (nkb, BH, N, C)), (share(n), share(C))
-    shapes = (q.shape, keys.shape, (BH, N, n, K), *decay_shapes)
-    dq, dk, dw, dG, dG_tok = pallas_call(
+    shapes = (q.shape, keys.shape, *[(BH, N, n, K)] * with_dw, *decay_shapes)
+    dq, dk, *dw, dG, dG_tok = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
         grid=(BH, N, nkb),
-        in_specs=[tok(cols(C)), tok(cols(n)), *decays, rows(n, V), state, state, tok(rows(C, V)), rows(n, V)],
-        out_specs=(tok(cols(C)), tok(cols(n)), cols(n), *decay_outs),
+        in_specs=[tok(cols(C)), tok(cols(n)), *decays, in_layout(rows(n, V), corrected, heads), state, state,
+                  tok(rows(C, V)), *[rows(n, V)] * with_dw],
+        out_specs=(tok(cols(C)), tok(cols(n)), *[cols(n)] * with_dw, *decay_outs),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
-    )(q, keys, G, G_tok, corrected, S_in, dS_out, do, dv)
+    )(q, keys, G, G_tok, corrected, S_in, dS_out, do, *(dv,) * with_dw)
+    dw = dw[0] if with_dw else None
     if not per_channel:
         dG, dG_tok = dG.sum(0), dG_tok.sum(0)
     return dq, dk, dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
@@ -252,7 +265,7 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
                                interpret: bool | None = None):
     """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision (all of ``K`` at once)."""
     del block_k, num_warps, num_stages, interpret
-    q, keys, do = (head_major(x, heads) for x in (q, keys, do))
+    q, keys, do, corrected = (to_head_major(x, heads) for x in (q, keys, do, corrected))
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(

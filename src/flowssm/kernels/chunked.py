@@ -39,8 +39,8 @@ from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
-from flowssm.kernels.common import head_major, layout_dims, resolve_interpret
-from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, micro_log_decay
+from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, to_head_major, token_major
+from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.kernels.launch import Tuning, auto_segments
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
@@ -49,7 +49,7 @@ from flowssm.flows import DenseFlow
 from flowssm.paths import Path, map_path, pad_path
 from flowssm.scan import chunk_states
 from flowssm.solvers import FlowSolver
-from flowssm.solvers.program import IDENTITY, INVERSE
+from flowssm.solvers.program import ADDITIVE, IDENTITY, INVERSE
 
 MAX_ELEMENTS = 2**31 - 1  # the largest array a kernel indexes with int32 offsets
 # pieces of a longer sequence hold a multiple of this many chunks: the segmented scan splits a piece into
@@ -168,13 +168,33 @@ def _kernel_backward_transfer(solver: FlowSolver) -> bool:
     return solver.program().structure in (IDENTITY, INVERSE)
 
 
-def _use_mosaic(t: Tuning, keys, G, n: int, V: int) -> bool:
+def _additive(solver: FlowSolver) -> bool:
+    """Whether the path has no multiplicative steps (``program.ADDITIVE``: linear attention): ``w = 0``, ``u = a v``
+    (:func:`_additive_values`), no transfer kernels."""
+    return solver.program().structure == ADDITIVE
+
+
+def _additive_values(values, alpha):
+    """``u = a v`` of an additive path, token-major like ``values: [B, N, n, H, V]`` (alpha head-major [BH, N, n]),
+    in the dtype of ``values``; free when ``a = 1`` (linear attention: XLA drops the product by ones)."""
+    B, N, n, H, _ = values.shape
+    a = jnp.moveaxis(alpha.reshape(B, H, N, n), 1, 3)[..., None]
+    return (a * values.astype(a.dtype)).astype(values.dtype)
+
+
+def _generators(w, u, keys, heads: int):
+    """``(w, u)`` as the Mosaic GPU passes and the XLA scan take them: head-major, ``w = 0`` materialized for an
+    additive path (``w=None``, ``u`` token-major)."""
+    return (jnp.zeros(layout_dims(keys, heads), keys.dtype) if w is None else w), to_head_major(u, heads)
+
+
+def _use_mosaic(t: Tuning, keys, G, n: int, V: int, additive: bool = False) -> bool:
     """Whether the unpacked state passes run on Mosaic GPU (``Tuning.state_lowering``; callers check the
     rest: unpacked, rank 1 for the backward): "auto" on a GPU where it runs them (scalar decays, bf16/f16,
     sizes multiples of 64); "mosaic" also in interpret mode (``state_pass_mosaic`` refuses what it cannot
     run). Packed passes stay on Triton."""
-    if t.state_lowering == "auto":
-        return (not resolve_interpret(None) and G.ndim == 3
+    if t.state_lowering == "auto":  # additive paths (no w) stay on Triton: Mosaic would read a w = 0
+        return (not resolve_interpret(None) and G.ndim == 3 and not additive
                 and mosaic_runs(keys.dtype, G.dtype, n, keys.shape[-1], V, t.block_v))
     return t.state_lowering == "mosaic"
 
@@ -192,10 +212,14 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     H, t = st.heads, st.tuning
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
+    additive = _additive(st.solver)
     G = cumulative_decay_kernel(log_decay, n // C)
-    w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
-                                     save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                     num_warps=t.transfer_warps, G=G)
+    if additive:  # w = 0 (never formed or read), u = a v token-major
+        w, u, T = None, _additive_values(values, alpha), []
+    else:
+        w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
+                                         save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
+                                         num_warps=t.transfer_warps, G=G)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
@@ -203,20 +227,21 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
+    mosaic = resets is None and _use_mosaic(t, keys, G, n, V, additive)
     if st.scan == "associative" and t.assoc == "xla":
-        flows = chunk_flows(head_major(keys, H), G, w, u)
+        flows = chunk_flows(head_major(keys, H), G, *_generators(w, u, keys, H))
         if resets is None:
             S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
         else:
             S_in, S_final = jax.vmap(lambda f, h: varlen.chunk_states(f, h, resets, "associative"))(flows, h0)
         S_in = S_in.astype(keys.dtype)
     elif segments > 1:
-        S_in, S_final, P, *finals = segmented_states(keys, G, w, u, S0, segments, heads=H, tuning=t, **packed,
-                                                     mosaic=resets is None and _use_mosaic(t, keys, G, n, V))
+        S_in, S_final, P, *finals = segmented_states(keys, G, *(_generators(w, u, keys, H) if mosaic else (w, u)), S0,
+                                                     segments, heads=H, tuning=t, **packed, mosaic=mosaic)
         if resets is not None:  # rows of empty sequences are not written by the kernels
             S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], finals[0], h0)
-    elif resets is None and _use_mosaic(t, keys, G, n, V):
-        S_in, S_final = state_pass_mosaic(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+    elif mosaic:
+        S_in, S_final = state_pass_mosaic(keys, G, *_generators(w, u, keys, H), S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif resets is not None:  # sequential: one program per (head, sequence, column block)
         S_in, S_final = state_pass_kernel(keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H, block_v=t.block_v,
                                           num_warps=t.state_warps, num_stages=t.state_stages, spans=spans,
@@ -226,11 +251,14 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
         S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                           num_stages=t.state_stages)
     save_scores = save and decay.per_channel(G)  # the reverse state pass then reads them (see state_pass)
+    save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
-                            save_corrected=save, save_scores=save_scores, heads=H, block_v=t.output_block_v,
+                            save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
                             score_mode=t.score_mode, num_warps=t.output_warps)
-    o, corrected, *scores = o if save else (o, None)
-    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores[0] if scores else None)
+    o, *saved = o if save_corrected or save_scores else (o,)
+    corrected = saved[0] if save_corrected else u if save else None
+    scores = saved[-1] if save_scores else None
+    return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores)
 
 
 def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None):
@@ -284,9 +312,11 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
         packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
         dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
-    mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1])
+    additive = _additive(st.solver)
+    mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1], additive)
+    w_pass = _generators(w, u, keys, H)[0] if mosaic else w
     if P is None and mosaic:
-        dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+        dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
@@ -299,14 +329,18 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                 heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                                 num_stages=t.state_bwd_stages, scores=scores)
     else:
-        dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w, do, dS_final.astype(S0.dtype), P, rank=R,
+        dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), P, rank=R,
                                                      scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic,
                                                      scores=scores)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
-    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, dv, rank=R, scale=st.scale,
-                                             heads=H, block_k=t.block_k, score_mode=t.score_mode,
-                                             num_warps=t.backward_warps)
+    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None if additive else dv,
+                                             rank=R, scale=st.scale, heads=H, block_k=t.block_k,
+                                             score_mode=t.score_mode, num_warps=t.backward_warps)
+    if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
+        dvalues, dalpha = jax.vjp(_additive_values, values, alpha)[1](token_major(dv, H).astype(values.dtype))
+        grads = (dq, dk, dvalues, jnp.zeros_like(beta), dalpha, cumulative_decay_vjp_kernel(log_decay, dG, R), dS0)
+        return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode, num_warps=t.backward_warps)
                     if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,

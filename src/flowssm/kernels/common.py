@@ -111,9 +111,21 @@ def token_major(x, heads: int | None):
     return jnp.moveaxis(x.reshape(BH // heads, heads, N, r, d), 1, 3)
 
 
+def in_layout(spec: pl.BlockSpec, x, heads: int | None) -> pl.BlockSpec:
+    """``spec`` (written head-major) for ``x`` in the layout its rank tells: token-major [B, N, r, H, d]
+    (5 axes) or head-major [B H, N, r, d]. For operands that arrive either way (``u`` of an additive path is
+    the token-major values, else the transfer's head-major output)."""
+    return token_spec(spec, heads) if x.ndim == 5 else spec
+
+
+def to_head_major(x, heads: int | None):
+    """:func:`head_major` of an operand in either layout (by its rank, as :func:`in_layout`)."""
+    return head_major(x, heads) if x.ndim == 5 else x
+
+
 def layout_dims(x, heads: int | None) -> tuple[int, int, int, int]:
-    """(B H, N, r, d) of an operand in either layout."""
-    if heads is None:
+    """(B H, N, r, d) of an operand in either layout (head-major when ``heads`` is None or ``x`` has 4 axes)."""
+    if heads is None or x.ndim == 4:
         return tuple(x.shape)
     B, N, r, H, d = x.shape
     return B * H, N, r, d

@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from flowssm.flows import WYFlow, apply
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import attention_block
-from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
-                                    token_spec)
+from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
+                                    resolve_interpret, to_head_major, token_spec)
 from flowssm import varlen
 from flowssm.scan import chunk_states
 from flowssm.varlen import Resets, Spans
@@ -122,7 +122,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                       interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False,
                       spans: Spans | None = None):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] (or [BH, N, n, K]: per key
-    channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V];
+    channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V] (or token-major
+    [B, N, n, H, V], by its rank); ``w=None``: ``w = 0`` (additive paths), never read;
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
     [BH * segments, K, V] in the dtype of ``S0``); with ``write_states=False`` only S_final.
 
@@ -162,7 +163,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     acc = jnp.promote_types(dtype, jnp.promote_types(jnp.float32 if flow else S0.dtype, G.dtype))
     per_channel = decay.per_channel(G)
 
-    def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
+    def kernel(k_ref, g_ref, *refs):
+        w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
+        u_ref, refs = refs[0], refs[1:]
         s0_ref, refs = (refs[0], refs[1:]) if read_s0 else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
         (seq_ref, start_ref, end_ref), refs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
@@ -191,7 +194,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                 s_in_ref[0][c] = S.astype(dtype)
             G = g_ref[c]
             G_end = g_ref[c, n - 1]
-            corrected = values * u_ref[c].astype(S.dtype) - dot(w_ref[c], S, operand_dtype=dtype)
+            corrected = values * u_ref[c].astype(S.dtype)
+            if w_ref is not None:
+                corrected = corrected - dot(w_ref[c], S, operand_dtype=dtype)
             if per_channel:  # k~ = e^{G_end - G} * k per channel, S's rows decay by e^{G_end}
                 k_end = (jnp.exp(G_end[None, :] - G) * k_ref[c].astype(G.dtype)).astype(S.dtype)
                 S = jnp.exp(G_end).astype(S.dtype)[:, None] * S + dot(k_end, corrected, operand_dtype=dtype,
@@ -216,8 +221,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_dtype = acc if flow else S0.dtype
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
     g_spec = whole(K) if per_channel else pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0))
-    in_specs = [token_spec(whole(K), heads), g_spec, whole(K),
-                pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j)))]
+    in_specs = [token_spec(whole(K), heads), g_spec, *([] if w is None else [whole(K)]),
+                in_layout(pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j))), u, heads)]
     per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
     out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
     out_specs = (states, state) if write_states else (state,)
@@ -234,7 +239,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, w, u, *((S0,) if read_s0 else ()), *(spans or ()), *(resets if packed else ()),
+    )(keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()), *(spans or ()), *(resets if packed else ()),
       *((h0,) if read_h0 else ()))
     if spans is not None:  # S_final back from program-row order
         out = (*out[:-1], from_rows(out[-1]))
@@ -243,8 +248,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
 def chunk_flows(keys, G, w, u) -> WYFlow:
     """The chunks' flows ``P = e^{G_end} I - (e^{G_end - G} k)^T w``, ``Q = (e^{G_end - G} k)^T u`` (float32;
-    ``e^{G_end}`` a diagonal for per-channel ``G: [BH, N, n, K]``)."""
+    ``e^{G_end}`` a diagonal for per-channel ``G: [BH, N, n, K]``). Head-major keys and ``u``; ``w=None``: 0."""
     f32 = G.dtype
+    w = jnp.zeros(keys.shape, f32) if w is None else w
     G_end = G[:, :, -1]
     to_end = jnp.exp(G_end[:, :, None] - G)
     k_end = (to_end if decay.per_channel(G) else to_end[..., None]) * keys.astype(f32)
@@ -266,12 +272,13 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
     del block_v, num_warps, num_stages, interpret, zero_h0  # h0 is read either way
     if spans is not None:
         _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
-        BH, N, K = G.shape[0], G.shape[1], w.shape[-1]
+        BH, N, K = G.shape[0], G.shape[1], layout_dims(keys, heads)[-1]
         S_in, _, finals = state_pass_reference(keys, G, w, u, jnp.zeros((BH, K, u.shape[-1]), S0.dtype), heads=heads,
                                                resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]))
         finals = finals.reshape(S0.shape)
         return (S_in, finals) if write_states else finals
-    keys = head_major(keys, heads)
+    keys, u = head_major(keys, heads), to_head_major(u, heads)
+    w = jnp.zeros(keys.shape, keys.dtype) if w is None else w
     BH, N, n, K = keys.shape
     V = u.shape[-1]
     M, _ = _segment_blocks(N, segments)
@@ -300,8 +307,8 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
 
 def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype,
                   rows=None, att=None):
-    """One chunk of the reverse pass. q: [C, K], k, w: [n, K], G: [n], G_tok: [C], G_end: [] (or [n, K],
-    [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v]).
+    """One chunk of the reverse pass. q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C], G_end: [] (or
+    [n, K], [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v]).
     ``att`` ([C, n]): the chunk's attention block saved by the forward, else computed here."""
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
@@ -312,11 +319,12 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
         dv = scale * mm(att, do, trans_a=True) + mm(k_end, dS)
         q_decay = jnp.exp(G_tok) * q.astype(acc)
         dS_in = jnp.exp(G_end)[:, None] * dS + mm(q_decay, scale * do.astype(acc), trans_a=True)
-        return dv, dS_in - mm(w, dv, trans_a=True)
+        return dv, dS_in if w is None else dS_in - mm(w, dv, trans_a=True)
     # decays scale the small [rows, v] tiles, not the [rows, K] operands: fewer live float32 tiles
     dv = scale * mm(att, do, trans_a=True) + jnp.exp(G_end - G).astype(acc)[:, None] * mm(k, dS)
     do_decay = (scale * jnp.exp(G_tok)).astype(acc)[:, None] * do.astype(acc)
-    return dv, jnp.exp(G_end).astype(acc) * dS + mm(q, do_decay, trans_a=True) - mm(w, dv, trans_a=True)
+    dS_in = jnp.exp(G_end).astype(acc) * dS + mm(q, do_decay, trans_a=True)
+    return dv, dS_in if w is None else dS_in - mm(w, dv, trans_a=True)
 
 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
@@ -325,7 +333,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                           dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
-    q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
+    q: [BH, N, C, K], keys, w: [BH, N, n, K] (``w=None``: 0, never read), G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
     the outputs; q, keys and do token-major with ``heads=H``), dS_final: [BH * segments, K, V] (the cotangent
     of the state leaving each segment) -> (dS_out: [BH, N, K, V] (cotangent of the state leaving each chunk)
     and dv': [BH, N, n, V], both in the dtype of ``keys``; dS0: [BH * segments, K, V], the cotangent of the
@@ -356,7 +364,9 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, w_ref, do_ref, *refs):
+    def kernel(q_ref, k_ref, g_ref, gt_ref, *refs):
+        w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
+        do_ref, refs = refs[0], refs[1:]
         a_ref, refs = (refs[0], refs[1:]) if scores is not None else (None, refs)
         dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
@@ -378,7 +388,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                     dS = dS * (1 - end_ref[base + c]).astype(acc)
             if write_states:
                 written[0][c] = dS.astype(written[0].dtype)
-            dv, dS = _reverse_step(q_ref[c], k_ref[c], w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
+            dv, dS = _reverse_step(q_ref[c], k_ref[c], None if w_ref is None else w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
                                    rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)),
                                    att=None if a_ref is None else a_ref[c])
@@ -408,7 +418,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     if packed and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
     in_specs = ([token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
-                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), whole(n, K),
+                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), *([] if w is None else [whole(n, K)]),
                  token_spec(cols(C), heads)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
                 + _span_specs(spans)
                 + _packed_specs(resets, read_dfinals and per_seq))
@@ -422,7 +432,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, w, do, *(() if scores is None else (scores,)), *((dS_final,) if read_dsf else ()),
+    )(q, keys, G, G_tok, *(() if w is None else (w,)), do, *(() if scores is None else (scores,)), *((dS_final,) if read_dsf else ()),
       *(spans or ()), *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
     if spans is not None:  # dS0 back from program-row order
         out = (*out[:-1], from_rows(out[-1]))
@@ -449,6 +459,7 @@ def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: f
         dS0 = jnp.where(owns, dh0, dfin).reshape(dS_final.shape)
         return (dS_out, dv, dS0) if write_states else dS0
     q, keys, do = (head_major(x, heads) for x in (q, keys, do))
+    w = jnp.zeros(keys.shape, keys.dtype) if w is None else w
     BH, N = G.shape[:2]
     M, _ = _segment_blocks(N, segments)
     acc = dS_final.dtype

@@ -7,6 +7,7 @@ chunk's transfer), its ``order()`` and its ``requirements()``; see :mod:`flowssm
 from __future__ import annotations
 
 from flowssm.solvers import program
+from flowssm.solvers.additive import Additive
 from flowssm.solvers.base import FlowSolver, Requirements, check_runnable
 from flowssm.solvers.euler import Euler
 from flowssm.solvers.exact import Exact
@@ -40,6 +41,6 @@ def get_solver(spec, key: str = "solver") -> FlowSolver:
 
 
 __all__ = [
-    "ChunkSolution", "Euler", "Exact", "FlowSolver", "LogODE", "Requirements", "SOLVERS", "Signature",
+    "Additive", "ChunkSolution", "Euler", "Exact", "FlowSolver", "LogODE", "Requirements", "SOLVERS", "Signature",
     "TransferProgram", "check_runnable", "get_solver", "program",
 ]

@@ -13,7 +13,8 @@ product (``jnp.matmul`` in XLA, the kernel's float32-accumulating ``dot``).
 
 ``structure`` tells the kernels' backward what ``T`` is: ``IDENTITY`` (``T = I``), ``INVERSE``
 (``T = (I + L)^{-1}`` exactly: the backward kernel reuses the forward's ``T``) or ``GENERAL`` (the
-backward differentiates the jnp reference). ``pallas_unsupported`` says why the kernels cannot run a
+backward differentiates the jnp reference); ``ADDITIVE`` is ``T = I`` on a path without multiplicative
+increments (``beta = 0``): ``w = 0``, which the kernels neither form nor read. ``pallas_unsupported`` says why the kernels cannot run a
 program (``None``: they can).
 """
 
@@ -32,7 +33,7 @@ from flowssm.chunks import ChunkSystem
 from flowssm.flows import WYFlow
 
 Matmul = Callable[[Array, Array], Array]
-IDENTITY, INVERSE, GENERAL = "identity", "inverse", "general"
+IDENTITY, INVERSE, GENERAL, ADDITIVE = "identity", "inverse", "general", "additive"
 
 
 class ChunkSolution(NamedTuple):
@@ -91,6 +92,15 @@ class Identity(TransferProgram):
 
     def apply(self, L, rhs, matmul):
         return rhs
+
+
+@dataclasses.dataclass(frozen=True)
+class Additive(Identity):
+    """``T = I`` for a path whose multiplicative steps are 0 (linear attention): ``w = T (b e^G k) = 0``,
+    ``u = a v``. The xla interpreter runs it as :class:`Identity` (``w`` comes out 0 from ``b = 0``); the
+    kernels skip the transfer and every product with ``w``."""
+
+    structure = ADDITIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +269,6 @@ def solve_system(program: TransferProgram, system: ChunkSystem) -> ChunkSolution
 
 
 __all__ = [
-    "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction", "Merge", "Neumann",
+    "ADDITIVE", "Additive", "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction", "Merge", "Neumann",
     "Substitution", "TransferProgram", "Wavefront", "neumann_product", "solve_system",
 ]
