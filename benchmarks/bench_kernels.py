@@ -23,7 +23,7 @@ per-document final states against fla and the xla backend (float32 copies). ``--
 once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
 chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
 gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape, ``gla``
-the same for linear attention (``T = I``, ``beta = 1``).
+the same for linear attention (the additive path: no transfer kernel, ``w = 0`` never read).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
-from flowssm.solvers import Euler, get_solver
-from flowssm.solvers.program import INVERSE
+from flowssm.solvers import Additive, get_solver
+from flowssm.solvers.program import ADDITIVE, INVERSE
 from timing import rel, timed  # noqa: F401  (bench_kernels.rel / .timed: used by other scripts)
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
@@ -158,8 +158,8 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
 
 def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge", spans=None,
                  solver=None):
-    """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`, or ``solver``: e.g. ``Euler()`` with
-    ``beta = 1`` for linear attention, GLA, whose transfer saves no ``T``) as ``chunked_pallas`` calls it, on
+    """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`, or ``solver``: e.g. ``Additive()`` for
+    linear attention, GLA: no transfer, no ``w``) as ``chunked_pallas`` calls it, on
     token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
     (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU).
@@ -187,27 +187,35 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         calls[name] = (jax.jit(fn), args)
         return run(calls[name][0], *args)
 
+    additive = solver.program().structure == ADDITIVE  # no transfer: w = 0, u = v (token-major)
+    decayed = per_channel and not additive  # the transfer writes the keys decayed to the chunk end
     G = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld)
-    w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-        *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
-        num_warps=t.transfer_warps, G=a[5], **opts),
-        keys, values, b, b, ld, G)
+    if additive:
+        w, u, Tm = None, values, []
+    else:
+        w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
+            *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
+            num_warps=t.transfer_warps, G=a[5], write_end_keys=decayed, **opts),
+            keys, values, b, b, ld, G)
+    state_keys = Tm.pop() if decayed else keys
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
-        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, **packed, **opts),
-        keys, G, w, u, S0)
-    _, corrected, *scores = add("output", lambda *a: co.chunk_output_kernel(
-        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=True, save_scores=per_channel,
-        score_mode=t.score_mode, num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
+        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
+        **opts), state_keys, G, w, u, S0)
+    _, *saved = add("output", lambda *a: co.chunk_output_kernel(
+        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
+        save_scores=per_channel, score_mode=t.score_mode, num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
+    corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, _, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
-        qc, keys, G, corrected, S_in, dS_out, dO, dv)
-    add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
-        *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
-        **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG)
+        qc, keys, G, corrected, S_in, dS_out, dO, None if additive else dv)
+    if not additive:
+        add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
+            *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
+            **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG)
     return calls
 
 
@@ -465,11 +473,11 @@ def stages_only(args, say) -> None:
             CHUNK = 16 if args.tiny else CHUNK
             size = PACKED_TINY if args.tiny else PACKED
             out["packed"] = packed_stage_times(**size, reps=args.reps)
-        elif part in ("kda", "gla"):  # per-channel decays; gla: linear attention (T = I, beta = 1)
+        elif part in ("kda", "gla"):  # per-channel decays; gla: linear attention (no transfer, w = 0)
             B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
             g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), (B, T, H, K)) + 2.0)
-            solver, beta = (Euler(), jnp.ones_like(beta)) if part == "gla" else (None, beta)
+            solver = Additive() if part == "gla" else None
             times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False, solver=solver)
             if args.sweep:  # one entry a launch variant
                 out[part] = {"shape": f"{B}x{T}x{H}x{K}x{V}"}

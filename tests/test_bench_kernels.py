@@ -41,7 +41,7 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
 
 def test_kda_and_gla_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
     """``--stages kda,gla --sweep --sweep-tunings 'transfer_warps=4'``: each kernel alone with per-channel decays
-    (delta rule, and linear attention: no saved ``T``), one entry a variant, labelled by the fields it changes
+    (delta rule, and linear attention: no transfer kernels), one entry a variant, labelled by the fields it changes
     (``stages.json``)."""
     import argparse
     import json
@@ -53,4 +53,5 @@ def test_kda_and_gla_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
     for part in ("kda", "gla"):
         out = json.loads((tmp_path / "stages.json").read_text())[part]
         assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape", "transfer_warps=4"}
-        assert min(out["transfer_warps=4"].values()) > 0 and "transfer_bwd" in out["transfer_warps=4"]
+        assert min(out["transfer_warps=4"].values()) > 0
+        assert ("transfer_bwd" in out["transfer_warps=4"]) == (part == "kda")  # gla: the additive path

@@ -98,8 +98,10 @@ def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):
 def test_transfer_kernels_match_references(solver):
     args = stage_inputs()
     exact = isinstance(solver, Exact)
-    w, u, *T = chunk_transfer_kernel(*args, solver=solver, save_transfer=exact)
-    for a, b in zip((w, u), chunk_transfer_reference(*args, solver=solver)):
+    w, u, *T, k_end = chunk_transfer_kernel(*args, solver=solver, save_transfer=exact, write_end_keys=True)
+    keys, G = args[0], micro_log_decay(args[4], 1)
+    assert rel(k_end, jnp.exp(G[:, :, -1:] - G) * keys) < 1e-14  # the keys decayed to the chunk end
+    for a, b in zip((w, u, k_end), chunk_transfer_reference(*args, solver=solver, write_end_keys=True)):
         assert rel(a, b) < 1e-12
     r = np.random.default_rng(1)
     dw, du = jnp.asarray(r.normal(size=w.shape)), jnp.asarray(r.normal(size=u.shape))
@@ -122,6 +124,9 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
     static = dict(rank=R, scale=0.3)
     S_in, S_final = state_pass_kernel(keys, G, w, u, S0, block_v=8)
     for a, b in zip((S_in, S_final), state_pass_reference(keys, G, w, u, S0)):
+        assert rel(a, b) < 1e-13
+    k_end = jnp.exp(G[:, :, -1:] - G) * keys  # the transfer's end keys: the pass reads only G's last rows
+    for a, b in zip(state_pass_kernel(k_end, G, w, u, S0, block_v=8, decayed_keys=True), (S_in, S_final)):
         assert rel(a, b) < 1e-13
     o, corrected, scores = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, save_scores=True,
                                                **static)

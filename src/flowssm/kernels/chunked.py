@@ -98,7 +98,7 @@ def _segment_cotangent_ends(P, b, dS_final):
 
 
 def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
-                     zero_h0: bool = False, mosaic: bool = False):
+                     zero_h0: bool = False, mosaic: bool = False, decayed_keys: bool = False):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n]
     (or [BH, N, n, K]), w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -107,7 +107,8 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     over (head, segment, column block); (2) an associative scan over the segment flows (XLA) gives the
     state entering each segment; (3) the state pass inside every segment, in parallel, from those states.
     Depth ``2 M + log2(segments)`` chunk steps instead of ``N``, for twice the state-pass arithmetic.
-    ``mosaic``: steps (1) and (3) on Mosaic GPU (``state_pass_mosaic``; unpacked only).
+    ``mosaic``: steps (1) and (3) on Mosaic GPU (``state_pass_mosaic``; unpacked only). ``decayed_keys``: as in
+    ``state_pass_kernel`` (Triton only).
     Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
     """
@@ -115,7 +116,7 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     V = u.shape[-1]
     opts = dict(heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
-             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages,
+             dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages, decayed_keys=decayed_keys,
                   **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
     state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
     flow = state_pass(keys, G, w, u, None, flow=True, write_states=False).reshape(BH, segments, K, K + V)
@@ -214,12 +215,16 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     save_transfer = save and st.solver.program().structure == INVERSE
     additive = _additive(st.solver)
     G = cumulative_decay_kernel(log_decay, n // C)
+    xla_scan = st.scan == "associative" and t.assoc == "xla"
+    # per-channel decays: the transfer writes the keys decayed to the chunk end, the state passes' operand
+    decayed = decay.per_channel(G) and not additive and not xla_scan
     if additive:  # w = 0 (never formed or read), u = a v token-major
         w, u, T = None, _additive_values(values, alpha), []
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         num_warps=t.transfer_warps, G=G)
+                                         num_warps=t.transfer_warps, G=G, write_end_keys=decayed)
+    state_keys = T.pop() if decayed else keys
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
@@ -228,7 +233,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     mosaic = resets is None and _use_mosaic(t, keys, G, n, V, additive)
-    if st.scan == "associative" and t.assoc == "xla":
+    if xla_scan:
         flows = chunk_flows(head_major(keys, H), G, *_generators(w, u, keys, H))
         if resets is None:
             S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
@@ -236,20 +241,22 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
             S_in, S_final = jax.vmap(lambda f, h: varlen.chunk_states(f, h, resets, "associative"))(flows, h0)
         S_in = S_in.astype(keys.dtype)
     elif segments > 1:
-        S_in, S_final, P, *finals = segmented_states(keys, G, *(_generators(w, u, keys, H) if mosaic else (w, u)), S0,
-                                                     segments, heads=H, tuning=t, **packed, mosaic=mosaic)
+        S_in, S_final, P, *finals = segmented_states(state_keys, G, *(_generators(w, u, keys, H) if mosaic else (w, u)),
+                                                     S0, segments, heads=H, tuning=t, **packed, mosaic=mosaic,
+                                                     decayed_keys=decayed)
         if resets is not None:  # rows of empty sequences are not written by the kernels
             S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], finals[0], h0)
     elif mosaic:
-        S_in, S_final = state_pass_mosaic(keys, G, *_generators(w, u, keys, H), S0, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+        S_in, S_final = state_pass_mosaic(keys, G, *_generators(w, u, keys, H), S0, heads=H, block_v=t.block_v,
+                                          num_stages=t.mosaic_stages)
     elif resets is not None:  # sequential: one program per (head, sequence, column block)
-        S_in, S_final = state_pass_kernel(keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H, block_v=t.block_v,
-                                          num_warps=t.state_warps, num_stages=t.state_stages, spans=spans,
-                                          zero_h0=st.zero_h0)
+        S_in, S_final = state_pass_kernel(state_keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H,
+                                          block_v=t.block_v, num_warps=t.state_warps, num_stages=t.state_stages,
+                                          spans=spans, zero_h0=st.zero_h0, decayed_keys=decayed)
         S_final = S_final.reshape(h0.shape)
     else:  # sequential, or too few chunks to split
-        S_in, S_final = state_pass_kernel(keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                          num_stages=t.state_stages)
+        S_in, S_final = state_pass_kernel(state_keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
+                                          num_stages=t.state_stages, decayed_keys=decayed)
     save_scores = save and decay.per_channel(G)  # the reverse state pass then reads them (see state_pass)
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,

@@ -120,10 +120,12 @@ def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[p
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False,
-                      spans: Spans | None = None):
+                      spans: Spans | None = None, decayed_keys: bool = False):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] (or [BH, N, n, K]: per key
     channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V] (or token-major
-    [B, N, n, H, V], by its rank); ``w=None``: ``w = 0`` (additive paths), never read;
+    [B, N, n, H, V], by its rank); ``w=None``: ``w = 0`` (additive paths), never read; ``decayed_keys`` (per-channel
+    G): ``keys`` are ``k~ = e^{G_end - G} * k`` already (``chunk_transfer.end_keys``, head-major or token-major by
+    their rank), and only the last row of each chunk's ``G`` is read;
     S0: [BH * segments, K, V] (float32/64) -> (S_in: [BH, N, K, V] in the dtype of ``keys``, S_final:
     [BH * segments, K, V] in the dtype of ``S0``); with ``write_states=False`` only S_final.
 
@@ -162,6 +164,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.promote_types(jnp.float32 if flow else S0.dtype, G.dtype))
     per_channel = decay.per_channel(G)
+    if decayed_keys and not per_channel:
+        raise ValueError(f"decayed_keys: keys decayed to the chunk end need per-channel G [BH, N, n, K], got G of "
+                         f"shape {tuple(G.shape)}")
 
     def kernel(k_ref, g_ref, *refs):
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
@@ -192,17 +197,16 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                     S = S * (1 - start_ref[base + c]).astype(S.dtype)
             if write_states:
                 s_in_ref[0][c] = S.astype(dtype)
-            G = g_ref[c]
             G_end = g_ref[c, n - 1]
             corrected = values * u_ref[c].astype(S.dtype)
             if w_ref is not None:
                 corrected = corrected - dot(w_ref[c], S, operand_dtype=dtype)
             if per_channel:  # k~ = e^{G_end - G} * k per channel, S's rows decay by e^{G_end}
-                k_end = (jnp.exp(G_end[None, :] - G) * k_ref[c].astype(G.dtype)).astype(S.dtype)
+                k_end = k_ref[c] if decayed_keys else jnp.exp(G_end[None, :] - g_ref[c]) * k_ref[c].astype(G_end.dtype)
                 S = jnp.exp(G_end).astype(S.dtype)[:, None] * S + dot(k_end, corrected, operand_dtype=dtype,
                                                                      trans_a=True)
             else:  # k~^T r = k^T (e^{G_end - G} r)
-                corrected = jnp.exp(G_end - G).astype(S.dtype)[:, None] * corrected
+                corrected = jnp.exp(G_end - g_ref[c]).astype(S.dtype)[:, None] * corrected
                 S = jnp.exp(G_end).astype(S.dtype) * S + dot(k_ref[c], corrected, operand_dtype=dtype, trans_a=True)
             if fin_ref is not None:
 
@@ -221,7 +225,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_dtype = acc if flow else S0.dtype
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
     g_spec = whole(K) if per_channel else pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0))
-    in_specs = [token_spec(whole(K), heads), g_spec, *([] if w is None else [whole(K)]),
+    in_specs = [in_layout(whole(K), keys, heads), g_spec, *([] if w is None else [whole(K)]),
                 in_layout(pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j))), u, heads)]
     per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
     out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
@@ -246,14 +250,15 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     return out if len(out) > 1 else out[0]
 
 
-def chunk_flows(keys, G, w, u) -> WYFlow:
+def chunk_flows(keys, G, w, u, decayed_keys: bool = False) -> WYFlow:
     """The chunks' flows ``P = e^{G_end} I - (e^{G_end - G} k)^T w``, ``Q = (e^{G_end - G} k)^T u`` (float32;
-    ``e^{G_end}`` a diagonal for per-channel ``G: [BH, N, n, K]``). Head-major keys and ``u``; ``w=None``: 0."""
+    ``e^{G_end}`` a diagonal for per-channel ``G: [BH, N, n, K]``). Head-major keys and ``u``; ``w=None``: 0;
+    ``decayed_keys``: the keys are ``e^{G_end - G} k`` already."""
     f32 = G.dtype
     w = jnp.zeros(keys.shape, f32) if w is None else w
     G_end = G[:, :, -1]
     to_end = jnp.exp(G_end[:, :, None] - G)
-    k_end = (to_end if decay.per_channel(G) else to_end[..., None]) * keys.astype(f32)
+    k_end = keys.astype(f32) if decayed_keys else (to_end if decay.per_channel(G) else to_end[..., None]) * keys.astype(f32)
     return WYFlow(G_end, k_end, w.astype(f32), u.astype(f32))
 
 
@@ -265,7 +270,7 @@ def _by_segment(x, segments: int):
 def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                          flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                          interpret: bool | None = None, resets: Resets | None = None, h0=None,
-                         zero_h0: bool = False, spans: Spans | None = None):
+                         zero_h0: bool = False, spans: Spans | None = None, decayed_keys: bool = False):
     """Same contract as :func:`state_pass_kernel`, through ``flowssm.scan.chunk_states`` (sequential), or
     ``flowssm.varlen.chunk_states`` when packed (there an empty sequence's final state is its ``h0`` row);
     ``spans`` through the resets they imply (:func:`flowssm.varlen.span_resets`)."""
@@ -274,10 +279,11 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
         _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
         BH, N, K = G.shape[0], G.shape[1], layout_dims(keys, heads)[-1]
         S_in, _, finals = state_pass_reference(keys, G, w, u, jnp.zeros((BH, K, u.shape[-1]), S0.dtype), heads=heads,
-                                               resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]))
+                                               resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]),
+                                               decayed_keys=decayed_keys)
         finals = finals.reshape(S0.shape)
         return (S_in, finals) if write_states else finals
-    keys, u = head_major(keys, heads), to_head_major(u, heads)
+    keys, u = to_head_major(keys, heads), to_head_major(u, heads)
     w = jnp.zeros(keys.shape, keys.dtype) if w is None else w
     BH, N, n, K = keys.shape
     V = u.shape[-1]
@@ -285,7 +291,7 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
     if flow:  # the pass of [P | Q] from [I | 0], the P columns without values
         u = jnp.concatenate([jnp.zeros((*u.shape[:-1], K), u.dtype), u], axis=-1)
         S0 = jnp.broadcast_to(jnp.eye(K, K + V, dtype=jnp.promote_types(jnp.float32, G.dtype)), (BH * segments, K, K + V))
-    flows = chunk_flows(*(_by_segment(x, segments) for x in (keys, G, w, u)))
+    flows = chunk_flows(*(_by_segment(x, segments) for x in (keys, G, w, u)), decayed_keys)
     if resets is None:
         S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "sequential"))(flows, S0)
     else:
