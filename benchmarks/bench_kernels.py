@@ -188,16 +188,18 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         return run(calls[name][0], *args)
 
     additive = solver.program().structure == ADDITIVE  # no transfer: w = 0, u = v (token-major)
-    decayed = per_channel and not additive  # the transfer writes the keys decayed to the chunk end
-    G = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld)
+    decayed = per_channel and not additive  # the decays kernel also writes the keys decayed to the chunk end
+    if decayed:
+        G, state_keys = add("decays", lambda x, k: cd.cumulative_decay_kernel(x, 1, keys=k, heads=H, **opts), ld, keys)
+    else:
+        G, state_keys = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld), keys
     if additive:
         w, u, Tm = None, values, []
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
             *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
-            num_warps=t.transfer_warps, G=a[5], write_end_keys=decayed, **opts),
+            num_warps=t.transfer_warps, G=a[5], **opts),
             keys, values, b, b, ld, G)
-    state_keys = Tm.pop() if decayed else keys
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
         **opts), state_keys, G, w, u, S0)

@@ -14,8 +14,9 @@ from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_
                                           chunk_output_reference)
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
-from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
-from flowssm.kernels.common import reference_dot
+from flowssm.kernels.cumulative_decay import (cumulative_decay_kernel, cumulative_decay_vjp_kernel, end_keys,
+                                             micro_log_decay)
+from flowssm.kernels.common import head_major, reference_dot
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                         state_pass_reference)
 from flowssm.solvers import Euler, Exact
@@ -83,6 +84,11 @@ def test_cumulative_decay_kernels_match_the_cumsums_and_autodiff(R, BH=2, N=2, C
         got = cumulative_decay_vjp_kernel(g, dG, R)
         assert got.shape == g.shape and rel(got, vjp(dG)[0]) < 1e-14
         assert float(jnp.abs(got[0, 1, 5]).max()) == 0.0
+        if g.ndim == 4:  # with the keys (token-major, two heads): also the keys decayed to their chunk's end
+            keys = jnp.asarray(r.normal(size=(1, N, C * R, BH, K)))
+            got_G, k_end = cumulative_decay_kernel(g, R, keys=keys, heads=BH)
+            assert rel(got_G, G) < 1e-14 and rel(k_end, end_keys(head_major(keys, BH), G)) < 1e-14
+            assert rel(k_end[:, :, -1], head_major(keys, BH)[:, :, -1]) < 1e-15  # the last micro-step: not decayed
 
 
 def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):
@@ -98,10 +104,8 @@ def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):
 def test_transfer_kernels_match_references(solver):
     args = stage_inputs()
     exact = isinstance(solver, Exact)
-    w, u, *T, k_end = chunk_transfer_kernel(*args, solver=solver, save_transfer=exact, write_end_keys=True)
-    keys, G = args[0], micro_log_decay(args[4], 1)
-    assert rel(k_end, jnp.exp(G[:, :, -1:] - G) * keys) < 1e-14  # the keys decayed to the chunk end
-    for a, b in zip((w, u, k_end), chunk_transfer_reference(*args, solver=solver, write_end_keys=True)):
+    w, u, *T = chunk_transfer_kernel(*args, solver=solver, save_transfer=exact)
+    for a, b in zip((w, u), chunk_transfer_reference(*args, solver=solver)):
         assert rel(a, b) < 1e-12
     r = np.random.default_rng(1)
     dw, du = jnp.asarray(r.normal(size=w.shape)), jnp.asarray(r.normal(size=u.shape))

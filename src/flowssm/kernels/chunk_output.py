@@ -102,7 +102,10 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     if save_corrected and w is None:
         raise ValueError("chunk_output_kernel: save_corrected=True with w=None: the corrected values are u itself")
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, *refs):
+    own_tokens = rank > 1  # for one micro-step a token the token decays are G itself: its block, read once
+
+    def kernel(q_ref, k_ref, g_ref, *refs):
+        gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         u_ref, s_ref, o_ref, *saved_refs = refs
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
@@ -129,13 +132,14 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
-        in_specs=[tok(rows(C, K)), tok(rows(n, K)), *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C))),
+        in_specs=[tok(rows(C, K)), tok(rows(n, K)),
+                  *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens],
                   *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
         out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(q, keys, G, G_tok, *(() if w is None else (w,)), u, S_in)
+    )(q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)), u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,

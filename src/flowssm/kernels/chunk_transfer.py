@@ -62,16 +62,9 @@ def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_d
     return dot(T * scale_k[None, :], k, operand_dtype=operand_dtype), u, T
 
 
-def end_keys(k, G, G_end):
-    """The keys decayed to their chunk's end, ``e^{G_end - G} * k`` per key channel: what the state pass adds to
-    the state, ``S <- diag(e^{G_end}) S + k_end^T (u - w S)``. k, G: [..., n, K], G_end: [..., 1, K] (G's last row)."""
-    return jnp.exp(G_end - G) * k.astype(G.dtype)
-
-
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
-                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None, G=None,
-                          write_end_keys: bool = False):
+                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None, G=None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -81,8 +74,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
     per-channel decayed scores (``launch.Tuning.score_mode``). ``G``: ``micro_log_decay(log_decay, R)`` where
-    the caller has it (else computed here). ``write_end_keys`` (per-channel decays): a last output, the keys decayed
-    to their chunk's end (:func:`end_keys`, [BH, N, n, K] in the dtype of ``keys``), the state pass's operand.
+    the caller has it (else computed here).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -94,18 +86,11 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         raise ValueError(f"save_transfer: T is saved for programs computing (I + L)^{{-1}} only, got {program!r} "
                          f"(solver {solver!r})")
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
-    if write_end_keys and not decay.per_channel(G):
-        raise ValueError("write_end_keys: the keys decayed to the chunk end are written for per-channel decays "
-                         f"(log_decay [BH, N, C, K]), got log_decay of shape {tuple(log_decay.shape)}")
     blocks = chunks.score_blocks(n // R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
-        k, G = k_ref[...], g_ref[...]
-        if write_end_keys:
-            *t_ref, e_ref = t_ref
-            e_ref[...] = end_keys(k, G, g_ref[n - 1][None, :]).astype(e_ref.dtype)
-        w, u, T = _transfer_block(k, v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), G,
+        w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
                                   program=program, operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
                                   rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)
@@ -116,7 +101,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
-    extra = (n,) * save_transfer + (K,) * write_end_keys
+    extra = (n,) if save_transfer else ()
     return pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
@@ -131,9 +116,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                              heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                             interpret: bool | None = None, G=None, write_end_keys: bool = False):
-    """Same contract as :func:`chunk_transfer_kernel` (without ``save_transfer``), through ``chunks.build_system``
-    and ``solver.solve``."""
+                             interpret: bool | None = None, G=None):
+    """Same contract as :func:`chunk_transfer_kernel`, through ``chunks.build_system`` and ``solver.solve``."""
     del mode, num_warps, num_stages, interpret, G
     keys, values = head_major(keys, heads), head_major(values, heads)
     BH, N, n, _ = keys.shape
@@ -142,11 +126,7 @@ def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: Fl
     by_token = lambda x: x.astype(f32).reshape(BH, N, C, n // C, *x.shape[3:])
     path = Path(by_token(keys), by_token(values), by_token(beta), by_token(alpha), log_decay.astype(f32))
     sol = jax.vmap(jax.vmap(lambda c: solver.solve(chunks.build_system(c, "discrete"))))(path)
-    out = (sol.w.astype(keys.dtype), sol.u.astype(keys.dtype))
-    if write_end_keys:
-        G = micro_log_decay(log_decay.astype(f32), n // C)
-        out = (*out, end_keys(keys, G, G[..., -1:, :]).astype(keys.dtype))
-    return out
+    return sol.w.astype(keys.dtype), sol.u.astype(keys.dtype)
 
 
 def _scaled_keys_vjp(drk, k, beta, G):

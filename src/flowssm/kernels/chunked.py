@@ -214,17 +214,18 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     C, n = qc.shape[2], keys.shape[2]
     save_transfer = save and st.solver.program().structure == INVERSE
     additive = _additive(st.solver)
-    G = cumulative_decay_kernel(log_decay, n // C)
     xla_scan = st.scan == "associative" and t.assoc == "xla"
-    # per-channel decays: the transfer writes the keys decayed to the chunk end, the state passes' operand
-    decayed = decay.per_channel(G) and not additive and not xla_scan
+    # per-channel decays: the decays kernel also writes the keys decayed to the chunk end, the state passes' operand
+    decayed = log_decay.ndim == 4 and not additive and not xla_scan
+    G, *end_keys = cumulative_decay_kernel(log_decay, n // C, keys=keys, heads=H) if decayed else (
+        cumulative_decay_kernel(log_decay, n // C),)
+    state_keys = end_keys[0] if decayed else keys
     if additive:  # w = 0 (never formed or read), u = a v token-major
         w, u, T = None, _additive_values(values, alpha), []
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         num_warps=t.transfer_warps, G=G, write_end_keys=decayed)
-    state_keys = T.pop() if decayed else keys
+                                         num_warps=t.transfer_warps, G=G)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)

@@ -11,6 +11,10 @@ gathered load), scans and writes them back in reverse (Triton's lowering has no 
 
 On an H200 at 4 x 4096 x 16 x 128 the cumsums in XLA took 0.37 ms, a quarter of KDA's forward (RESULTS.md,
 run 13). Scalar decays (``g: [C]``, a few kB a chunk) stay in XLA.
+
+Given the keys, the forward kernel also writes them decayed to their chunk's end, ``k~ = e^{G_end - G} * k``
+(:func:`end_keys`), the state pass's operand: the pass then reads bf16 keys and ``G``'s last row instead of
+exponentiating a float32 ``[n, K]`` tile in its serial loop (RESULTS.md, run 14).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels.common import pallas_call, resolve_interpret
+from flowssm.kernels.common import pallas_call, resolve_interpret, token_spec
 
 
 def micro_log_decay(log_decay, rank: int):
@@ -31,40 +35,63 @@ def micro_log_decay(log_decay, rank: int):
     return jnp.repeat(chunks.cumulative_log_decay(log_decay.astype(dtype), axis=2), rank, axis=2)
 
 
+def end_keys(keys, G):
+    """The keys decayed to their chunk's end, ``e^{G_end - G} * k`` per key channel (``G_end``: the last row of
+    ``G``), in the dtype of ``keys`` (jnp: the reference). keys, G: [BH, N, n, K]."""
+    return (jnp.exp(G[:, :, -1:] - G) * keys.astype(G.dtype)).astype(keys.dtype)
+
+
 def _rows(C: int, rank: int, r: int, reverse: bool = False):
     """Micro-step ``r`` of each token, tokens in order or ``reverse``d: int32 [C] row indices."""
     tokens = lax.broadcasted_iota(jnp.int32, (C,), 0)
     return ((C - 1 - tokens) if reverse else tokens) * rank + r
 
 
-def _launch(kernel, out_shape, operands, interpret, name: str):
+def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None = None):
+    """One program per (head, chunk) over ``[BH, N, r, K]`` blocks (token-major operands of rank 5 with ``heads``)."""
     BH, N, _, K = operands[0].shape
-    block = lambda r: pl.BlockSpec((None, None, r, K), lambda i, c: (i, c, 0, 0))
-    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N),
-                       in_specs=[block(x.shape[2]) for x in operands], out_specs=block(out_shape.shape[2]),
+    block = lambda x: token_spec(pl.BlockSpec((None, None, x.shape[2], K), lambda i, c: (i, c, 0, 0)),
+                                 heads if x.ndim == 5 else None)
+    outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+    specs = tuple(block(x) for x in outs)
+    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=[block(x) for x in operands],
+                       out_specs=specs if isinstance(out_shape, tuple) else specs[0],
                        interpret=resolve_interpret(interpret), num_warps=4, num_stages=1, name=name)(*operands)
 
 
-def cumulative_decay_kernel(log_decay, rank: int, *, interpret: bool | None = None):
-    """:func:`micro_log_decay` (same contract): a kernel for per-channel ``[BH, N, C, K]`` decays."""
+def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | None = None,
+                            interpret: bool | None = None):
+    """:func:`micro_log_decay` (same contract): a kernel for per-channel ``[BH, N, C, K]`` decays. With ``keys``
+    ([BH, N, n, K], or token-major [B, N, n, H, K] with ``heads``; per-channel decays only) -> (G, :func:`end_keys`
+    head-major in the dtype of ``keys``)."""
     if log_decay.ndim == 3:
+        if keys is not None:
+            raise ValueError("keys: the keys decayed to the chunk end are formed for per-channel decays "
+                             f"(log_decay [BH, N, C, K]), got log_decay of shape {tuple(log_decay.shape)}")
         return micro_log_decay(log_decay, rank)
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
     BH, N, C, K = log_decay.shape
     gap = chunks.reset_gap(dtype)
 
-    def kernel(g_ref, G_ref):
+    def kernel(g_ref, *refs):
+        k_ref, G_ref, *e_ref = refs if keys is not None else (None, *refs)
         g = g_ref[...].astype(dtype)
         reset = jnp.isneginf(g)
         G = jnp.cumsum(jnp.where(reset, 0.0, g), axis=0) - gap * jnp.cumsum(reset.astype(dtype), axis=0)
-        if rank == 1:
-            G_ref[...] = G
-        else:
-            for r in range(rank):  # each token's decay on its R micro-steps' rows
-                G_ref[_rows(C, rank, r), :] = G
+        if e_ref:  # e^{G_end - G}: G's last row, exactly, by a masked sum
+            last = lax.broadcasted_iota(jnp.int32, (C, K), 0) == C - 1
+            to_end = jnp.exp(jnp.sum(jnp.where(last, G, 0.0), axis=0)[None, :] - G)
+        for r in range(rank):  # each token's decay on its R micro-steps' rows
+            rows = slice(None) if rank == 1 else _rows(C, rank, r)
+            G_ref[rows, :] = G
+            if e_ref:
+                e_ref[0][rows, :] = (to_end * k_ref[rows, :].astype(dtype)).astype(e_ref[0].dtype)
 
     out = jax.ShapeDtypeStruct((BH, N, C * rank, K), dtype)
-    return _launch(kernel, out, (log_decay,), interpret, "flowssm_cumulative_decay")
+    if keys is None:
+        return _launch(kernel, out, (log_decay,), interpret, "flowssm_cumulative_decay")
+    decayed = jax.ShapeDtypeStruct((BH, N, C * rank, K), keys.dtype)
+    return _launch(kernel, (out, decayed), (log_decay, keys), interpret, "flowssm_cumulative_decay", heads=heads)
 
 
 def cumulative_decay_vjp_kernel(log_decay, dG, rank: int, *, interpret: bool | None = None):
