@@ -127,3 +127,24 @@ def test_delta_rule_refuses_the_additive_solver():
     q, k, v, g, S0 = inputs(8, False)
     with pytest.raises(ValueError, match="solver: .*linear_attention"):
         flowssm.delta_rule(q, k, v, jnp.ones(q.shape[:3], q.dtype), g, solver=Additive())
+
+
+def test_additive_steps_other_than_one_scale_the_values():
+    """``u = a v`` with ``a != 1`` (the kernels' product and its vjp; linear attention itself has ``a = 1``): the
+    kernels equal the xla path, gradients of the values and of ``a`` included."""
+    from flowssm import ops
+    from flowssm.paths import make_path
+
+    q, k, v, g, S0 = inputs(9, True)
+    a = jnp.asarray(np.random.default_rng(10).uniform(0.5, 2.0, q.shape[:3]))
+    do = jnp.asarray(np.random.default_rng(11).normal(size=(B, T, H, V)))
+
+    def loss(backend, k, v, a):
+        path = make_path(k, v, jnp.zeros_like(a), g, alpha=a)
+        o, S = ops._chunked(q, path, S0, scale=0.25, chunk_size=C, solver=Additive(), scan="sequential",
+                            backend=backend, semantics="discrete")
+        return jnp.sum(o * do) + jnp.sum(S**2)
+
+    got, want = (jax.grad(lambda *x: loss(b, *x), argnums=(0, 1, 2))(k, v, a) for b in ("pallas", "xla"))
+    for x, y in zip(got, want):
+        assert rel(x, y) < 1e-10

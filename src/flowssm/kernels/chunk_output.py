@@ -57,7 +57,8 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
                   score_mode: str = "operand"):
-    """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V] -> (o: [C, V],
+    """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V]
+    -> (o: [C, V],
     corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
     :func:`attention_block`, as ``score_mode``."""
@@ -195,7 +196,8 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
     dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
     through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
     d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
-    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, None if dv is None else -mm(dv[...], S, trans_b=True),
+    dw = None if dv is None else -mm(dv[...], S, trans_b=True)
+    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, dw,
             jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 

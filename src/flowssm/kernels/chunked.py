@@ -10,6 +10,12 @@ Forward:
    ``jax.lax.associative_scan`` over dense chunk flows instead.
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
+Before them, ``cumulative_decay``: the decays ``G`` of every micro-step and, for per-channel decays on the
+kernels' passes, the keys decayed to their chunk's end (the state passes' operand). Paths without
+multiplicative steps (the ``Additive`` solver, ``program.ADDITIVE``: linear attention) skip step 1: ``w = 0``
+is neither formed nor read (``w=None`` in the kernels) and ``u = a v`` is read token-major; their backward has
+no transfer step and no ``dw``.
+
 Backward (``Tuning(backward="kernels")``, a ``jax.custom_vjp`` over the three stages; residuals are the
 inputs, ``w, u``, the states entering the chunks and, for exact programs, the chunks' ``T``):
 
@@ -324,7 +330,8 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1], additive)
     w_pass = _generators(w, u, keys, H)[0] if mosaic else w
     if P is None and mosaic:
-        dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
+        dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), rank=R,
+                                                scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,

@@ -243,7 +243,8 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()), *(spans or ()), *(resets if packed else ()),
+    )(keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()), *(spans or ()),
+      *(resets if packed else ()),
       *((h0,) if read_h0 else ()))
     if spans is not None:  # S_final back from program-row order
         out = (*out[:-1], from_rows(out[-1]))
@@ -258,7 +259,9 @@ def chunk_flows(keys, G, w, u, decayed_keys: bool = False) -> WYFlow:
     w = jnp.zeros(keys.shape, f32) if w is None else w
     G_end = G[:, :, -1]
     to_end = jnp.exp(G_end[:, :, None] - G)
-    k_end = keys.astype(f32) if decayed_keys else (to_end if decay.per_channel(G) else to_end[..., None]) * keys.astype(f32)
+    k_end = keys.astype(f32)
+    if not decayed_keys:
+        k_end = (to_end if decay.per_channel(G) else to_end[..., None]) * k_end
     return WYFlow(G_end, k_end, w.astype(f32), u.astype(f32))
 
 
@@ -279,8 +282,8 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
         _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
         BH, N, K = G.shape[0], G.shape[1], layout_dims(keys, heads)[-1]
         S_in, _, finals = state_pass_reference(keys, G, w, u, jnp.zeros((BH, K, u.shape[-1]), S0.dtype), heads=heads,
-                                               resets=varlen.span_resets(spans, N), h0=S0.reshape(BH, -1, *S0.shape[1:]),
-                                               decayed_keys=decayed_keys)
+                                               resets=varlen.span_resets(spans, N),
+                                               h0=S0.reshape(BH, -1, *S0.shape[1:]), decayed_keys=decayed_keys)
         finals = finals.reshape(S0.shape)
         return (S_in, finals) if write_states else finals
     keys, u = to_head_major(keys, heads), to_head_major(u, heads)
@@ -339,7 +342,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                           dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
-    q: [BH, N, C, K], keys, w: [BH, N, n, K] (``w=None``: 0, never read), G: [BH, N, n] (cumulative), do: [BH, N, C, V] (cotangent of
+    q: [BH, N, C, K], keys, w: [BH, N, n, K] (``w=None``: 0, never read), G: [BH, N, n] (cumulative),
+    do: [BH, N, C, V] (cotangent of
     the outputs; q, keys and do token-major with ``heads=H``), dS_final: [BH * segments, K, V] (the cotangent
     of the state leaving each segment) -> (dS_out: [BH, N, K, V] (cotangent of the state leaving each chunk)
     and dv': [BH, N, n, V], both in the dtype of ``keys``; dS0: [BH * segments, K, V], the cotangent of the
@@ -394,7 +398,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                     dS = dS * (1 - end_ref[base + c]).astype(acc)
             if write_states:
                 written[0][c] = dS.astype(written[0].dtype)
-            dv, dS = _reverse_step(q_ref[c], k_ref[c], None if w_ref is None else w_ref[c], g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
+            w_c = None if w_ref is None else w_ref[c]
+            dv, dS = _reverse_step(q_ref[c], k_ref[c], w_c, g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
                                    rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)),
                                    att=None if a_ref is None else a_ref[c])
@@ -424,7 +429,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     if packed and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
     in_specs = ([token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
-                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))), *([] if w is None else [whole(n, K)]),
+                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
+                 *([] if w is None else [whole(n, K)]),
                  token_spec(cols(C), heads)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
                 + _span_specs(spans)
                 + _packed_specs(resets, read_dfinals and per_seq))
@@ -438,7 +444,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, *(() if w is None else (w,)), do, *(() if scores is None else (scores,)), *((dS_final,) if read_dsf else ()),
+    )(q, keys, G, G_tok, *(() if w is None else (w,)), do, *(() if scores is None else (scores,)),
+      *((dS_final,) if read_dsf else ()),
       *(spans or ()), *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
     if spans is not None:  # dS0 back from program-row order
         out = (*out[:-1], from_rows(out[-1]))

@@ -14,8 +14,8 @@ product (``jnp.matmul`` in XLA, the kernel's float32-accumulating ``dot``).
 ``structure`` tells the kernels' backward what ``T`` is: ``IDENTITY`` (``T = I``), ``INVERSE``
 (``T = (I + L)^{-1}`` exactly: the backward kernel reuses the forward's ``T``) or ``GENERAL`` (the
 backward differentiates the jnp reference); ``ADDITIVE`` is ``T = I`` on a path without multiplicative
-increments (``beta = 0``): ``w = 0``, which the kernels neither form nor read. ``pallas_unsupported`` says why the kernels cannot run a
-program (``None``: they can).
+increments (``beta = 0``): ``w = 0``, which the kernels neither form nor read. ``pallas_unsupported`` says
+why the kernels cannot run a program (``None``: they can).
 """
 
 from __future__ import annotations
@@ -269,6 +269,6 @@ def solve_system(program: TransferProgram, system: ChunkSystem) -> ChunkSolution
 
 
 __all__ = [
-    "ADDITIVE", "Additive", "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction", "Merge", "Neumann",
-    "Substitution", "TransferProgram", "Wavefront", "neumann_product", "solve_system",
+    "ADDITIVE", "Additive", "ChunkSolution", "Doubling", "GENERAL", "IDENTITY", "INVERSE", "Identity", "MatrixFunction",
+    "Merge", "Neumann", "Substitution", "TransferProgram", "Wavefront", "neumann_product", "solve_system",
 ]
