@@ -18,7 +18,9 @@ tokens through the chunked op, then 128 decode steps in one jitted scan) at batc
 
 Variants (same sizes): ``-gla-`` / ``-kda-`` rows swap the mixer for a per-channel-decay one (flowssm
 families "gla" / "kda"; fla's ``GLAForCausalLM`` with ``expand_k=1`` / ``KDAForCausalLM``: their gate
-parametrisations differ from flowssm's, the ops are the same); ``flowssm-pallas-packed-4`` trains on rows of
+parametrisations differ from flowssm's, the ops are the same). fla's GLA has no short convolution by
+default, flowssm's ``gla`` family does: ``fla-gla-conv-4`` adds it (``use_short_conv=True``, width 4), the
+closer match; flowssm's also L2-normalises q and k. ``flowssm-pallas-packed-4`` trains on rows of
 packed documents (random lengths, :func:`document_positions`; the same batches otherwise), to set against
 ``flowssm-pallas-4``.
 """
@@ -36,7 +38,7 @@ import time
 PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on the H200 (device README)
 ROWS = ["fla-4", "flowssm-pallas-4", "flowssm-xla-4", "flowssm-pallas-remat-4", "fla-12", "flowssm-pallas-12",
         "flowssm-xla-12", "flowssm-pallas-gated-4", "flowssm-pallas-packed-4", "flowssm-pallas-gla-4", "fla-gla-4",
-        "flowssm-pallas-kda-4", "fla-kda-4", "decode-1", "decode-64"]
+        "fla-gla-conv-4", "flowssm-pallas-kda-4", "fla-kda-4", "decode-1", "decode-64"]
 FAMILIES = {"gated": "gated_deltanet", "gla": "gla", "kda": "kda"}  # row-name part -> flowssm mixer family
 
 
@@ -121,14 +123,16 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
                 backend=backend, device=jax.devices()[0].device_kind)
 
 
-def fla_model(family: str, layers: int, s: dict):
-    """fla's model of ``family`` at the benchmark sizes (K = V = d_model / heads)."""
+def fla_model(family: str, layers: int, s: dict, short_conv: bool = False):
+    """fla's model of ``family`` at the benchmark sizes (K = V = d_model / heads); ``short_conv`` (GLA, whose
+    default has none): the short convolution of width 4 on q, k, v that flowssm's ``gla`` family has."""
     from fla import models
 
     common = dict(hidden_size=s["d_model"], num_heads=s["heads"], num_hidden_layers=layers, vocab_size=s["vocab"],
                   intermediate_size=s["hidden"], tie_word_embeddings=False)
     if family == "gla":
-        return models.GLAForCausalLM(models.GLAConfig(expand_k=1, expand_v=1, **common))
+        return models.GLAForCausalLM(models.GLAConfig(expand_k=1, expand_v=1, use_short_conv=short_conv, conv_size=4,
+                                                      **common))
     if family == "kda":
         return models.KDAForCausalLM(models.KDAConfig(head_dim=s["d_model"] // s["heads"], **common))
     return models.DeltaNetForCausalLM(models.DeltaNetConfig(use_gate=True, **common))
@@ -138,7 +142,7 @@ def fla_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     import torch
 
     s = shape(tiny)
-    model = fla_model(family_of(name), layers, s).cuda()
+    model = fla_model(family_of(name), layers, s, short_conv="-conv-" in name).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     data = [torch.from_numpy(b).long().cuda() for b in batches(s)]
 
