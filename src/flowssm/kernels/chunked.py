@@ -331,8 +331,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     w_pass = _generators(w, u, keys, H)[0] if mosaic else w
     if P is None and mosaic:
         dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), rank=R,
-                                                scale=st.scale,
-                                                heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
+                                                scale=st.scale, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
                                                 scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
