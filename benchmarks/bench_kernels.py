@@ -203,10 +203,15 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
         **opts), state_keys, G, w, u, S0)
+    apart = per_channel and t.output_scores == "kernel"  # the output's scores from a kernel of their own
+    decayed = add("scores", lambda *a: co.chunk_scores_kernel(
+        *a, rank=1, heads=H, score_mode=t.score_mode, num_warps=t.output_warps, **opts), qc, keys, G) if apart else None
     _, *saved = add("output", lambda *a: co.chunk_output_kernel(
-        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
-        save_scores=per_channel, score_mode=t.score_mode, num_warps=t.output_warps, **opts), qc, keys, G, w, u, S_in)
-    corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
+        *a[:6], rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
+        save_scores=per_channel and not apart, score_mode=t.score_mode, num_warps=t.output_warps, scores=a[6], **opts),
+        qc, keys, G, w, u, S_in, decayed)
+    corrected = u if additive else saved[0]
+    scores = [decayed[0]] if apart else saved[-1:] if per_channel else []
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)

@@ -56,14 +56,21 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
-                  score_mode: str = "operand"):
+                  score_mode: str = "operand", scores=None):
     """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V]
     -> (o: [C, V],
     corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
-    :func:`attention_block`, as ``score_mode``."""
-    acc = G.dtype
+    :func:`attention_block`, as ``score_mode``. ``scores``: ``(A, e^{G_t} q)`` formed apart
+    (:func:`chunk_scores_kernel`, per key channel); then ``q, k, G, G_tok`` are not read (None)."""
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
+    if scores is not None:  # the output of the scalar-decay form with the decays already applied
+        acc = jnp.promote_types(operand_dtype, jnp.float32)
+        att, q_decayed = scores[0][...].astype(acc), scores[1]
+        S = S[...].astype(acc)
+        corrected = u[...].astype(acc) if w is None else u[...].astype(acc) - mm(w[...], S)
+        return scale * (mm(q_decayed[...], S) + mm(att, corrected)), corrected, att
+    acc = G.dtype
     if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
         att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows,
                               score_mode=score_mode)
@@ -77,10 +84,58 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected, att
 
 
+def chunk_scores_kernel(q, keys, G, *, rank: int, heads: int | None = None, score_mode: str = "operand",
+                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+    """Per key channel, the output's decayed operands formed apart from it, one program per (head, chunk):
+    q: [BH, N, C, K], keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n, K] -> (the attention blocks
+    ``A: [BH, N, C, n]`` (:func:`attention_block`), ``e^{G_t} * q: [BH, N, C, K]``), both in the dtype of ``keys``
+    (the operand dtype of the output's products with them: the same roundings as inside the output kernel).
+    :func:`chunk_output_kernel` then reads them instead of ``q, keys, G`` (``scores=``), and the reverse state pass
+    reads ``A`` (``Tuning(output_scores="kernel")``)."""
+    BH, N, C, K = layout_dims(q, heads)
+    n = layout_dims(keys, heads)[2]
+    if not decay.per_channel(G):
+        raise ValueError(f"G: chunk_scores_kernel forms per-channel scores, expected [BH, N, n, K], got shape "
+                         f"{tuple(G.shape)}")
+    interpret = resolve_interpret(interpret)
+    dtype = keys.dtype
+    own_tokens = rank > 1
+
+    def kernel(q_ref, k_ref, g_ref, *refs):
+        gt_ref, (a_ref, qd_ref) = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
+        a_ref[...] = attention_block(q_ref, k_ref, g_ref, gt_ref, rank=rank, matmul=dot, operand_dtype=dtype,
+                                     rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)),
+                                     score_mode=score_mode).astype(a_ref.dtype)
+        qd_ref[...] = (jnp.exp(gt_ref[...]) * q_ref[...].astype(g_ref.dtype)).astype(qd_ref.dtype)
+
+    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
+    return pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((BH, N, C, n), dtype), jax.ShapeDtypeStruct((BH, N, C, K), dtype)),
+        grid=(BH, N),
+        in_specs=[token_spec(rows(C, K), heads), token_spec(rows(n, K), heads), rows(n, K)] + [rows(C, K)] * own_tokens,
+        out_specs=(rows(C, n), rows(C, K)),
+        interpret=interpret,
+        num_warps=num_warps, num_stages=num_stages,
+        name="flowssm_chunk_scores",
+    )(q, keys, G, *(decay.token_decays(G, rank),) * own_tokens)
+
+
+def chunk_scores_reference(q, keys, G, *, rank: int, heads: int | None = None, score_mode: str = "operand",
+                           num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+    """Same contract as :func:`chunk_scores_kernel`, in plain jnp at full precision."""
+    del score_mode, num_warps, num_stages, interpret
+    q, keys = head_major(q, heads), head_major(keys, heads)
+    G_tok = decay.token_decays(G, rank)
+    block = lambda *a: attention_block(*a, rank=rank, matmul=reference_dot, operand_dtype=keys.dtype)
+    A = jax.vmap(jax.vmap(block))(q, keys, G, G_tok)
+    return A.astype(keys.dtype), (jnp.exp(G_tok) * q.astype(G.dtype)).astype(keys.dtype)
+
+
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
                         block_v: int | None = None, score_mode: str = "operand", num_warps: int = 4,
-                        num_stages: int = 1, interpret: bool | None = None):
+                        num_stages: int = 1, interpret: bool | None = None, scores=None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
@@ -88,6 +143,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
     recomputing ``decay.scores`` inside its serial loop). ``w=None``: ``w = 0`` (additive paths: the corrected
     values are ``u``, never saved), never read; ``u`` may be token-major ``[B, N, n, H, V]`` (by its rank).
+    ``scores``: :func:`chunk_scores_kernel`'s ``(A, e^{G_t} q)`` (per key channel): read instead of ``q, keys, G``
+    (then used for their shapes and dtype only; ``save_scores`` is refused: ``A`` is that array).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
@@ -102,16 +159,25 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     if save_corrected and w is None:
         raise ValueError("chunk_output_kernel: save_corrected=True with w=None: the corrected values are u itself")
+    if scores is not None and (save_scores or not decay.per_channel(G)):
+        raise ValueError("scores: formed apart for per-channel decays only, and then not saved again "
+                         f"(save_scores={save_scores}, G of shape {tuple(G.shape)})")
 
     own_tokens = rank > 1  # for one micro-step a token the token decays are G itself: its block, read once
 
-    def kernel(q_ref, k_ref, g_ref, *refs):
-        gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
+    def kernel(*refs):
+        if scores is None:
+            (q_ref, k_ref, g_ref), refs = refs[:3], refs[3:]
+            gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
+            decayed, rows = None, (decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref))
+        else:
+            q_ref = k_ref = g_ref = gt_ref = rows = None
+            decayed, refs = refs[:2], refs[2:]
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         u_ref, s_ref, o_ref, *saved_refs = refs
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
-                                          matmul=dot, operand_dtype=dtype, score_mode=score_mode,
-                                          rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
+                                          matmul=dot, operand_dtype=dtype, score_mode=score_mode, rows=rows,
+                                          scores=decayed)
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
             saved_refs[0][...] = corrected.astype(dtype)
@@ -133,14 +199,15 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
-        in_specs=[tok(rows(C, K)), tok(rows(n, K)),
-                  *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens],
+        in_specs=[*([tok(rows(C, K)), tok(rows(n, K)),
+                     *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens]]
+                    if scores is None else [rows(C, n), rows(C, K)]),
                   *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
         out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)), u, S_in)
+    )(*((q, keys, G, *(G_tok,) * own_tokens) if scores is None else scores), *(() if w is None else (w,)), u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,

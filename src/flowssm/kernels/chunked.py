@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from flowssm.kernels import decay
-from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
+from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference,
+                                          chunk_scores_kernel)
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, to_head_major, token_major
@@ -264,14 +265,17 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:  # sequential, or too few chunks to split
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                           num_stages=t.state_stages, decayed_keys=decayed)
-    save_scores = save and decay.per_channel(G)  # the reverse state pass then reads them (see state_pass)
+    apart = decay.per_channel(G) and t.output_scores == "kernel"  # the output's scores from a kernel of their own
+    scores = (chunk_scores_kernel(qc, keys, G, rank=n // C, heads=H, score_mode=t.score_mode,
+                                  num_warps=t.output_warps) if apart else None)
+    save_scores = save and decay.per_channel(G) and not apart  # the reverse state pass reads them (see state_pass)
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, num_warps=t.output_warps)
+                            score_mode=t.score_mode, num_warps=t.output_warps, scores=scores)
     o, *saved = o if save_corrected or save_scores else (o,)
     corrected = saved[0] if save_corrected else u if save else None
-    scores = saved[-1] if save_scores else None
+    scores = saved[-1] if save_scores else scores[0] if apart and save else None
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores)
 
 

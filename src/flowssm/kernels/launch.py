@@ -20,6 +20,7 @@ from flowssm.kernels.common import DOT_MODES
 BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 STATE_LOWERINGS = ("auto", "triton", "mosaic")
+OUTPUT_SCORES = ("inside", "kernel")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
@@ -51,6 +52,10 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
+    output_scores (per-channel decays): "inside" the output kernel forms its decayed scores and ``e^{G} q``;
+    "kernel": a kernel of their own (``chunk_output.chunk_scores_kernel``) forms them first and the output
+    kernel reads them, as with scalar decays (fewer live float32 tiles in the output kernel; not yet timed on
+    a GPU: RESULTS.md, run 14).
     """
 
     transfer_mode: str | None = None
@@ -69,11 +74,12 @@ class Tuning:
     segment_programs: int = 256
     state_lowering: str = "auto"
     mosaic_stages: int = 4
+    output_scores: str = "inside"
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
                    "backward": BACKWARDS,
-                   "state_lowering": STATE_LOWERINGS}
+                   "state_lowering": STATE_LOWERINGS, "output_scores": OUTPUT_SCORES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
