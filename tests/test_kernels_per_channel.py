@@ -11,7 +11,8 @@ from flowssm import chunks
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, chunk_output_kernel,
-                                          chunk_output_reference, chunk_scores_kernel, chunk_scores_reference)
+                                          chunk_output_reference)
+from flowssm.kernels.chunk_scores import chunk_scores_kernel, chunk_scores_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.cumulative_decay import (cumulative_decay_kernel, cumulative_decay_vjp_kernel, end_keys,
@@ -135,14 +136,17 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
     o, corrected, scores = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, save_scores=True,
                                                **static)
     assert rel(o, chunk_output_reference(q, keys, G, w, u, S_in, **static)) < 1e-13
-    # the scores formed apart (Tuning(output_scores="kernel")): the same blocks, the same outputs from them
-    apart = chunk_scores_kernel(q, keys, G, rank=R)
-    for a, b in zip(apart, chunk_scores_reference(q, keys, G, rank=R)):
+    # the scores formed apart (Tuning(intra="apart")): the same blocks, the same outputs and transfer from them
+    apart = chunk_scores_kernel(q, keys, G, rank=R, with_keys=True)
+    for a, b in zip(apart, chunk_scores_reference(q, keys, G, rank=R, with_keys=True)):
         assert rel(a, b) < 1e-13
     assert rel(apart[0], scores) < 1e-13 and rel(apart[1], jnp.exp(decay.token_decays(G, R)) * q) < 1e-13
-    o_apart, corrected_apart = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, scores=apart,
+    o_apart, corrected_apart = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, scores=apart[:2],
                                                    **static)
     assert rel(o_apart, o) < 1e-13 and rel(corrected_apart, corrected) < 1e-13
+    transfer = lambda **kw: chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=Exact(), **kw)
+    for a, b in zip(transfer(gram=apart[2]), transfer()):
+        assert rel(a, b) < 1e-13
 
     def forward(q, keys, G, w, u, S0):
         S_in, S_final = state_pass_reference(keys, G, w, u, S0)
@@ -169,13 +173,13 @@ def _ops(family, q, k, v, beta, g, S0, **kw):
 
 
 @pytest.mark.parametrize("family, scan, tuning", [("gla", "sequential", None), ("kda", "associative", None),
-                                                  ("kda", "sequential", kc.Tuning(output_scores="kernel"))],
+                                                  ("kda", "sequential", kc.Tuning(intra="apart"))],
                          ids=["gla-sequential", "kda-associative", "kda-scores-apart"])
 def test_ops_and_gradients_match_xla(family, scan, tuning):
     """Outputs, final states and the gradients of every input (g included) equal backend "xla" in float64;
     ``associative`` runs the segmented scan (segment flows with per-row decay) forward and backward (the
-    sequential passes: the stage test above); ``output_scores="kernel"``: the output's scores from their own
-    kernel, the reverse pass reading that kernel's blocks."""
+    sequential passes: the stage test above); ``intra="apart"``: the transfer's and the output's scores from a
+    kernel of their own, the reverse pass reading that kernel's blocks."""
     args = inputs(4, strength=1.0)
     r = np.random.default_rng(5)
     do, dS = jnp.asarray(r.normal(size=(B, T, H, V))), jnp.asarray(r.normal(size=(B, H, K, V)))
@@ -271,7 +275,7 @@ def test_a_configs_kernel_choices_reach_the_kernels(monkeypatch):
 
 def test_scores_kernel_with_two_micro_steps_a_token():
     """``chunk_scores_kernel`` at rank 2 (token decays read from their own block), token-major operands: its
-    reference, and the output kernel fed with it equals the output kernel forming them itself."""
+    reference; the output kernel and the transfer fed with it equal them forming the scores themselves."""
     keys, values, beta, alpha, log_decay = stage_inputs(seed=4, R=2)
     BH, N, n, _ = keys.shape
     C, R, H = log_decay.shape[2], 2, 2
@@ -279,11 +283,14 @@ def test_scores_kernel_with_two_micro_steps_a_token():
     r = np.random.default_rng(5)
     q = jnp.asarray(r.normal(size=(BH // H, N, C, H, K)))
     tok = lambda x: jnp.moveaxis(x.reshape(BH // H, H, *x.shape[1:]), 1, 3)  # head-major -> token-major
-    apart = chunk_scores_kernel(q, tok(keys), G, rank=R, heads=H)
-    for a, b in zip(apart, chunk_scores_reference(q, tok(keys), G, rank=R, heads=H)):
+    apart = chunk_scores_kernel(q, tok(keys), G, rank=R, heads=H, with_keys=True)
+    for a, b in zip(apart, chunk_scores_reference(q, tok(keys), G, rank=R, heads=H, with_keys=True)):
         assert rel(a, b) < 1e-13
     w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
     S_in = jnp.asarray(r.normal(size=(BH, N, K, V)))
     static = dict(rank=R, scale=0.3, heads=H)
     inside = chunk_output_kernel(q, tok(keys), G, w, u, S_in, **static)
-    assert rel(chunk_output_kernel(q, tok(keys), G, w, u, S_in, scores=apart, **static), inside) < 1e-13
+    assert rel(chunk_output_kernel(q, tok(keys), G, w, u, S_in, scores=apart[:2], **static), inside) < 1e-13
+    transfer = lambda **kw: chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=Exact(), **kw)
+    for a, b in zip(transfer(gram=apart[2]), transfer()):  # the key scores over micro-steps
+        assert rel(a, b) < 1e-13

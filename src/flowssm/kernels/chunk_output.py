@@ -62,7 +62,7 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
     corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
     :func:`attention_block`, as ``score_mode``. ``scores``: ``(A, e^{G_t} q)`` formed apart
-    (:func:`chunk_scores_kernel`, per key channel); then ``q, k, G, G_tok`` are not read (None)."""
+    (``chunk_scores.chunk_scores_kernel``, per key channel); then ``q, k, G, G_tok`` are not read (None)."""
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     if scores is not None:  # the output of the scalar-decay form with the decays already applied
         acc = jnp.promote_types(operand_dtype, jnp.float32)
@@ -84,54 +84,6 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
     return scale * (jnp.exp(G_tok)[:, None] * mm(q, S) + mm(att, corrected)), corrected, att
 
 
-def chunk_scores_kernel(q, keys, G, *, rank: int, heads: int | None = None, score_mode: str = "operand",
-                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
-    """Per key channel, the output's decayed operands formed apart from it, one program per (head, chunk):
-    q: [BH, N, C, K], keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n, K] -> (the attention blocks
-    ``A: [BH, N, C, n]`` (:func:`attention_block`), ``e^{G_t} * q: [BH, N, C, K]``), both in the dtype of ``keys``
-    (the operand dtype of the output's products with them: the same roundings as inside the output kernel).
-    :func:`chunk_output_kernel` then reads them instead of ``q, keys, G`` (``scores=``), and the reverse state pass
-    reads ``A`` (``Tuning(output_scores="kernel")``)."""
-    BH, N, C, K = layout_dims(q, heads)
-    n = layout_dims(keys, heads)[2]
-    if not decay.per_channel(G):
-        raise ValueError(f"G: chunk_scores_kernel forms per-channel scores, expected [BH, N, n, K], got shape "
-                         f"{tuple(G.shape)}")
-    interpret = resolve_interpret(interpret)
-    dtype = keys.dtype
-    own_tokens = rank > 1
-
-    def kernel(q_ref, k_ref, g_ref, *refs):
-        gt_ref, (a_ref, qd_ref) = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
-        a_ref[...] = attention_block(q_ref, k_ref, g_ref, gt_ref, rank=rank, matmul=dot, operand_dtype=dtype,
-                                     rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)),
-                                     score_mode=score_mode).astype(a_ref.dtype)
-        qd_ref[...] = (jnp.exp(gt_ref[...]) * q_ref[...].astype(g_ref.dtype)).astype(qd_ref.dtype)
-
-    rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c: (i, c, 0, 0))
-    return pallas_call(
-        kernel,
-        out_shape=(jax.ShapeDtypeStruct((BH, N, C, n), dtype), jax.ShapeDtypeStruct((BH, N, C, K), dtype)),
-        grid=(BH, N),
-        in_specs=[token_spec(rows(C, K), heads), token_spec(rows(n, K), heads), rows(n, K)] + [rows(C, K)] * own_tokens,
-        out_specs=(rows(C, n), rows(C, K)),
-        interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages,
-        name="flowssm_chunk_scores",
-    )(q, keys, G, *(decay.token_decays(G, rank),) * own_tokens)
-
-
-def chunk_scores_reference(q, keys, G, *, rank: int, heads: int | None = None, score_mode: str = "operand",
-                           num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
-    """Same contract as :func:`chunk_scores_kernel`, in plain jnp at full precision."""
-    del score_mode, num_warps, num_stages, interpret
-    q, keys = head_major(q, heads), head_major(keys, heads)
-    G_tok = decay.token_decays(G, rank)
-    block = lambda *a: attention_block(*a, rank=rank, matmul=reference_dot, operand_dtype=keys.dtype)
-    A = jax.vmap(jax.vmap(block))(q, keys, G, G_tok)
-    return A.astype(keys.dtype), (jnp.exp(G_tok) * q.astype(G.dtype)).astype(keys.dtype)
-
-
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
                         block_v: int | None = None, score_mode: str = "operand", num_warps: int = 4,
@@ -143,7 +95,7 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
     recomputing ``decay.scores`` inside its serial loop). ``w=None``: ``w = 0`` (additive paths: the corrected
     values are ``u``, never saved), never read; ``u`` may be token-major ``[B, N, n, H, V]`` (by its rank).
-    ``scores``: :func:`chunk_scores_kernel`'s ``(A, e^{G_t} q)`` (per key channel): read instead of ``q, keys, G``
+    ``scores``: ``chunk_scores.chunk_scores_kernel``'s ``(A, e^{G_t} q)`` (per key channel): read instead of ``q, keys, G``
     (then used for their shapes and dtype only; ``save_scores`` is refused: ``A`` is that array).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
