@@ -92,7 +92,8 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "seque
     import flowssm
     from flowssm.kernels import chunk_output, chunk_scores, chunk_transfer, cumulative_decay, state_pass
 
-    for module in (chunk_output, chunk_scores, chunk_transfer, cumulative_decay, state_pass):  # for the GPU, not interpreted
+    # compile for the GPU, not interpret on the CPU
+    for module in (chunk_output, chunk_scores, chunk_transfer, cumulative_decay, state_pass):
         module.resolve_interpret = lambda interpret: False
     captured = capture_triton()
     B, T, H, K = 1, 256, 2, head_dim

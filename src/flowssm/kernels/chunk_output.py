@@ -95,8 +95,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
     recomputing ``decay.scores`` inside its serial loop). ``w=None``: ``w = 0`` (additive paths: the corrected
     values are ``u``, never saved), never read; ``u`` may be token-major ``[B, N, n, H, V]`` (by its rank).
-    ``scores``: ``chunk_scores.chunk_scores_kernel``'s ``(A, e^{G_t} q)`` (per key channel): read instead of ``q, keys, G``
-    (then used for their shapes and dtype only; ``save_scores`` is refused: ``A`` is that array).
+    ``scores``: ``chunk_scores.chunk_scores_kernel``'s ``(A, e^{G_t} q)`` (per key channel): read instead of
+    ``q, keys, G`` (then used for their shapes and dtype only; ``save_scores`` is refused: ``A`` is that array).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode

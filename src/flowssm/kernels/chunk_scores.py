@@ -22,7 +22,8 @@ from flowssm import chunks
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import attention_block
 from flowssm.kernels.chunk_transfer import key_scores
-from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret, token_spec
+from flowssm.kernels.common import (dot, head_major, layout_dims, pallas_call, reference_dot, resolve_interpret,
+                                    token_spec)
 
 
 def chunk_scores_kernel(q, keys, G, *, rank: int, heads: int | None = None, with_keys: bool = False,

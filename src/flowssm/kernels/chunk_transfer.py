@@ -33,8 +33,8 @@ def key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str =
     its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``)."""
     n = k.shape[0]
     if len(G.shape) == 2:
-        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(matmul, mode=score_mode),
-                            operand_dtype=operand_dtype, rows=rows)
+        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0,
+                            matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
@@ -96,7 +96,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
                                   program=program, operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
-                                  rows=(decay.ref_rows(k_ref, g_ref),) * 2, gram=None if gr_ref is None else gr_ref[...])
+                                  rows=(decay.ref_rows(k_ref, g_ref),) * 2,
+                                  gram=None if gr_ref is None else gr_ref[...])
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         if save_transfer:
@@ -110,7 +111,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec] + [rows(n)] * (gram is not None),
+        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec]
+                 + [rows(n)] * (gram is not None),
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,

@@ -275,7 +275,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, num_warps=t.output_warps, scores=None if intra is None else intra[:2])
+                            score_mode=t.score_mode, num_warps=t.output_warps,
+                            scores=None if intra is None else intra[:2])
     o, *saved = o if save_corrected or save_scores else (o,)
     corrected = saved[0] if save_corrected else u if save else None
     scores = saved[-1] if save_scores else intra[0] if apart and save else None
