@@ -58,8 +58,8 @@ def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=No
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
                   score_mode: str = "operand", scores=None):
     """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V]
-    -> (o: [C, V],
-    corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for float64 ``G``).
+    -> (o: [C, V], corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for
+    float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
     :func:`attention_block`, as ``score_mode``. ``scores``: ``(A, e^{G_t} q)`` formed apart
     (``chunk_scores.chunk_scores_kernel``, per key channel); then ``q, k, G, G_tok`` are not read (None)."""

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels.common import pallas_call, resolve_interpret, token_spec
+from flowssm.kernels.common import in_layout, pallas_call, resolve_interpret
 
 
 def micro_log_decay(log_decay, rank: int):
@@ -50,8 +50,7 @@ def _rows(C: int, rank: int, r: int, reverse: bool = False):
 def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None = None):
     """One program per (head, chunk) over ``[BH, N, r, K]`` blocks (token-major operands of rank 5 with ``heads``)."""
     BH, N, _, K = operands[0].shape
-    block = lambda x: token_spec(pl.BlockSpec((None, None, x.shape[2], K), lambda i, c: (i, c, 0, 0)),
-                                 heads if x.ndim == 5 else None)
+    block = lambda x: in_layout(pl.BlockSpec((None, None, x.shape[2], K), lambda i, c: (i, c, 0, 0)), x, heads)
     outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
     specs = tuple(block(x) for x in outs)
     return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=[block(x) for x in operands],
