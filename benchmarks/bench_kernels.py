@@ -42,14 +42,13 @@ import flowssm
 from flowssm import varlen
 from flowssm.kernels import Tuning, chunked_pallas
 from flowssm.kernels import chunk_output as co
-from flowssm.kernels import chunk_scores as cs
 from flowssm.kernels import chunk_transfer as ct
 from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
 from flowssm.solvers import Additive, get_solver
-from flowssm.solvers.program import ADDITIVE, IDENTITY, INVERSE
+from flowssm.solvers.program import ADDITIVE, INVERSE
 from timing import rel, timed  # noqa: F401  (bench_kernels.rel / .timed: used by other scripts)
 
 SHAPES = [(4, 4096, 16, 128, 128), (1, 16384, 16, 128, 128), (8, 2048, 32, 64, 64), (1, 65536, 16, 128, 128),
@@ -194,28 +193,21 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         G, state_keys = add("decays", lambda x, k: cd.cumulative_decay_kernel(x, 1, keys=k, heads=H, **opts), ld, keys)
     else:
         G, state_keys = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld), keys
-    apart = per_channel and t.intra == "apart"  # the decayed scores from a kernel of their own
-    with_keys = apart and solver.program().structure not in (IDENTITY, ADDITIVE)
-    intra = add("scores", lambda *a: cs.chunk_scores_kernel(
-        *a, rank=1, heads=H, with_keys=with_keys, score_mode=t.score_mode, num_warps=t.scores_warps, **opts),
-        qc, keys, G) if apart else None
     if additive:
         w, u, Tm = None, values, []
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
             *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
-            num_warps=t.transfer_warps, G=a[5], gram=a[6], **opts),
-            keys, values, b, b, ld, G, intra[2] if with_keys else None)
+            score_channels=t.score_channels, num_warps=t.transfer_warps, G=a[5], **opts),
+            keys, values, b, b, ld, G)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
         **opts), state_keys, G, w, u, S0)
-    decayed = None if intra is None else intra[:2]
     _, *saved = add("output", lambda *a: co.chunk_output_kernel(
-        *a[:6], rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
-        save_scores=per_channel and not apart, score_mode=t.score_mode, num_warps=t.output_warps, scores=a[6], **opts),
-        qc, keys, G, w, u, S_in, decayed)
-    corrected = u if additive else saved[0]
-    scores = [decayed[0]] if apart else saved[-1:] if per_channel else []
+        *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
+        save_scores=per_channel, score_mode=t.score_mode, score_channels=t.score_channels, num_warps=t.output_warps,
+        **opts), qc, keys, G, w, u, S_in)
+    corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)

@@ -90,10 +90,10 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "seque
     import jax.numpy as jnp
 
     import flowssm
-    from flowssm.kernels import chunk_output, chunk_scores, chunk_transfer, cumulative_decay, state_pass
+    from flowssm.kernels import chunk_output, chunk_transfer, cumulative_decay, state_pass
 
     # compile for the GPU, not interpret on the CPU
-    for module in (chunk_output, chunk_scores, chunk_transfer, cumulative_decay, state_pass):
+    for module in (chunk_output, chunk_transfer, cumulative_decay, state_pass):
         module.resolve_interpret = lambda interpret: False
     captured = capture_triton()
     B, T, H, K = 1, 256, 2, head_dim

@@ -40,21 +40,20 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
 
 
 def test_kda_and_gla_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
-    """``--stages kda,gla --sweep --sweep-tunings 'transfer_warps=4;intra=apart'``: each kernel alone with
+    """``--stages kda,gla --sweep --sweep-tunings 'transfer_warps=4;score_channels=16'``: each kernel alone with
     per-channel decays (delta rule, and linear attention: no transfer kernels), one entry a variant, labelled by the
-    fields it changes (``stages.json``); the second variant adds the scores kernel."""
+    fields it changes (``stages.json``)."""
     import argparse
     import json
 
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     args = argparse.Namespace(stages="kda,gla", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
-                              sweep_tunings=bench_kernels.tunings("transfer_warps=4;intra=apart"))
+                              sweep_tunings=bench_kernels.tunings("transfer_warps=4;score_channels=16"))
     bench_kernels.stages_only(args, say=lambda *a: None)
-    variants = {"transfer_warps=4", "intra='apart'"}
+    variants = {"transfer_warps=4", "score_channels=16"}
     for part in ("kda", "gla"):
         out = json.loads((tmp_path / "stages.json").read_text())[part]
         assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape"} | variants
         for variant in variants:
             assert min(out[variant].values()) > 0
             assert ("transfer_bwd" in out[variant]) == (part == "kda")  # gla: the additive path
-        assert "scores" in out["intra='apart'"] and "scores" not in out["transfer_warps=4"]

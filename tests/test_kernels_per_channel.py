@@ -12,7 +12,6 @@ from flowssm.kernels import chunked as kc
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, chunk_output_kernel,
                                           chunk_output_reference)
-from flowssm.kernels.chunk_scores import chunk_scores_kernel, chunk_scores_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.cumulative_decay import (cumulative_decay_kernel, cumulative_decay_vjp_kernel, end_keys,
@@ -63,6 +62,7 @@ def test_decayed_scores_and_vjp_match_the_jnp_scores(strength, form, C=64, R=2):
         kw = dict(blocks=blocks, rank=rank, shift=shift, matmul=reference_dot, operand_dtype=F64)
         A, vjp = jax.vjp(ref, left, G_left, k, G)
         assert rel(decay.scores(left, G_left, k, G, **kw), A) < 1e-13
+        assert rel(decay.scores(left, G_left, k, G, channels=K // 2, **kw), A) < 1e-13  # two channel blocks
         dA = jnp.asarray(r.normal(size=A.shape))
         d_left, dG_left, d_right, dG_right = vjp(dA)
         got_left, got_right = decay.scores_vjp(left, G_left, k, G, dA, **kw)
@@ -70,12 +70,13 @@ def test_decayed_scores_and_vjp_match_the_jnp_scores(strength, form, C=64, R=2):
             assert rel(a, b) < 1e-13
 
 
-@pytest.mark.parametrize("R", [1, 2])
-def test_cumulative_decay_kernels_match_the_cumsums_and_autodiff(R, BH=2, N=2, C=16):
-    """The prefix-mask kernels equal ``micro_log_decay`` (cumsums) and its autodiff, hard resets included
-    (gradient 0 there); scalar decays go through the jnp functions."""
-    r = np.random.default_rng(R)
-    for shape in ((BH, N, C, K), (BH, N, C)):
+@pytest.mark.parametrize("R, channels", [(1, 16), (1, 64), (2, 64)])
+def test_cumulative_decay_kernels_match_the_cumsums_and_autodiff(R, channels, BH=2, N=2, C=16):
+    """The kernels equal ``micro_log_decay`` (cumsums) and its autodiff, hard resets included (gradient 0 there),
+    with the key channels in one block (16) or in blocks of ``COLUMNS`` (64); scalar decays go through the jnp
+    functions."""
+    r = np.random.default_rng(R + channels)
+    for shape in ((BH, N, C, channels), (BH, N, C)):
         g = -r.uniform(0, 2, shape)
         g[0, 1, 5], g[1, 0, 0] = -np.inf, -np.inf
         g = jnp.asarray(g, F64)
@@ -86,18 +87,18 @@ def test_cumulative_decay_kernels_match_the_cumsums_and_autodiff(R, BH=2, N=2, C
         assert got.shape == g.shape and rel(got, vjp(dG)[0]) < 1e-14
         assert float(jnp.abs(got[0, 1, 5]).max()) == 0.0
         if g.ndim == 4:  # with the keys (token-major, two heads): also the keys decayed to their chunk's end
-            keys = jnp.asarray(r.normal(size=(1, N, C * R, BH, K)))
+            keys = jnp.asarray(r.normal(size=(1, N, C * R, BH, channels)))
             got_G, k_end = cumulative_decay_kernel(g, R, keys=keys, heads=BH)
             assert rel(got_G, G) < 1e-14 and rel(k_end, end_keys(head_major(keys, BH), G)) < 1e-14
             assert rel(k_end[:, :, -1], head_major(keys, BH)[:, :, -1]) < 1e-15  # the last micro-step: not decayed
 
 
-def stage_inputs(seed=0, BH=2, N=2, C=32, R=1):
+def stage_inputs(seed=0, BH=2, N=2, C=32, R=1, key_dim=K):
     r = np.random.default_rng(seed)
     n = C * R
-    keys, values = r.normal(size=(BH, N, n, K)) / 4, r.normal(size=(BH, N, n, V))
+    keys, values = r.normal(size=(BH, N, n, key_dim)) / 4, r.normal(size=(BH, N, n, V))
     beta, alpha = r.uniform(0, 1, (BH, N, n)), r.uniform(0, 1, (BH, N, n))
-    log_decay = -r.uniform(0, 3, (BH, N, C, K))
+    log_decay = -r.uniform(0, 3, (BH, N, C, key_dim))
     return tuple(jnp.asarray(x, F64) for x in (keys, values, beta, alpha, log_decay))
 
 
@@ -136,17 +137,6 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
     o, corrected, scores = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, save_scores=True,
                                                **static)
     assert rel(o, chunk_output_reference(q, keys, G, w, u, S_in, **static)) < 1e-13
-    # the scores formed apart (Tuning(intra="apart")): the same blocks, the same outputs and transfer from them
-    apart = chunk_scores_kernel(q, keys, G, rank=R, with_keys=True)
-    for a, b in zip(apart, chunk_scores_reference(q, keys, G, rank=R, with_keys=True)):
-        assert rel(a, b) < 1e-13
-    assert rel(apart[0], scores) < 1e-13 and rel(apart[1], jnp.exp(decay.token_decays(G, R)) * q) < 1e-13
-    o_apart, corrected_apart = chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, scores=apart[:2],
-                                                   **static)
-    assert rel(o_apart, o) < 1e-13 and rel(corrected_apart, corrected) < 1e-13
-    transfer = lambda **kw: chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=Exact(), **kw)
-    for a, b in zip(transfer(gram=apart[2]), transfer()):
-        assert rel(a, b) < 1e-13
 
     def forward(q, keys, G, w, u, S0):
         S_in, S_final = state_pass_reference(keys, G, w, u, S0)
@@ -172,21 +162,17 @@ def _ops(family, q, k, v, beta, g, S0, **kw):
     return flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, **kw)
 
 
-@pytest.mark.parametrize("family, scan, tuning", [("gla", "sequential", None), ("kda", "associative", None),
-                                                  ("kda", "sequential", kc.Tuning(intra="apart"))],
-                         ids=["gla-sequential", "kda-associative", "kda-scores-apart"])
-def test_ops_and_gradients_match_xla(family, scan, tuning):
+@pytest.mark.parametrize("family, scan", [("gla", "sequential"), ("kda", "associative")])
+def test_ops_and_gradients_match_xla(family, scan):
     """Outputs, final states and the gradients of every input (g included) equal backend "xla" in float64;
     ``associative`` runs the segmented scan (segment flows with per-row decay) forward and backward (the
-    sequential passes: the stage test above); ``intra="apart"``: the transfer's and the output's scores from a
-    kernel of their own, the reverse pass reading that kernel's blocks."""
+    sequential passes: the stage test above)."""
     args = inputs(4, strength=1.0)
     r = np.random.default_rng(5)
     do, dS = jnp.asarray(r.normal(size=(B, T, H, V))), jnp.asarray(r.normal(size=(B, H, K, V)))
 
     def loss(backend, *a):
-        o, S = _ops(family, *a, chunk_size=16, scan=scan, backend=backend,
-                    **({"tuning": tuning} if tuning and backend == "pallas" else {}))
+        o, S = _ops(family, *a, chunk_size=16, scan=scan, backend=backend)
         return jnp.sum(o * do) + jnp.sum(S * dS), (o, S)
 
     grads = {b: jax.grad(lambda *a: loss(b, *a), argnums=tuple(range(6)), has_aux=True)(*args)
@@ -273,24 +259,22 @@ def test_a_configs_kernel_choices_reach_the_kernels(monkeypatch):
     assert seen == [Tuning(score_mode="tf32")]
 
 
-def test_scores_kernel_with_two_micro_steps_a_token():
-    """``chunk_scores_kernel`` at rank 2 (token decays read from their own block), token-major operands: its
-    reference; the output kernel and the transfer fed with it equal them forming the scores themselves."""
-    keys, values, beta, alpha, log_decay = stage_inputs(seed=4, R=2)
-    BH, N, n, _ = keys.shape
+def test_kernels_form_the_scores_over_channel_blocks():
+    """``score_channels``: the output kernel and the transfer (key channels in two blocks, rank 2, token-major
+    operands) equal them forming the scores over all channels at once."""
+    keys, values, beta, alpha, log_decay = stage_inputs(seed=4, R=2, key_dim=64)
+    BH, N, n, Kb = keys.shape
     C, R, H = log_decay.shape[2], 2, 2
     G = micro_log_decay(log_decay, R)
     r = np.random.default_rng(5)
-    q = jnp.asarray(r.normal(size=(BH // H, N, C, H, K)))
+    q = jnp.asarray(r.normal(size=(BH // H, N, C, H, Kb)))
     tok = lambda x: jnp.moveaxis(x.reshape(BH // H, H, *x.shape[1:]), 1, 3)  # head-major -> token-major
-    apart = chunk_scores_kernel(q, tok(keys), G, rank=R, heads=H, with_keys=True)
-    for a, b in zip(apart, chunk_scores_reference(q, tok(keys), G, rank=R, heads=H, with_keys=True)):
-        assert rel(a, b) < 1e-13
     w, u = chunk_transfer_reference(keys, values, beta, alpha, log_decay, solver=Exact())
-    S_in = jnp.asarray(r.normal(size=(BH, N, K, V)))
-    static = dict(rank=R, scale=0.3, heads=H)
-    inside = chunk_output_kernel(q, tok(keys), G, w, u, S_in, **static)
-    assert rel(chunk_output_kernel(q, tok(keys), G, w, u, S_in, scores=apart[:2], **static), inside) < 1e-13
-    transfer = lambda **kw: chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=Exact(), **kw)
-    for a, b in zip(transfer(gram=apart[2]), transfer()):  # the key scores over micro-steps
-        assert rel(a, b) < 1e-13
+    S_in = jnp.asarray(r.normal(size=(BH, N, Kb, V)))
+    output = lambda **kw: chunk_output_kernel(q, tok(keys), G, w, u, S_in, rank=R, scale=0.3, heads=H,
+                                              save_corrected=True, save_scores=True, **kw)
+    transfer = lambda **kw: chunk_transfer_kernel(tok(keys), tok(values), beta, alpha, log_decay, solver=Exact(),
+                                                  heads=H, save_transfer=True, **kw)
+    for stage in (output, transfer):
+        for a, b in zip(stage(score_channels=32), stage()):
+            assert rel(a, b) < 1e-13

@@ -43,37 +43,32 @@ def _blocks(q) -> int:
     return chunks.score_blocks(q.shape[0])
 
 
-def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None, score_mode: str = "operand"):
+def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None, score_mode: str = "operand",
+                    score_channels: int | None = None):
     """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
     channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
     its kernel ``rows`` loaders: then the operands give only shapes and may be the kernel's refs; its matmuls
-    in ``score_mode``, see ``launch.Tuning``)."""
+    in ``score_mode``, over blocks of ``score_channels`` key channels, see ``launch.Tuning``)."""
     if len(G.shape) == 2:
         return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank,
-                            matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows)
+                            matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows,
+                            channels=score_channels)
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * pair_decay, 0.0)
 
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
-                  score_mode: str = "operand", scores=None):
+                  score_mode: str = "operand", score_channels: int | None = None):
     """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V]
     -> (o: [C, V], corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for
     float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
-    :func:`attention_block`, as ``score_mode``. ``scores``: ``(A, e^{G_t} q)`` formed apart
-    (``chunk_scores.chunk_scores_kernel``, per key channel); then ``q, k, G, G_tok`` are not read (None)."""
+    :func:`attention_block`, as ``score_mode`` and ``score_channels``."""
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    if scores is not None:  # the output of the scalar-decay form with the decays already applied
-        acc = jnp.promote_types(operand_dtype, jnp.float32)
-        att, q_decayed = scores[0][...].astype(acc), scores[1]
-        S = S[...].astype(acc)
-        corrected = u[...].astype(acc) if w is None else u[...].astype(acc) - mm(w[...], S)
-        return scale * (mm(q_decayed[...], S) + mm(att, corrected)), corrected, att
     acc = G.dtype
     if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
         att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows,
-                              score_mode=score_mode)
+                              score_mode=score_mode, score_channels=score_channels)
         S = S[...].astype(acc)
         corrected = u[...].astype(acc) if w is None else u[...].astype(acc) - mm(w[...], S)
         return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected, att
@@ -86,8 +81,8 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
-                        block_v: int | None = None, score_mode: str = "operand", num_warps: int = 4,
-                        num_stages: int = 1, interpret: bool | None = None, scores=None):
+                        block_v: int | None = None, score_mode: str = "operand", score_channels: int | None = None,
+                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
@@ -95,12 +90,11 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     of the reverse pass's product with them (per-channel decays: the reverse state pass reads them instead of
     recomputing ``decay.scores`` inside its serial loop). ``w=None``: ``w = 0`` (additive paths: the corrected
     values are ``u``, never saved), never read; ``u`` may be token-major ``[B, N, n, H, V]`` (by its rank).
-    ``scores``: ``chunk_scores.chunk_scores_kernel``'s ``(A, e^{G_t} q)`` (per key channel): read instead of
-    ``q, keys, G`` (then used for their shapes and dtype only; ``save_scores`` is refused: ``A`` is that array).
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
-    of per-channel decayed scores (``launch.Tuning.score_mode``)."""
+    of per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``score_channels`` key
+    channels (``launch.Tuning.score_channels``)."""
     BH, N, C, K = layout_dims(q, heads)
     n, V = layout_dims(u, heads)[2:]
     bv = min(block_v or V, V)
@@ -111,25 +105,17 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     if save_corrected and w is None:
         raise ValueError("chunk_output_kernel: save_corrected=True with w=None: the corrected values are u itself")
-    if scores is not None and (save_scores or not decay.per_channel(G)):
-        raise ValueError("scores: formed apart for per-channel decays only, and then not saved again "
-                         f"(save_scores={save_scores}, G of shape {tuple(G.shape)})")
 
     own_tokens = rank > 1  # for one micro-step a token the token decays are G itself: its block, read once
 
-    def kernel(*refs):
-        if scores is None:
-            (q_ref, k_ref, g_ref), refs = refs[:3], refs[3:]
-            gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
-            decayed, rows = None, (decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref))
-        else:
-            q_ref = k_ref = g_ref = gt_ref = rows = None
-            decayed, refs = refs[:2], refs[2:]
+    def kernel(q_ref, k_ref, g_ref, *refs):
+        gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
+        rows = (decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref))
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         u_ref, s_ref, o_ref, *saved_refs = refs
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
                                           matmul=dot, operand_dtype=dtype, score_mode=score_mode, rows=rows,
-                                          scores=decayed)
+                                          score_channels=score_channels)
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
             saved_refs[0][...] = corrected.astype(dtype)
@@ -151,15 +137,14 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
-        in_specs=[*([tok(rows(C, K)), tok(rows(n, K)),
-                     *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens]]
-                    if scores is None else [rows(C, n), rows(C, K)]),
+        in_specs=[tok(rows(C, K)), tok(rows(n, K)),
+                  *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens],
                   *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
         out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(*((q, keys, G, *(G_tok,) * own_tokens) if scores is None else scores), *(() if w is None else (w,)), u, S_in)
+    )(q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)), u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,

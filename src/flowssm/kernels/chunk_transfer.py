@@ -28,31 +28,33 @@ from flowssm.solvers import FlowSolver
 from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 
 
-def key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand", matmul=dot):
+def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand",
+               score_channels: int | None = None):
     """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
-    its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``)."""
+    its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``,
+    over blocks of ``score_channels`` key channels)."""
     n = k.shape[0]
     if len(G.shape) == 2:
-        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0,
-                            matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows)
+        return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(dot, mode=score_mode),
+                            operand_dtype=operand_dtype, rows=rows, channels=score_channels)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
-                    rows=None, score_mode: str = "operand", gram=None):
+                    rows=None, score_mode: str = "operand", score_channels: int | None = None):
     """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
-    or None for ``T = I``) in float32. ``blocks``, ``rows``, ``score_mode``: of the per-channel scores
-    (``decay``); ``gram``: the key scores (:func:`key_scores`, [n, n]) formed elsewhere, else formed here."""
+    or None for ``T = I``) in float32. ``blocks``, ``rows``, ``score_mode``, ``score_channels``: of the per-channel
+    scores (:func:`_key_scores`)."""
     f32 = jnp.promote_types(operand_dtype, jnp.float32)
     per_channel = G.ndim == 2
     scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
     if program.structure == IDENTITY:
         decayed = scale_k if per_channel else scale_k[:, None]
         return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
-    if gram is None:
-        gram = key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows, score_mode=score_mode)
+    gram = _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows, score_mode=score_mode,
+                      score_channels=score_channels)
     L = (beta[:, None] * gram).astype(f32)
     matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
     T = program.matrix(L, matmul)
@@ -65,8 +67,8 @@ def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_d
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
-                          num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None, G=None,
-                          gram=None):
+                          score_channels: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                          interpret: bool | None = None, G=None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -75,9 +77,9 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
-    per-channel decayed scores (``launch.Tuning.score_mode``). ``G``: ``micro_log_decay(log_decay, R)`` where
-    the caller has it (else computed here). ``gram`` ([BH, N, n, n], per-channel decays): the key scores formed
-    apart (``chunk_scores.chunk_scores_kernel(with_keys=True)``), read instead of formed here.
+    per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``score_channels`` key
+    channels (``launch.Tuning.score_channels``). ``G``: ``micro_log_decay(log_decay, R)`` where the caller has it
+    (else computed here).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
@@ -91,13 +93,11 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     blocks = chunks.score_blocks(n // R)
 
-    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, *refs):
-        gr_ref, (w_ref, u_ref, *t_ref) = (refs[0], refs[1:]) if gram is not None else (None, refs)
+    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
         f32 = g_ref.dtype
         w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
                                   program=program, operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
-                                  rows=(decay.ref_rows(k_ref, g_ref),) * 2,
-                                  gram=None if gr_ref is None else gr_ref[...])
+                                  score_channels=score_channels, rows=(decay.ref_rows(k_ref, g_ref),) * 2)
         w_ref[...] = w.astype(w_ref.dtype)
         u_ref[...] = u.astype(u_ref.dtype)
         if save_transfer:
@@ -111,20 +111,19 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec]
-                 + [rows(n)] * (gram is not None),
+        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer",
-    )(keys, values, beta, alpha, G, *(() if gram is None else (gram,)))
+    )(keys, values, beta, alpha, G)
 
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                              heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                             interpret: bool | None = None, G=None, gram=None):
+                             interpret: bool | None = None, G=None):
     """Same contract as :func:`chunk_transfer_kernel`, through ``chunks.build_system`` and ``solver.solve``."""
-    del mode, num_warps, num_stages, interpret, G, gram
+    del mode, num_warps, num_stages, interpret, G
     keys, values = head_major(keys, heads), head_major(values, heads)
     BH, N, n, _ = keys.shape
     C = log_decay.shape[2]
@@ -190,7 +189,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     dk, db, dG = _scaled_keys_vjp(drk, k, beta, G)
     dL = dL - mm(drk, w_ref[...], trans_b=True)
     dL = jnp.where(below, dL, 0.0)
-    Z = dL * key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype)  # d/db_i of L_im
+    Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype)  # d/db_i of L_im
     db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
     dg_ref[...] = (dG + beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
     pair_decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))

@@ -11,8 +11,7 @@ Forward:
 3. ``chunk_output``: per (head, chunk), corrected values and outputs.
 
 Before them, ``cumulative_decay``: the decays ``G`` of every micro-step and, for per-channel decays on the
-kernels' passes, the keys decayed to their chunk's end (the state passes' operand); with ``Tuning(intra="apart")``
-also ``chunk_scores``: the per-channel decayed scores that steps 1 and 3 then read. Paths without
+kernels' passes, the keys decayed to their chunk's end (the state passes' operand). Paths without
 multiplicative steps (the ``Additive`` solver, ``program.ADDITIVE``: linear attention) skip step 1: ``w = 0``
 is neither formed nor read (``w=None`` in the kernels) and ``u = a v`` is read token-major; their backward has
 no transfer step and no ``dw``.
@@ -44,7 +43,6 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from flowssm.kernels import decay
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
-from flowssm.kernels.chunk_scores import chunk_scores_kernel
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, to_head_major, token_major
@@ -228,17 +226,12 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     G, *end_keys = cumulative_decay_kernel(log_decay, n // C, keys=keys, heads=H) if decayed else (
         cumulative_decay_kernel(log_decay, n // C),)
     state_keys = end_keys[0] if decayed else keys
-    # Tuning(intra="apart"): the decayed scores of the output (and the transfer's, where its program reads L) first
-    apart = log_decay.ndim == 4 and t.intra == "apart"
-    with_keys = apart and st.solver.program().structure not in (IDENTITY, ADDITIVE)
-    intra = (chunk_scores_kernel(qc, keys, G, rank=n // C, heads=H, with_keys=with_keys, score_mode=t.score_mode,
-                                 num_warps=t.scores_warps) if apart else None)
     if additive:  # w = 0 (never formed or read), u = a v token-major
         w, u, T = None, _additive_values(values, alpha), []
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         num_warps=t.transfer_warps, G=G, gram=intra[2] if with_keys else None)
+                                         score_channels=t.score_channels, num_warps=t.transfer_warps, G=G)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
@@ -271,15 +264,14 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:  # sequential, or too few chunks to split
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                           num_stages=t.state_stages, decayed_keys=decayed)
-    save_scores = save and decay.per_channel(G) and not apart  # the reverse state pass reads them (see state_pass)
+    save_scores = save and decay.per_channel(G)  # the reverse state pass reads them (see state_pass)
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, num_warps=t.output_warps,
-                            scores=None if intra is None else intra[:2])
+                            score_mode=t.score_mode, score_channels=t.score_channels, num_warps=t.output_warps)
     o, *saved = o if save_corrected or save_scores else (o,)
     corrected = saved[0] if save_corrected else u if save else None
-    scores = saved[-1] if save_scores else intra[0] if apart and save else None
+    scores = saved[-1] if save_scores else None
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores)
 
 

@@ -58,34 +58,47 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 
 class Rows(NamedTuple):
     """Loaders of an operand's rows ``x`` and of their decays ``G``: index (None: all rows; int32 ``[m]``: those
-    rows) -> ``[m, K]``."""
+    rows), optional ``channels`` (None: all; ``(start, size)``, start traced: those key channels) -> ``[m, K]``
+    (``[m, size]``)."""
 
     x: Callable
     G: Callable
 
 
-def _at(index, rows):
-    return (*index, slice(None) if rows is None else rows)
+def _at(index, rows, channels=None):
+    return (*index, slice(None) if rows is None else rows,
+            slice(None) if channels is None else pl.ds(channels[0], channels[1]))
 
 
 def ref_rows(x_ref, g_ref, *index, scale_ref=None) -> Rows:
     """Loaders from kernel refs of an operand and its decays (``[..., r, K]`` blocks, ``index`` the leading
     indices), one load a call; ``scale_ref`` (``[..., r]``): the operand is ``scale[:, None] * x``."""
 
-    def x(rows):
-        tile = x_ref[(*_at(index, rows), slice(None))]
-        return tile if scale_ref is None else scale_ref[_at(index, rows)].astype(g_ref.dtype)[:, None] * tile
+    def x(rows, channels=None):
+        tile = x_ref[_at(index, rows, channels)]
+        return tile if scale_ref is None else scale_ref[_at(index, rows)[:-1]].astype(g_ref.dtype)[:, None] * tile
 
-    return Rows(x, lambda rows: g_ref[(*_at(index, rows), slice(None))])
+    return Rows(x, lambda rows, channels=None: g_ref[_at(index, rows, channels)])
 
 
 def array_rows(x, G) -> Rows:
     """The loaders of arrays (outside kernels: the jnp references)."""
-    return Rows(*(lambda rows, y=y: y if rows is None else y[rows] for y in (x, G)))
+
+    def load(y, rows, channels=None):
+        y = y if rows is None else y[rows]
+        return y if channels is None else lax.dynamic_slice_in_dim(y, channels[0], channels[1], axis=1)
+
+    return Rows(*(lambda rows, channels=None, y=y: load(y, rows, channels) for y in (x, G)))
+
+
+def channel_block(rows: Rows, channels) -> Rows:
+    """``rows`` restricted to the key channels ``(start, size)``."""
+    return Rows(lambda r: rows.x(r, channels), lambda r: rows.G(r, channels))
 
 
 def _iota(shape, axis: int = 0):
@@ -182,13 +195,28 @@ def _row_block(rows_i, columns, a, sl: int, sr: int):
 
 
 def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, matmul, operand_dtype,
-           rows: tuple[Rows, Rows] | None = None):
+           rows: tuple[Rows, Rows] | None = None, channels: int | None = None):
     """left, G_left: [nl, K]; right, G_right: [nr, K] -> A: [nl, nr] (module docstring), float32 (float64).
     ``rows``: the kernel's (left, right) loaders (:func:`ref_rows`; then ``left``, ``right`` give only shapes);
-    None: the arrays."""
+    None: the arrays. ``channels``: sum the scores of blocks of this many key channels (a loop; each block takes
+    the form its own decays allow), which keeps ``[n, channels]`` tiles live instead of ``[n, K]`` ones; None:
+    all channels at once."""
     acc = G_left.dtype
     lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
-    (nl, _), nr = left.shape, right.shape[0]
+    (nl, K), nr = left.shape, right.shape[0]
+    on = lambda cols: _scores(*(lr if cols is None else channel_block(lr, cols) for lr in (lrows, rrows)),
+                              nl=nl, nr=nr, blocks=blocks, rank=rank, shift=shift, acc=acc, matmul=matmul,
+                              operand_dtype=operand_dtype)
+    if channels is None or channels >= K:
+        return on(None)
+    if K % channels:
+        raise ValueError(f"channels: expected a divisor of the key channels K = {K}, got {channels}")
+    return lax.fori_loop(0, K // channels, lambda j, A: A + on((j * channels, channels)), jnp.zeros((nl, nr), acc))
+
+
+def _scores(lrows: Rows, rrows: Rows, *, nl: int, nr: int, blocks: int, rank: int, shift: int, acc, matmul,
+            operand_dtype):
+    """:func:`scores` from the loaders of its operands' rows."""
     sl, sr = nl // blocks, nr // blocks
     rows_i, columns = _iota((nl, nr)), _iota((nl, nr), 1)
     visible = columns < rank * rows_i + shift

@@ -20,7 +20,6 @@ from flowssm.kernels.common import DOT_MODES
 BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 STATE_LOWERINGS = ("auto", "triton", "mosaic")
-INTRA = ("fused", "apart")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
@@ -52,12 +51,11 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
-    intra (per-channel decays): "fused": the transfer and the output kernel each form the decayed scores they
-    need next to their other tiles; "apart": one kernel (``chunk_scores``) forms them first, the output's
-    ``q k^T`` block and ``e^{G} q``, and the transfer's key scores, and those kernels read them (fewer live
-    float32 tiles: in the offline report the output kernel no longer spills, the transfer 92 B a thread instead
-    of 1012, the scores kernel none at ``scores_warps`` 8 (1300 B at 4); not yet timed on a GPU: RESULTS.md,
-    run 14).
+    score_channels (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
+    blocks of this many key channels (``decay.scores``), which keeps ``[n, score_channels]`` float32 tiles live
+    instead of ``[n, K]`` ones; None: all ``K`` at once. At ``K = 128`` in the offline sm_90 report the output
+    kernel's spills fell from 880 B a thread to none at 32 or 64, the transfer's from 1012 B to 444 (32) or 456
+    (64); 16 serialises the tensor-core products (RESULTS.md, run 15).
     """
 
     transfer_mode: str | None = None
@@ -76,21 +74,20 @@ class Tuning:
     segment_programs: int = 256
     state_lowering: str = "auto"
     mosaic_stages: int = 4
-    intra: str = "fused"
-    scores_warps: int | None = None
+    score_channels: int | None = None
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
                    "backward": BACKWARDS,
-                   "state_lowering": STATE_LOWERINGS, "intra": INTRA}
+                   "state_lowering": STATE_LOWERINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("block_v", "block_k", "output_block_v"):
+        for name in ("block_v", "block_k", "output_block_v", "score_channels"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"Tuning.{name}: expected None or a power of two >= 16, got {value!r}")
-        for name in ("transfer_warps", "state_warps", "output_warps", "backward_warps", "scores_warps"):
+        for name in ("transfer_warps", "state_warps", "output_warps", "backward_warps"):
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
@@ -133,7 +130,6 @@ class Tuning:
             output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
             block_k=32 if f32 or (per_channel and big) else 64,
-            scores_warps=8,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
