@@ -1,4 +1,4 @@
-"""Cumulative decays of every micro-step, and their vjp: one program per (head, chunk, block of key channels).
+"""Cumulative decays of every micro-step, and their vjp: one program per (head, chunk).
 
 For per-token log-decays ``g: [C, K]`` of a chunk (one per key channel) and ``R`` micro-steps a token:
 
@@ -41,12 +41,6 @@ def end_keys(keys, G):
     return (jnp.exp(G[:, :, -1:] - G) * keys.astype(G.dtype)).astype(keys.dtype)
 
 
-# Key channels a program scans: the channels are independent, and a whole [C, K] float32 tile with its reset count
-# and decays to the chunk end took 255 registers a thread at K = 128 (12.5 % occupancy, 154 us for KDA's 4 x 4096 x
-# 16 x 128 on an H200, Nsight Compute: RESULTS.md, run 15).
-COLUMNS = 32
-
-
 def _rows(C: int, rank: int, r: int, reverse: bool = False):
     """Micro-step ``r`` of each token, tokens in order or ``reverse``d: int32 [C] row indices."""
     tokens = lax.broadcasted_iota(jnp.int32, (C,), 0)
@@ -54,14 +48,12 @@ def _rows(C: int, rank: int, r: int, reverse: bool = False):
 
 
 def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None = None):
-    """One program per (head, chunk, block of :data:`COLUMNS` key channels) over ``[BH, N, r, K]`` blocks (token-major
-    operands of rank 5 with ``heads``)."""
+    """One program per (head, chunk) over ``[BH, N, r, K]`` blocks (token-major operands of rank 5 with ``heads``)."""
     BH, N, _, K = operands[0].shape
-    columns = COLUMNS if K % COLUMNS == 0 else K
-    block = lambda x: in_layout(pl.BlockSpec((None, None, x.shape[2], columns), lambda i, c, j: (i, c, 0, j)), x, heads)
+    block = lambda x: in_layout(pl.BlockSpec((None, None, x.shape[2], K), lambda i, c: (i, c, 0, 0)), x, heads)
     outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
     specs = tuple(block(x) for x in outs)
-    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N, K // columns), in_specs=[block(x) for x in operands],
+    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=[block(x) for x in operands],
                        out_specs=specs if isinstance(out_shape, tuple) else specs[0],
                        interpret=resolve_interpret(interpret), num_warps=4, num_stages=1, name=name)(*operands)
 
@@ -86,7 +78,7 @@ def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | Non
         reset = jnp.isneginf(g)
         G = jnp.cumsum(jnp.where(reset, 0.0, g), axis=0) - gap * jnp.cumsum(reset.astype(dtype), axis=0)
         if e_ref:  # e^{G_end - G}: G's last row, exactly, by a masked sum
-            last = lax.broadcasted_iota(jnp.int32, g.shape, 0) == C - 1
+            last = lax.broadcasted_iota(jnp.int32, (C, K), 0) == C - 1
             to_end = jnp.exp(jnp.sum(jnp.where(last, G, 0.0), axis=0)[None, :] - G)
         for r in range(rank):  # each token's decay on its R micro-steps' rows
             rows = slice(None) if rank == 1 else _rows(C, rank, r)

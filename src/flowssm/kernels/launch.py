@@ -53,9 +53,11 @@ class Tuning:
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
     score_channels (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), which keeps ``[n, score_channels]`` float32 tiles live
-    instead of ``[n, K]`` ones; None: all ``K`` at once. At ``K = 128`` in the offline sm_90 report the output
-    kernel's spills fell from 880 B a thread to none at 32 or 64, the transfer's from 1012 B to 444 (32) or 456
-    (64); 16 serialises the tensor-core products (RESULTS.md, run 15).
+    instead of ``[n, K]`` ones; None: chosen by :meth:`resolve` (64 for per-channel decays with ``K > 64``, else
+    all ``K`` at once). At ``K = 128`` in the offline sm_90 report the output kernel's spills fell from 880 B a
+    thread to none at 32 or 64, the transfer's from 1012 B to 444 (32) or 456 (64); 16 serialises the tensor-core
+    products. On an H200 (KDA, 4 x 4096 x 16 x 128 x 128) 64 took the output kernel from 0.362 to 0.341 ms, 32 to
+    0.424; the transfer was unchanged (RESULTS.md, run 15).
     """
 
     transfer_mode: str | None = None
@@ -130,6 +132,7 @@ class Tuning:
             output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
             block_k=32 if f32 or (per_channel and big) else 64,
+            score_channels=64 if per_channel and K > 64 else None,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
