@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
         [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
-        [--stages packed,kda,gla]
+        [--stages packed,kda,gla,gdn]
     python3 benchmarks/bench_kernels.py transitions [...]   (GLA / KDA / DPLR rows alone: bench_transitions.py)
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
@@ -19,11 +19,12 @@ same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, e
 per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
 1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
 
-``--stages packed,kda,gla`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda`` and ``gla``
-once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
+``--stages packed,kda,gla,gdn`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda``, ``gla``
+and ``gdn`` once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
 chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
 gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape, ``gla``
-the same for linear attention (the additive path: no transfer kernel, ``w = 0`` never read).
+the same for linear attention (the additive path: no transfer kernel, ``w = 0`` never read), ``gdn`` the
+delta rule with a scalar decay per token (the gated delta rule).
 """
 
 from __future__ import annotations
@@ -198,14 +199,14 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
             *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
-            score_channels=t.score_channels, num_warps=t.transfer_warps, G=a[5], **opts),
+            channel_block=t.channel_block, num_warps=t.transfer_warps, G=a[5], **opts),
             keys, values, b, b, ld, G)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
         **opts), state_keys, G, w, u, S0)
     _, *saved = add("output", lambda *a: co.chunk_output_kernel(
         *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
-        save_scores=per_channel, score_mode=t.score_mode, score_channels=t.score_channels, num_warps=t.output_warps,
+        save_scores=per_channel, score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
         **opts), qc, keys, G, w, u, S_in)
     corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
@@ -476,10 +477,11 @@ def stages_only(args, say) -> None:
             CHUNK = 16 if args.tiny else CHUNK
             size = PACKED_TINY if args.tiny else PACKED
             out["packed"] = packed_stage_times(**size, reps=args.reps)
-        elif part in ("kda", "gla"):  # per-channel decays; gla: linear attention (no transfer, w = 0)
+        elif part in ("kda", "gla", "gdn"):  # per-channel decays (gla: linear attention, no transfer); gdn: scalar
             B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
-            g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), (B, T, H, K)) + 2.0)
+            decays = (B, T, H) if part == "gdn" else (B, T, H, K)
+            g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), decays) + 2.0)
             solver = Additive() if part == "gla" else None
             times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False, solver=solver)
             if args.sweep:  # one entry a launch variant
@@ -490,7 +492,7 @@ def stages_only(args, say) -> None:
             else:
                 out[part] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **times(Tuning())}
         else:
-            raise SystemExit(f"--stages: expected 'packed', 'kda' or 'gla', got {part!r}")
+            raise SystemExit(f"--stages: expected 'packed', 'kda', 'gla' or 'gdn', got {part!r}")
         say(part, json.dumps(out[part]))
         if args.out:
             with open(os.path.join(args.out, "stages.json"), "w") as f:
@@ -525,7 +527,8 @@ def main():
     parser.add_argument("--packed-only", action="store_true", help="the packed row only (no check, no shapes)")
     parser.add_argument("--tiny", action="store_true", help="the packed row at a tiny shape, chunk 16 (CPU smoke test)")
     parser.add_argument("--stages", default="", help="only per-kernel times: 'packed' (packed_stage_times) and/or "
-                        "'kda' / 'gla' (per-channel decays on the first shape of --shapes), comma-separated")
+                        "'kda' / 'gla' (per-channel decays on the first shape of --shapes) / 'gdn' (scalar decays), "
+                        "comma-separated")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()
     t0 = time.time()

@@ -39,21 +39,21 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     assert min(out["packed"].values()) > 0 and out["gathers_fwd"] > 0
 
 
-def test_kda_and_gla_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
-    """``--stages kda,gla --sweep --sweep-tunings 'transfer_warps=4;score_channels=16'``: each kernel alone with
-    per-channel decays (delta rule, and linear attention: no transfer kernels), one entry a variant, labelled by the
-    fields it changes (``stages.json``)."""
+def test_kda_gla_and_gdn_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
+    """``--stages kda,gla,gdn --sweep --sweep-tunings 'transfer_warps=4;channel_block=16'``: each kernel alone with
+    per-channel decays (delta rule, and linear attention: no transfer kernels) and scalar ones (gdn), one entry a
+    variant, labelled by the fields it changes (``stages.json``)."""
     import argparse
     import json
 
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
-    args = argparse.Namespace(stages="kda,gla", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
-                              sweep_tunings=bench_kernels.tunings("transfer_warps=4;score_channels=16"))
+    args = argparse.Namespace(stages="kda,gla,gdn", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
+                              sweep_tunings=bench_kernels.tunings("transfer_warps=4;channel_block=16"))
     bench_kernels.stages_only(args, say=lambda *a: None)
-    variants = {"transfer_warps=4", "score_channels=16"}
-    for part in ("kda", "gla"):
+    variants = {"transfer_warps=4", "channel_block=16"}
+    for part in ("kda", "gla", "gdn"):
         out = json.loads((tmp_path / "stages.json").read_text())[part]
         assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape"} | variants
         for variant in variants:
             assert min(out[variant].values()) > 0
-            assert ("transfer_bwd" in out[variant]) == (part == "kda")  # gla: the additive path
+            assert ("transfer_bwd" in out[variant]) == (part != "gla")  # gla: the additive path

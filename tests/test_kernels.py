@@ -282,10 +282,10 @@ def test_auto_backend_is_xla_on_cpu_and_tuning_is_validated(monkeypatch):
     channel = kc.Tuning().resolve(jnp.bfloat16, 128, 128, 64, 64, per_channel=True)
     assert (channel.state_stages, channel.state_bwd_stages) == (3, 1)
     # per-channel scores over 64-channel blocks past K = 64 (H200, run 15); scalar decays have no such scores
-    assert channel.score_channels == 64 and resolve(jnp.bfloat16, 128).score_channels is None
-    assert kc.Tuning().resolve(jnp.bfloat16, 64, 64, 64, 64, per_channel=True).score_channels is None
-    with pytest.raises(ValueError, match="Tuning.score_channels"):
-        kc.Tuning(score_channels=48)
+    assert channel.channel_block == 64 and resolve(jnp.bfloat16, 128).channel_block is None
+    assert kc.Tuning().resolve(jnp.bfloat16, 64, 64, 64, 64, per_channel=True).channel_block is None
+    with pytest.raises(ValueError, match="Tuning.channel_block"):
+        kc.Tuning(channel_block=48)
     with pytest.raises(ValueError, match="Tuning.state_bwd_stages"):
         kc.Tuning(state_bwd_stages=5)
     assert resolve(jnp.float32, 128).state_warps == 8 and resolve(jnp.bfloat16, 256).output_block_v == 128

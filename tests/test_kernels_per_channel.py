@@ -259,7 +259,7 @@ def test_a_configs_kernel_choices_reach_the_kernels(monkeypatch):
 
 
 def test_kernels_form_the_scores_over_channel_blocks():
-    """``score_channels``: the output kernel and the transfer (key channels in two blocks, rank 2, token-major
+    """``channel_block``: the output kernel and the transfer (key channels in two blocks, rank 2, token-major
     operands) equal them forming the scores over all channels at once."""
     keys, values, beta, alpha, log_decay = stage_inputs(seed=4, R=2, key_dim=64)
     BH, N, n, Kb = keys.shape
@@ -275,5 +275,5 @@ def test_kernels_form_the_scores_over_channel_blocks():
     transfer = lambda **kw: chunk_transfer_kernel(tok(keys), tok(values), beta, alpha, log_decay, solver=Exact(),
                                                   heads=H, save_transfer=True, **kw)
     for stage in (output, transfer):
-        for a, b in zip(stage(score_channels=32), stage()):
+        for a, b in zip(stage(channel_block=32), stage()):
             assert rel(a, b) < 1e-13

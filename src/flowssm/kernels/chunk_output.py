@@ -44,31 +44,31 @@ def _blocks(q) -> int:
 
 
 def attention_block(q, k, G, G_tok, *, rank: int, matmul, operand_dtype, rows=None, score_mode: str = "operand",
-                    score_channels: int | None = None):
+                    channel_block: int | None = None):
     """Intra-chunk attention ``A_tm = e^{G_t - G_m} (q_t . k_m)`` for ``m // R <= t``, else 0: [C, n]; per key
     channel (``G: [n, K]``, ``G_tok: [C, K]``) ``A_tm = sum_c q_tc k_mc e^{G_tc - G_mc}`` (``decay.scores``, with
     its kernel ``rows`` loaders: then the operands give only shapes and may be the kernel's refs; its matmuls
-    in ``score_mode``, over blocks of ``score_channels`` key channels, see ``launch.Tuning``)."""
+    in ``score_mode``, over blocks of ``channel_block`` key channels, see ``launch.Tuning``)."""
     if len(G.shape) == 2:
         return decay.scores(q, G_tok, k, G, blocks=_blocks(q), rank=rank, shift=rank,
                             matmul=functools.partial(matmul, mode=score_mode), operand_dtype=operand_dtype, rows=rows,
-                            channels=score_channels)
+                            channels=channel_block)
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     return jnp.where(seen, matmul(q, k, operand_dtype=operand_dtype, trans_b=True) * pair_decay, 0.0)
 
 
 def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, operand_dtype, rows=None,
-                  score_mode: str = "operand", score_channels: int | None = None):
+                  score_mode: str = "operand", channel_block: int | None = None):
     """q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C] (or [n, K], [C, K]), u: [n, V], S: [K, V]
     -> (o: [C, V], corrected ``u - w S``: [n, V], the attention block ``A``: [C, n]) in float32 (float64 for
     float64 ``G``).
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
-    :func:`attention_block`, as ``score_mode`` and ``score_channels``."""
+    :func:`attention_block`, as ``score_mode`` and ``channel_block``."""
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
     acc = G.dtype
     if len(G.shape) == 2:  # per key channel: the scores first (from ``rows``), then the state's tiles
         att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows,
-                              score_mode=score_mode, score_channels=score_channels)
+                              score_mode=score_mode, channel_block=channel_block)
         S = S[...].astype(acc)
         corrected = u[...].astype(acc) if w is None else u[...].astype(acc) - mm(w[...], S)
         return scale * (mm(jnp.exp(G_tok[...]) * q[...].astype(acc), S) + mm(att, corrected)), corrected, att
@@ -81,7 +81,7 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
-                        block_v: int | None = None, score_mode: str = "operand", score_channels: int | None = None,
+                        block_v: int | None = None, score_mode: str = "operand", channel_block: int | None = None,
                         num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
@@ -93,8 +93,8 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     With ``heads=H``, q, keys and o are token-major ([B, N, ·, H, ·], see ``common``). One program per
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
-    of per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``score_channels`` key
-    channels (``launch.Tuning.score_channels``)."""
+    of per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``channel_block`` key
+    channels (``launch.Tuning.channel_block``)."""
     BH, N, C, K = layout_dims(q, heads)
     n, V = layout_dims(u, heads)[2:]
     bv = min(block_v or V, V)
@@ -115,7 +115,7 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         u_ref, s_ref, o_ref, *saved_refs = refs
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
                                           matmul=dot, operand_dtype=dtype, score_mode=score_mode, rows=rows,
-                                          score_channels=score_channels)
+                                          channel_block=channel_block)
         o_ref[...] = o.astype(o_ref.dtype)
         if save_corrected:
             saved_refs[0][...] = corrected.astype(dtype)

@@ -29,45 +29,68 @@ from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
 
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand",
-               score_channels: int | None = None):
+               channel_block: int | None = None):
     """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
     its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``,
-    over blocks of ``score_channels`` key channels)."""
+    over blocks of ``channel_block`` key channels)."""
     n = k.shape[0]
     if len(G.shape) == 2:
         return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(dot, mode=score_mode),
-                            operand_dtype=operand_dtype, rows=rows, channels=score_channels)
+                            operand_dtype=operand_dtype, rows=rows, channels=channel_block)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
-def _transfer_block(k, v, beta, alpha, G, *, program: TransferProgram, operand_dtype, mode, blocks: int,
-                    rows=None, score_mode: str = "operand", score_channels: int | None = None):
-    """One chunk. k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> (w: [n, K], u: [n, V], T: [n, n]
-    or None for ``T = I``) in float32. ``blocks``, ``rows``, ``score_mode``, ``score_channels``: of the per-channel
-    scores (:func:`_key_scores`)."""
-    f32 = jnp.promote_types(operand_dtype, jnp.float32)
-    per_channel = G.ndim == 2
-    scale_k = beta[:, None] * jnp.exp(G) if per_channel else beta * jnp.exp(G)
-    if program.structure == IDENTITY:
-        decayed = scale_k if per_channel else scale_k[:, None]
-        return decayed * k.astype(f32), alpha[:, None] * v.astype(f32), None
-    gram = _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype, rows=rows, score_mode=score_mode,
-                      score_channels=score_channels)
-    L = (beta[:, None] * gram).astype(f32)
-    matmul = lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode)
-    T = program.matrix(L, matmul)
-    u = dot(T * alpha[None, :], v, operand_dtype=operand_dtype)
-    if per_channel:  # the decays scale k's channels: T (s * k) with s per entry
-        return dot(T, scale_k * k.astype(f32), operand_dtype=operand_dtype), u, T
-    # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
-    return dot(T * scale_k[None, :], k, operand_dtype=operand_dtype), u, T
+def _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *, program: TransferProgram, operand_dtype,
+                    mode, blocks: int, score_mode: str = "operand", channel_block: int | None = None):
+    """One chunk, from and to kernel refs: k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> w: [n, K],
+    u: [n, V] stored; returns ``T: [n, n]`` (float32), or None for ``T = I``. ``blocks``, ``score_mode``: of the
+    per-channel scores (:func:`_key_scores`); ``channel_block``: per-channel decays form the scores and
+    ``w = T (b e^G * k)`` over blocks of this many key channels (None: all at once), so that only ``[n, block]``
+    float32 decay tiles are live."""
+    f32 = g_ref.dtype
+    beta = b_ref[...].astype(f32)
+    alpha = lambda: a_ref[...].astype(f32)
+    if len(g_ref.shape) == 1:  # scalar decays
+        scale = beta * jnp.exp(g_ref[...])
+        if program.structure == IDENTITY:
+            w_ref[...] = (scale[:, None] * k_ref[...].astype(f32)).astype(w_ref.dtype)
+            u_ref[...] = (alpha()[:, None] * v_ref[...].astype(f32)).astype(u_ref.dtype)
+            return None
+        k = k_ref[...]
+        L = (beta[:, None] * _key_scores(k, g_ref[...], blocks=blocks, operand_dtype=operand_dtype)).astype(f32)
+        T = program.matrix(L, lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode))
+        u_ref[...] = dot(T * alpha()[None, :], v_ref[...], operand_dtype=operand_dtype).astype(u_ref.dtype)
+        # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
+        w_ref[...] = dot(T * scale[None, :], k, operand_dtype=operand_dtype).astype(w_ref.dtype)
+        return T
+    K = k_ref.shape[-1]
+    width = K if channel_block is None else min(channel_block, K)
+    T = None
+    if program.structure != IDENTITY:
+        gram = _key_scores(k_ref, g_ref, blocks=blocks, operand_dtype=operand_dtype, score_mode=score_mode,
+                           channel_block=width, rows=(decay.ref_rows(k_ref, g_ref),) * 2)
+        T = program.matrix((beta[:, None] * gram).astype(f32), lambda a, b: dot(a, b, operand_dtype=operand_dtype,
+                                                                                   mode=mode))
+    u = alpha()[:, None] * v_ref[...].astype(f32) if T is None else dot(T * alpha()[None, :], v_ref[...],
+                                                                         operand_dtype=operand_dtype)
+    u_ref[...] = u.astype(u_ref.dtype)
+
+    def store_w(j, carry):  # w over one block of key channels: T (b e^G * k) there
+        channels = (slice(None), pl.ds(j * width, width))
+        scaled = beta[:, None] * jnp.exp(g_ref[channels]) * k_ref[channels].astype(f32)
+        w = scaled if T is None else dot(T, scaled, operand_dtype=operand_dtype)
+        w_ref[channels] = w.astype(w_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, K // width, store_w, 0)
+    return T
 
 
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
-                          score_channels: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                          channel_block: int | None = None, num_warps: int = 4, num_stages: int = 1,
                           interpret: bool | None = None, G=None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
@@ -77,8 +100,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
-    per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``score_channels`` key
-    channels (``launch.Tuning.score_channels``). ``G``: ``micro_log_decay(log_decay, R)`` where the caller has it
+    per-channel decayed scores (``launch.Tuning.score_mode``); per-channel decays form the scores and ``w`` over
+    blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``: ``micro_log_decay(log_decay, R)`` where the caller has it
     (else computed here).
     """
     BH, N, n, K = layout_dims(keys, heads)
@@ -94,12 +117,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     blocks = chunks.score_blocks(n // R)
 
     def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
-        f32 = g_ref.dtype
-        w, u, T = _transfer_block(k_ref[...], v_ref[...], b_ref[...].astype(f32), a_ref[...].astype(f32), g_ref[...],
-                                  program=program, operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
-                                  score_channels=score_channels, rows=(decay.ref_rows(k_ref, g_ref),) * 2)
-        w_ref[...] = w.astype(w_ref.dtype)
-        u_ref[...] = u.astype(u_ref.dtype)
+        T = _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, program=program, operand_dtype=dtype,
+                            mode=mode, blocks=blocks, score_mode=score_mode, channel_block=channel_block)
         if save_transfer:
             t_ref[0][...] = T.astype(dtype)
 

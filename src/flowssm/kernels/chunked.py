@@ -231,7 +231,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         score_channels=t.score_channels, num_warps=t.transfer_warps, G=G)
+                                         channel_block=t.channel_block, num_warps=t.transfer_warps, G=G)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
@@ -268,7 +268,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, score_channels=t.score_channels, num_warps=t.output_warps)
+                            score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps)
     o, *saved = o if save_corrected or save_scores else (o,)
     corrected = saved[0] if save_corrected else u if save else None
     scores = saved[-1] if save_scores else None

@@ -96,7 +96,7 @@ def array_rows(x, G) -> Rows:
     return Rows(*(lambda rows, channels=None, y=y: load(y, rows, channels) for y in (x, G)))
 
 
-def channel_block(rows: Rows, channels) -> Rows:
+def in_channels(rows: Rows, channels) -> Rows:
     """``rows`` restricted to the key channels ``(start, size)``."""
     return Rows(lambda r: rows.x(r, channels), lambda r: rows.G(r, channels))
 
@@ -204,7 +204,7 @@ def scores(left, G_left, right, G_right, *, blocks: int, rank: int, shift: int, 
     acc = G_left.dtype
     lrows, rrows = rows or (array_rows(left, G_left), array_rows(right, G_right))
     (nl, K), nr = left.shape, right.shape[0]
-    on = lambda cols: _scores(*(lr if cols is None else channel_block(lr, cols) for lr in (lrows, rrows)),
+    on = lambda cols: _scores(*(lr if cols is None else in_channels(lr, cols) for lr in (lrows, rrows)),
                               nl=nl, nr=nr, blocks=blocks, rank=rank, shift=shift, acc=acc, matmul=matmul,
                               operand_dtype=operand_dtype)
     if channels is None or channels >= K:

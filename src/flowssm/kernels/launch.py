@@ -51,13 +51,14 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
-    score_channels (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
-    blocks of this many key channels (``decay.scores``), which keeps ``[n, score_channels]`` float32 tiles live
-    instead of ``[n, K]`` ones; None: chosen by :meth:`resolve` (64 for per-channel decays with ``K > 64``, else
+    channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
+    blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
+    block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by :meth:`resolve` (64 for per-channel decays with ``K > 64``, else
     all ``K`` at once). At ``K = 128`` in the offline sm_90 report the output kernel's spills fell from 880 B a
     thread to none at 32 or 64, the transfer's from 1012 B to 444 (32) or 456 (64); 16 serialises the tensor-core
     products. On an H200 (KDA, 4 x 4096 x 16 x 128 x 128) 64 took the output kernel from 0.362 to 0.341 ms, 32 to
-    0.424; the transfer was unchanged (RESULTS.md, run 15).
+    0.424; the transfer was unchanged (RESULTS.md, run 15: the field was ``score_channels`` then, and the
+    transfer's ``w`` was still formed over all channels).
     """
 
     transfer_mode: str | None = None
@@ -76,7 +77,7 @@ class Tuning:
     segment_programs: int = 256
     state_lowering: str = "auto"
     mosaic_stages: int = 4
-    score_channels: int | None = None
+    channel_block: int | None = None
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
@@ -85,7 +86,7 @@ class Tuning:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("block_v", "block_k", "output_block_v", "score_channels"):
+        for name in ("block_v", "block_k", "output_block_v", "channel_block"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"Tuning.{name}: expected None or a power of two >= 16, got {value!r}")
@@ -132,7 +133,7 @@ class Tuning:
             output_block_v=min(output_block_v, V),
             backward_warps=8 if wide or big else 4,
             block_k=32 if f32 or (per_channel and big) else 64,
-            score_channels=64 if per_channel and K > 64 else None,
+            channel_block=64 if per_channel and K > 64 else None,
         )
         return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) is None})
 
