@@ -57,3 +57,13 @@ def test_kda_gla_and_gdn_stages_run_once_a_launch_variant(tmp_path, monkeypatch)
         for variant in variants:
             assert min(out[variant].values()) > 0
             assert ("transfer_bwd" in out[variant]) == (part != "gla")  # gla: the additive path
+
+
+def test_profile_op_runs_each_kind_forward_and_backward(capsys):
+    """``benchmarks/profile_op.py`` (run under Nsight Compute on the GPU) calls each op once on a tiny shape."""
+    profile_op = pytest.importorskip("profile_op")
+    for extra in ([], ["--backward"]):
+        profile_op.main(["--kinds", "kda,gla,gdn", "--shape", "1x64x2x16x16", *extra])
+    assert capsys.readouterr().out.split().count("done") == 6
+    with pytest.raises(ValueError, match="--kinds"):
+        profile_op.main(["--kinds", "dplr", "--shape", "1x64x2x16x16"])
