@@ -101,8 +101,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
     per-channel decayed scores (``launch.Tuning.score_mode``); per-channel decays form the scores and ``w`` over
-    blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``: ``micro_log_decay(log_decay, R)`` where the caller has it
-    (else computed here).
+    blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``:
+    ``micro_log_decay(log_decay, R)`` where the caller has it (else computed here).
     """
     BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]

@@ -53,12 +53,13 @@ class Tuning:
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
-    block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by :meth:`resolve` (64 for per-channel decays with ``K > 64``, else
-    all ``K`` at once). At ``K = 128`` in the offline sm_90 report the output kernel's spills fell from 880 B a
-    thread to none at 32 or 64, the transfer's from 1012 B to 444 (32) or 456 (64); 16 serialises the tensor-core
-    products. On an H200 (KDA, 4 x 4096 x 16 x 128 x 128) 64 took the output kernel from 0.362 to 0.341 ms, 32 to
-    0.424; the transfer was unchanged (RESULTS.md, run 15: the field was ``score_channels`` then, and the
-    transfer's ``w`` was still formed over all channels).
+    block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
+    :meth:`resolve` (64 for per-channel decays with ``K > 64``, else all ``K`` at once). At ``K = 128`` in the
+    offline sm_90 report the output kernel's spills fell from 880 B a thread to none at 32 or 64, the
+    transfer's from 1012 B to 444 (32) or 456 (64), and to none once ``w`` was blocked too; 16 serialises the
+    tensor-core products. On an H200 (KDA, 4 x 4096 x 16 x 128 x 128) 64 took the output kernel from 0.362 to
+    0.341 ms, 32 to 0.424; the transfer was unchanged (RESULTS.md, run 15: the field was ``score_channels``
+    then, and the transfer's ``w`` was still formed over all channels; ``w`` by blocks is not yet timed).
     """
 
     transfer_mode: str | None = None
