@@ -347,16 +347,6 @@ def packing(seed: int, T: int, documents: int) -> np.ndarray:
     return np.concatenate([[0], np.sort(cuts), [T]]).astype(np.int32)
 
 
-def packed_kernels(q, k, v, beta, cu, documents):
-    """(jitted ``chunked_pallas`` on the packed layout, its slotted arguments): the packed forward without the gathers."""
-    T, H, K, V = *k.shape[1:3], k.shape[3], v.shape[3]
-    lay = varlen.layout(cu, T, CHUNK, chunks=varlen.pallas_chunks(varlen.num_chunks(T, documents, CHUNK)))
-    h0 = jnp.zeros((documents, H, K, V), jnp.float32)
-    run = jax.jit(lambda qs, path: chunked_pallas(qs, path, h0, scale=K**-0.5, chunk_size=CHUNK, solver=get_solver("exact"),
-                                                  scan="auto", semantics="discrete", layout=lay)[0])
-    return run, varlen.to_slots(q, lay, 1), varlen.slots_path(make_path(k, v, beta), lay, q.dtype)
-
-
 def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
     """The packed row: flowssm pallas with ``cu_seqlens`` vs the unpacked call of the same total length (the
     target: within 10 %) and vs fla on the same packing (errors and timings); errors vs the xla backend."""
@@ -376,8 +366,6 @@ def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
         unpacked_fwd, unpacked_grad = fns(gated, backend="pallas")
         row[f"pallas_unpacked_{tag}fwd"] = timed(unpacked_fwd, *args, reps=reps)
         row[f"pallas_unpacked_{tag}fwdbwd"] = timed(unpacked_grad, *args, do, reps=reps)
-        if not gated:  # the kernels alone on inputs already in the chunk-aligned layout: the rest is the gathers
-            row["pallas_packed_kernels_fwd"] = timed(*packed_kernels(q, k, v, beta, cu, documents), reps=reps)
         for mode in ("fwd", "fwdbwd"):
             row[f"packed_over_unpacked_{tag}{mode}"] = row[f"pallas_packed_{tag}{mode}"] / row[f"pallas_unpacked_{tag}{mode}"]
         say(row["shape"], "gated" if gated else "plain", {key: round(val, 4) for key, val in row.items()

@@ -82,10 +82,11 @@ def lower(out: str, method: str = "merge") -> None:
 
 
 def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "sequential",
-             per_channel: bool = False, linear: bool = False) -> None:
+             per_channel: bool = False, linear: bool = False, packed: bool = False) -> None:
     """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them;
     ``per_channel``: a decay per key channel (``g: [B, T, H, K]``: KDA, or GLA with ``linear``);
-    ``linear``: ``linear_attention`` (``T = I``) instead of ``delta_rule``."""
+    ``linear``: ``linear_attention`` (``T = I``) instead of ``delta_rule``; ``packed``: three packed documents
+    (``cu_seqlens``, lengths 100, 90 and 66: the kernels read and write the packed rows in place)."""
     import jax
     import jax.numpy as jnp
 
@@ -101,6 +102,8 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "seque
 
     def loss(q, k, v, beta, g):
         options = dict(backend="pallas", chunk_size=chunk, scan=scan)
+        if packed:
+            options["cu_seqlens"] = jnp.array([0, 100, 190, T], jnp.int32)
         if linear:
             o, S = flowssm.linear_attention(q, k, v, g, **options)
         else:
@@ -163,19 +166,22 @@ def main():
     parser.add_argument("--scan", default="sequential", help="with --op: scan (associative: the segmented kernels)")
     parser.add_argument("--per-channel", action="store_true", help="with --op: a decay per key channel (KDA)")
     parser.add_argument("--linear", action="store_true", help="with --op: linear_attention (GLA with --per-channel)")
+    parser.add_argument("--packed", action="store_true", help="with --op: packed documents (cu_seqlens)")
     args = parser.parse_args()
-    if (args.per_channel or args.linear) and not args.op:
-        parser.error("--per-channel and --linear need --op (the per-kernel mode lowers the scalar-decay benchmark "
+    if (args.per_channel or args.linear or args.packed) and not args.op:
+        parser.error("--per-channel, --linear and --packed need --op (the per-kernel mode lowers the scalar-decay benchmark "
                      "calls)")
     os.makedirs(args.out, exist_ok=True)
     if args.lower:
         if args.op:
-            return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan, args.per_channel, args.linear)
+            return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan, args.per_channel, args.linear,
+                            args.packed)
         return lower(args.out, args.method)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
     op = (["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk), "--scan", args.scan]
-          + (["--per-channel"] if args.per_channel else []) + (["--linear"] if args.linear else []) if args.op else [])
+          + (["--per-channel"] if args.per_channel else []) + (["--linear"] if args.linear else [])
+          + (["--packed"] if args.packed else []) if args.op else [])
     subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, "--method", args.method, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "

@@ -98,15 +98,12 @@ def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, 
         o, finals = jax.vmap(lambda p, qq, h: varlen.token_loop(p, qq, h, cu, scale, semantics))(one, qh, h0h)
         return jnp.moveaxis(o, 0, 1)[None], jnp.moveaxis(finals, 0, 1)
     if backend == "pallas":
-        from flowssm.kernels.chunked import chunked_pallas, operand_dtype
+        from flowssm.kernels.chunked import chunked_pallas
 
         chunks = varlen.pallas_chunks(varlen.num_chunks(T, cu.shape[0] - 1, chunk_size))
         lay = varlen.layout(cu, T, chunk_size, chunks=chunks)
-        slotted = varlen.slots_path(path, lay, operand_dtype(q, path))
-        o, finals = chunked_pallas(varlen.to_slots(q, lay, 1), slotted, None if zero_h0 else h0, scale=scale,
-                                   chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
-                                   layout=lay, tuning=tuning)
-        return varlen.from_slots(o, lay, 1), finals
+        return chunked_pallas(q, path, None if zero_h0 else h0, scale=scale, chunk_size=chunk_size, solver=solver,
+                              scan=scan, semantics=semantics, layout=lay, tuning=tuning)
     C = min(chunk_size, T)
     lay = varlen.layout(cu, T, C)
     o, finals = varlen.xla_chunks(varlen.to_slots(qh, lay, 1), varlen.slots_path(path, lay), h0h, lay, C, scale=scale,

@@ -254,17 +254,9 @@ def xla_chunks(qh, path: Path, h0, lay: Layout, C: int, *, scale, solver, scan, 
     return o.reshape(H, S, -1), finals
 
 
-def slots_path(path: Path, lay: Layout, operand_dtype=None) -> Path:
-    """:func:`to_slots` of every field of a head-major path. With ``operand_dtype`` (the kernels'), the
-    keys and values are cast to it first and gathered along the token axis of their token-major view:
-    for fla-layout inputs that view is the input itself (XLA cancels ``make_path``'s transpose and the
-    cast round trip), so the gather moves the bf16 operands once instead of a transposed float32 copy."""
-    moved = lambda x: to_slots(x, lay, 2)
-    if operand_dtype is None:
-        return map_path(path, moved)
-    token_major = lambda x: jnp.moveaxis(to_slots(jnp.moveaxis(x.astype(operand_dtype), 2, 1), lay, 1), 1, 2)
-    return Path(token_major(path.keys), token_major(path.values), *map(moved, path[2:5]),
-                None if path.right_keys is None else token_major(path.right_keys))
+def slots_path(path: Path, lay: Layout) -> Path:
+    """:func:`to_slots` of every field of a head-major path."""
+    return map_path(path, lambda x: to_slots(x, lay, 2))
 
 
 def pallas_chunks(Nc: int) -> int:

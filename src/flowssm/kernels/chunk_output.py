@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels import decay
+from flowssm.kernels import decay, packed
 from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
                                     resolve_interpret, to_head_major, token_major, token_spec)
 
@@ -82,7 +82,8 @@ def _output_block(q, k, G, G_tok, w, u, S, *, rank: int, scale: float, matmul, o
 def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
                         save_corrected: bool = False, save_scores: bool = False, heads: int | None = None,
                         block_v: int | None = None, score_mode: str = "operand", channel_block: int | None = None,
-                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                        num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
+                        packed_rows: packed.ChunkTable | None = None):
     """q: [BH, N, C, K], keys, w: [BH, N, n, K], G: [BH, N, n] (cumulative, per micro-step), u: [BH, N, n, V],
     S_in: [BH, N, K, V] -> o: [BH, N, C, V] in ``out_dtype`` (default: float32, float64 for float64 G);
     with ``save_corrected`` -> (o, corrected ``u - w S_in``: [BH, N, n, V] in the dtype of ``keys``), and with
@@ -94,9 +95,13 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
     (head, chunk, block of ``block_v`` columns of ``V``; None: all of them): the ``[C, n]`` attention
     block is recomputed per column block, the state tile is ``[K, block_v]``. ``score_mode``: the matmul mode
     of per-channel decayed scores (``launch.Tuning.score_mode``), formed over blocks of ``channel_block`` key
-    channels (``launch.Tuning.channel_block``)."""
-    BH, N, C, K = layout_dims(q, heads)
-    n, V = layout_dims(u, heads)[2:]
+    channels (``launch.Tuning.channel_block``). ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys
+    and o are the packed rows ``[1, T, H, K]``, ``[1, T R, H, K]``, ``[1, T, H, V]`` and ``N`` the table's chunks."""
+    if packed_rows is None:
+        BH, N, C, K = layout_dims(q, heads)
+    else:
+        BH, N, C, K = heads, packed_rows.chunks, G.shape[2] // rank, q.shape[-1]
+    n, V = G.shape[2], u.shape[-1]
     bv = min(block_v or V, V)
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
@@ -108,11 +113,19 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     own_tokens = rank > 1  # for one micro-step a token the token decays are G itself: its block, read once
 
-    def kernel(q_ref, k_ref, g_ref, *refs):
+    def kernel(*refs):
+        if packed_rows is not None:  # the chunk's rows of the packed operands
+            c = pl.program_id(1)
+            table_ref, q_ref, k_ref, *refs = refs
+            q_ref, k_ref = packed.chunk_rows(q_ref, table_ref, c, C), packed.chunk_rows(k_ref, table_ref, c, n, rank)
+        else:
+            q_ref, k_ref, *refs = refs
+        g_ref, *refs = refs
         gt_ref, refs = (refs[0], refs[1:]) if own_tokens else (g_ref, refs)
         rows = (decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref))
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         u_ref, s_ref, o_ref, *saved_refs = refs
+        o_ref = o_ref if packed_rows is None else packed.chunk_rows(o_ref, table_ref, c, C)
         o, corrected, att = _output_block(q_ref, k_ref, g_ref, gt_ref, w_ref, u_ref, s_ref, rank=rank, scale=scale,
                                           matmul=dot, operand_dtype=dtype, score_mode=score_mode, rows=rows,
                                           channel_block=channel_block)
@@ -124,10 +137,12 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
     cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
-    tok = lambda spec: token_spec(spec, heads)
+    tok = lambda spec, rows: token_spec(spec, heads) if packed_rows is None else packed.rows_spec(spec, heads, rows)
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
-    out_shape, out_specs = (out_shape,), (tok(cols(C)),)
+    if packed_rows is not None:
+        out_shape = jax.ShapeDtypeStruct((*q.shape[:-1], V), out_dtype)
+    out_shape, out_specs = (out_shape,), (tok(cols(C), q.shape[1]),)
     saves = save_corrected or save_scores
     if save_corrected:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)), (*out_specs, cols(n))
@@ -137,14 +152,16 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
-        in_specs=[tok(rows(C, K)), tok(rows(n, K)),
+        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(rows(C, K), q.shape[1]),
+                  tok(rows(n, K), keys.shape[1]),
                   *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens],
                   *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
         out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)), u, S_in)
+    )(*([] if packed_rows is None else [packed_rows.bounds]), q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)),
+      u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,

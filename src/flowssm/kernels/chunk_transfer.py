@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
-from flowssm.kernels import decay
+from flowssm.kernels import decay, packed
 from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
 from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.paths import Path
@@ -91,7 +91,7 @@ def _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *, program:
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
                           channel_block: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                          interpret: bool | None = None, G=None):
+                          interpret: bool | None = None, G=None, packed_rows: packed.ChunkTable | None = None):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -102,11 +102,13 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
     per-channel decayed scores (``launch.Tuning.score_mode``); per-channel decays form the scores and ``w`` over
     blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``:
-    ``micro_log_decay(log_decay, R)`` where the caller has it (else computed here).
+    ``micro_log_decay(log_decay, R)`` where the caller has it (else computed here). ``packed_rows`` (packed sequences
+    read in place, :mod:`.packed`): keys and values are the packed rows ``[1, T R, H, ·]``.
     """
-    BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
-    R = n // log_decay.shape[2]
+    BH, N, C = log_decay.shape[:3]
+    n, K = beta.shape[2], keys.shape[-1]
+    R = n // C
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     program = solver.program()
@@ -116,7 +118,11 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     blocks = chunks.score_blocks(n // R)
 
-    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref):
+    def kernel(*refs):
+        if packed_rows is not None:  # the chunk's rows of the packed operands
+            table_ref, *refs = refs
+            refs[:2] = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R) for x in refs[:2])
+        k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref = refs
         T = _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, program=program, operand_dtype=dtype,
                             mode=mode, blocks=blocks, score_mode=score_mode, channel_block=channel_block)
         if save_transfer:
@@ -125,17 +131,19 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
+    tok = lambda spec, x: token_spec(spec, heads) if packed_rows is None else packed.rows_spec(spec, heads, x.shape[1])
     extra = (n,) if save_transfer else ()
     return pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[token_spec(rows(K), heads), token_spec(rows(V), heads), vec, vec, g_spec],
+        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(rows(K), keys), tok(rows(V), values), vec,
+                  vec, g_spec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer",
-    )(keys, values, beta, alpha, G)
+    )(*([] if packed_rows is None else [packed_rows.bounds]), keys, values, beta, alpha, G)
 
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from flowssm.kernels import decay
+from flowssm.kernels import decay, packed
 from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
@@ -104,7 +104,7 @@ def _segment_cotangent_ends(P, b, dS_final):
 
 
 def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
-                     zero_h0: bool = False, mosaic: bool = False, decayed_keys: bool = False):
+                     zero_h0: bool = False, mosaic: bool = False, decayed_keys: bool = False, packed_rows=None, rank: int = 1):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n]
     (or [BH, N, n, K]), w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -117,13 +117,13 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     ``state_pass_kernel`` (Triton only).
     Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
+    ``packed_rows``, ``rank``: packed keys read in place (``state_pass_kernel``).
     """
-    BH, N, n, K = layout_dims(keys, heads)
-    V = u.shape[-1]
+    BH, N, K, V = G.shape[0], G.shape[1], keys.shape[-1], u.shape[-1]
     opts = dict(heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
              dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages, decayed_keys=decayed_keys,
-                  **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
+                  packed_rows=packed_rows, rank=rank, **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
     state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
     flow = state_pass(keys, G, w, u, None, flow=True, write_states=False).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
@@ -206,7 +206,8 @@ def _use_mosaic(t: Tuning, keys, G, n: int, V: int, additive: bool = False) -> b
     return t.state_lowering == "mosaic"
 
 
-def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, spans=None, *, save: bool):
+def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=None, spans=None, packed_rows=None, *,
+            save: bool):
     """The forward kernels. Token-major qc: [B, N, C, H, K], keys: [B, N, n, H, K], values: [B, N, n, H, V]
     (``n = C R``); head-major beta, alpha: [BH, N, n], log_decay: [BH, N, C] (or [BH, N, C, K] per key channel), S0: [BH, K, V]
     -> ((o: [B, N, C, H, V], S_final), (w, u, T, S_in, corrected, P, scores)); with ``save`` (the kernels'
@@ -215,33 +216,38 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     None; ``scores``: for per-channel decays the output kernel's attention blocks, else None.
     With ``resets`` and ``spans`` (packed sequences, :mod:`flowssm.varlen`): S0 and S_final are [BH, Ns, K, V], one
     per sequence (an empty sequence's final state is its initial state); the sequential pass runs one program
-    per (head, sequence), the segmented scan's passes restart at sequence starts."""
+    per (head, sequence), the segmented scan's passes restart at sequence starts. With ``packed_rows`` (a
+    :class:`packed.ChunkTable`) q, keys, values and o are the packed rows ``[1, T r, H, ·]``, read and written in
+    place by the kernels."""
     H, t = st.heads, st.tuning
-    C, n = qc.shape[2], keys.shape[2]
+    C, n = log_decay.shape[2], beta.shape[2]
+    R = n // C
+    in_place = dict(packed_rows=packed_rows) if packed_rows is not None else {}
+    layout_of = lambda x, size: x if packed_rows is None else packed.to_layout(x, packed_rows, size)
     save_transfer = save and st.solver.program().structure == INVERSE
     additive = _additive(st.solver)
     xla_scan = st.scan == "associative" and t.assoc == "xla"
     # per-channel decays: the decays kernel also writes the keys decayed to the chunk end, the state passes' operand
     decayed = log_decay.ndim == 4 and not additive and not xla_scan
-    G, *end_keys = cumulative_decay_kernel(log_decay, n // C, keys=keys, heads=H) if decayed else (
-        cumulative_decay_kernel(log_decay, n // C),)
+    G, *end_keys = cumulative_decay_kernel(log_decay, R, keys=keys, heads=H, **in_place) if decayed else (
+        cumulative_decay_kernel(log_decay, R),)
     state_keys = end_keys[0] if decayed else keys
     if additive:  # w = 0 (never formed or read), u = a v token-major
-        w, u, T = None, _additive_values(values, alpha), []
+        w, u, T = None, _additive_values(layout_of(values, n), alpha), []
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         channel_block=t.channel_block, num_warps=t.transfer_warps, G=G)
+                                         channel_block=t.channel_block, num_warps=t.transfer_warps, G=G, **in_place)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
     P = None
-    h0, packed = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
+    h0, restarts = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     mosaic = resets is None and _use_mosaic(t, keys, G, n, V, additive)
     if xla_scan:
-        flows = chunk_flows(head_major(keys, H), G, *_generators(w, u, keys, H))
+        flows = chunk_flows(head_major(layout_of(keys, n), H), G, *_generators(w, u, layout_of(keys, n), H))
         if resets is None:
             S_in, S_final = jax.vmap(lambda f, s: chunk_states(f, s, "associative"))(flows, S0)
         else:
@@ -249,8 +255,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
         S_in = S_in.astype(keys.dtype)
     elif segments > 1:
         S_in, S_final, P, *finals = segmented_states(state_keys, G, *(_generators(w, u, keys, H) if mosaic else (w, u)),
-                                                     S0, segments, heads=H, tuning=t, **packed, mosaic=mosaic,
-                                                     decayed_keys=decayed)
+                                                     S0, segments, heads=H, tuning=t, **restarts, mosaic=mosaic,
+                                                     decayed_keys=decayed, **in_place, rank=R)
         if resets is not None:  # rows of empty sequences are not written by the kernels
             S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], finals[0], h0)
     elif mosaic:
@@ -259,7 +265,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     elif resets is not None:  # sequential: one program per (head, sequence, column block)
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H,
                                           block_v=t.block_v, num_warps=t.state_warps, num_stages=t.state_stages,
-                                          spans=spans, zero_h0=st.zero_h0, decayed_keys=decayed)
+                                          spans=spans, zero_h0=st.zero_h0, decayed_keys=decayed, **in_place, rank=R)
         S_final = S_final.reshape(h0.shape)
     else:  # sequential, or too few chunks to split
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
@@ -268,7 +274,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     save_corrected = save and not additive  # additive: the corrected values are u
     o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
                             save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps)
+                            score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
+                            **in_place)
     o, *saved = o if save_corrected or save_scores else (o,)
     corrected = saved[0] if save_corrected else u if save else None
     scores = saved[-1] if save_scores else None
@@ -289,11 +296,29 @@ def _reference_stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0,
     return o, S_final
 
 
+def _in_layout(args, packed_rows):
+    """The token-major operands (q, keys, values) of packed rows read in place gathered into the chunk-aligned
+    layout, for the steps that read the layout (the backward); ``args`` as :func:`_stages`'."""
+    if packed_rows is None:
+        return args
+    qc, keys, values, beta, _, log_decay, *_ = args
+    C, n = log_decay.shape[2], beta.shape[2]
+    return (packed.to_layout(qc, packed_rows, C), packed.to_layout(keys, packed_rows, n),
+            packed.to_layout(values, packed_rows, n),
+            *args[3:])
+
+
+def _rows_of(x, packed_rows):
+    """A token-major layout operand (or cotangent) back to packed rows; unchanged without ``packed_rows``."""
+    return x if packed_rows is None else packed.from_layout(x, packed_rows)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets, spans):
-    """(o: [BH, N, C, V] in the dtype of ``keys``, S_final: [BH, K, V]); arguments as :func:`_stages`
-    (``resets``, ``spans``: None or integer vectors, no cotangent)."""
-    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, spans, save=False)[0]
+def _pallas_flow(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets, spans, packed_rows):
+    """(o: [BH, N, C, V] in the dtype of ``keys`` (packed rows ``[1, T, H, V]`` with ``packed_rows``), S_final:
+    [BH, K, V]); arguments as :func:`_stages` (``resets``, ``spans``, ``packed_rows``: None or integer arrays, no
+    cotangent)."""
+    return _stages(st, qc, keys, values, beta, alpha, log_decay, S0, resets, spans, packed_rows, save=False)[0]
 
 
 def _pallas_flow_fwd(st: _Static, *primals):
@@ -309,22 +334,26 @@ def _dense(cotangent):
 
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     args, (w, u, T, S_in, corrected, P, scores) = residuals
-    *args, resets, spans = args
+    *args, resets, spans, packed_rows = args
+    packed_args, args = args, _in_layout(args, packed_rows)  # the backward reads the layout
     # packed: when the final states' cotangent is a symbolic zero (a loss of the outputs alone), the
     # reverse passes never read it
     zero_dfinals = resets is not None and isinstance(cotangents[1], SymbolicZero)
     cotangents = tuple(map(_dense, cotangents))
     if st.tuning.backward == "reference":
-        return (*jax.vjp(lambda *a: _reference_stages(st, *a, resets), *args)[1](cotangents), None, None)
+        reference = lambda *a: (lambda o, S: (_rows_of(o, packed_rows), S))(*_reference_stages(st, *_in_layout(a, packed_rows),
+                                                                                          resets))
+        return (*jax.vjp(reference, *packed_args)[1](cotangents), None, None, None)
     qc, keys, values, beta, alpha, log_decay, S0 = args
     do, dS_final = cotangents
+    do = do if packed_rows is None else packed.to_layout(do, packed_rows, qc.shape[2])
     H, t = st.heads, st.tuning
     n = keys.shape[2]
     R = n // qc.shape[2]
     G = cumulative_decay_kernel(log_decay, R)
-    dfinals, packed = dS_final.astype(S0.dtype), {}
+    dfinals, restarts = dS_final.astype(S0.dtype), {}
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
-        packed = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
+        restarts = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
         dS_final = jnp.zeros((S0.shape[0], *S0.shape[2:]), S0.dtype)
     additive = _additive(st.solver)
     mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1], additive)
@@ -344,7 +373,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                 num_stages=t.state_bwd_stages, scores=scores)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), P, rank=R,
-                                                     scale=st.scale, heads=H, tuning=t, **packed, mosaic=mosaic,
+                                                     scale=st.scale, heads=H, tuning=t, **restarts, mosaic=mosaic,
                                                      scores=scores)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
@@ -354,13 +383,14 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
         dvalues, dalpha = jax.vjp(_additive_values, values, alpha)[1](token_major(dv, H).astype(values.dtype))
         grads = (dq, dk, dvalues, jnp.zeros_like(beta), dalpha, cumulative_decay_vjp_kernel(log_decay, dG, R), dS0)
-        return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None)
+        grads = (*(_rows_of(d, packed_rows) for d in grads[:3]), *grads[3:])
+        return (*(d.astype(x.dtype) for d, x in zip(grads, packed_args)), None, None, None)
     transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode, num_warps=t.backward_warps)
                     if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
                                                              solver=st.solver, heads=H, G=G, dG=dG)
-    grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
-    return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None)
+    grads = (*(_rows_of(d, packed_rows) for d in (dq, dkeys + dk, dvalues)), dbeta, dalpha, dlog_decay, dS0)
+    return (*(d.astype(x.dtype) for d, x in zip(grads, packed_args)), None, None, None)
 
 
 _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)
@@ -371,9 +401,10 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
-    With ``layout`` (packed sequences in :mod:`flowssm.varlen`'s chunk-aligned layout, ``B = 1``, ``T`` its
-    ``Nc * chunk_size`` slots): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then be
-    ``None``: no initial states (zeros, which the kernels then never read).
+    With ``layout`` (packed sequences, ``B = 1``: :mod:`flowssm.varlen`'s chunk-aligned layout of the ``T`` packed
+    tokens): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then be ``None``: no initial
+    states (zeros, which the kernels then never read). The forward kernels read q, keys, values and write o in
+    place, in the packed row (:mod:`.packed`); the steps, decays and the backward read the layout.
 
     q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.
@@ -391,12 +422,12 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     V = path.values.shape[-1]
     C, Rp, Kp, Vp = chunk_size, _pow2(R), _pow2(K, 16), _pow2(V, 16)
     n = C * Rp
-    N = -(-T // C)
+    N = -(-T // C) if layout is None else layout.resets.seq.shape[0]
     BH = B * H
     piece = MAX_ELEMENTS // (BH * max(Kp * Vp, n * max(Kp, Vp, n)))  # chunks a call can index in int32
     piece = (piece - piece % PIECE_ALIGN if piece >= 2 * PIECE_ALIGN else piece) * C
     resets, spans = (None, None) if layout is None else (layout.resets, layout.spans)
-    if piece < T:  # e.g. 1M tokens x 16 heads: the states entering the chunks alone have 2^32 elements
+    if piece < N * C:  # e.g. 1M tokens x 16 heads: the states entering the chunks alone have 2^32 elements
         if layout is not None:
             raise ValueError(f"cu_seqlens: packed calls are limited to {piece} tokens on pallas (int32 indexing of "
                              f"the kernels' arrays), got T = {T} (with its chunk-aligned padding); use backend 'xla'")
@@ -417,19 +448,25 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
             raise ValueError("S0: None (no initial states) needs packed sequences (a layout)")
         S0 = jnp.zeros((spans.first.shape[0], H, K, V), path.beta.dtype)  # the path dtype (keys may be operand dtype)
     tuning = tuning.resolve(od, Kp, Vp, C, n, per_channel=path.per_channel)
-    path = pad_path(path, N * C)
+    packed_rows = None if layout is None else packed.table(layout, T, C)
     # token-major operands: for R = 1 (and no padding) a free view of the fla-layout inputs; XLA cancels
-    # make_path's head-major transpose and the round trip through the path dtype
-    token_major = lambda x, d: jnp.moveaxis(_pad_to(x, {3: Rp, 4: d}), 1, 3).astype(od).reshape(B, N, n, H, d)
-    keys, values = token_major(path.keys, Kp), token_major(path.values, Vp)
-    beta, alpha = (_pad_to(x, {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
-    log_decay = (_pad_to(path.log_decay, {3: Kp}).reshape(BH, N, C, Kp) if path.per_channel  # padded channels: 0
-                 else path.log_decay.reshape(BH, N, C))
-    qc = _pad_to(q, {1: N * C, 3: Kp}).astype(od).reshape(B, N, C, H, Kp)
+    # make_path's head-major transpose and the round trip through the path dtype. Packed: the rows themselves
+    rows = (lambda x, size: x.reshape(B, N, size, H, x.shape[-1])) if layout is None else (
+        lambda x, size: x.reshape(B, -1, H, x.shape[-1]))
+    if layout is None:  # identity tokens up to whole chunks
+        path, q, slots = pad_path(path, N * C), _pad_to(q, {1: N * C}), lambda x: x
+    else:  # the head-major vectors gathered into the layout's slots; q, keys and values stay packed rows
+        slots = lambda x: varlen.to_slots(x, layout, 2)
+    keys, values = (rows(jnp.moveaxis(_pad_to(x, {3: Rp, 4: d}), 1, 3).astype(od), n)
+                    for x, d in ((path.keys, Kp), (path.values, Vp)))
+    beta, alpha = (_pad_to(slots(x), {3: Rp}).reshape(BH, N, n) for x in (path.beta, path.alpha))
+    log_decay = (_pad_to(slots(path.log_decay), {3: Kp}).reshape(BH, N, C, Kp) if path.per_channel  # padded: 0
+                 else slots(path.log_decay).reshape(BH, N, C))
+    qc = rows(_pad_to(q, {3: Kp}).astype(od), C)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
     st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0)
-    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets, spans)
-    o = o.reshape(B, N * C, H, Vp)[:, :T, :, :V]
+    o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets, spans, packed_rows)
+    o = o.reshape(B, -1, H, Vp)[:, :T, :, :V]
     S_final = S_final.reshape(B, H, Kp, Vp) if resets is None else jnp.moveaxis(S_final, 1, 0)
     return o.astype(path.keys.dtype), S_final[..., :K, :V]

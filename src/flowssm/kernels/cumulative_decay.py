@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm import chunks
+from flowssm.kernels import packed
 from flowssm.kernels.common import in_layout, pallas_call, resolve_interpret
 
 
@@ -47,22 +48,32 @@ def _rows(C: int, rank: int, r: int, reverse: bool = False):
     return ((C - 1 - tokens) if reverse else tokens) * rank + r
 
 
-def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None = None):
-    """One program per (head, chunk) over ``[BH, N, r, K]`` blocks (token-major operands of rank 5 with ``heads``)."""
+def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None = None,
+            packed_rows: packed.ChunkTable | None = None):
+    """One program per (head, chunk) over ``[BH, N, r, K]`` blocks (token-major operands of rank 5 with ``heads``);
+    with ``packed_rows``, the last operand is packed rows ``[1, T R, H, K]`` read in place (``kernel`` gets the table
+    first)."""
     BH, N, _, K = operands[0].shape
     block = lambda x: in_layout(pl.BlockSpec((None, None, x.shape[2], K), lambda i, c: (i, c, 0, 0)), x, heads)
     outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
     specs = tuple(block(x) for x in outs)
-    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=[block(x) for x in operands],
+    in_specs = [block(x) for x in operands]
+    if packed_rows is not None:
+        in_specs = [packed.table_spec(packed_rows), *in_specs[:-1],
+                    packed.rows_spec(pl.BlockSpec((None, None, None, K), lambda i, c: (i, c, 0, 0)), heads,
+                                     operands[-1].shape[1])]
+        operands = (packed_rows.bounds, *operands)
+    return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=in_specs,
                        out_specs=specs if isinstance(out_shape, tuple) else specs[0],
                        interpret=resolve_interpret(interpret), num_warps=4, num_stages=1, name=name)(*operands)
 
 
 def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | None = None,
-                            interpret: bool | None = None):
+                            interpret: bool | None = None, packed_rows: packed.ChunkTable | None = None):
     """:func:`micro_log_decay` (same contract): a kernel for per-channel ``[BH, N, C, K]`` decays. With ``keys``
     ([BH, N, n, K], or token-major [B, N, n, H, K] with ``heads``; per-channel decays only) -> (G, :func:`end_keys`
-    head-major in the dtype of ``keys``)."""
+    head-major in the dtype of ``keys``); ``packed_rows``: the keys are packed rows ``[1, T R, H, K]`` read in place
+    (:mod:`.packed`)."""
     if log_decay.ndim == 3:
         if keys is not None:
             raise ValueError("keys: the keys decayed to the chunk end are formed for per-channel decays "
@@ -72,7 +83,11 @@ def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | Non
     BH, N, C, K = log_decay.shape
     gap = chunks.reset_gap(dtype)
 
-    def kernel(g_ref, *refs):
+    def kernel(*refs):
+        if packed_rows is not None:
+            table_ref, *refs = refs
+            refs[1] = packed.chunk_rows(refs[1], table_ref, pl.program_id(1), C * rank, rank)
+        g_ref, *refs = refs
         k_ref, G_ref, *e_ref = refs if keys is not None else (None, *refs)
         g = g_ref[...].astype(dtype)
         reset = jnp.isneginf(g)
@@ -90,7 +105,8 @@ def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | Non
     if keys is None:
         return _launch(kernel, out, (log_decay,), interpret, "flowssm_cumulative_decay")
     decayed = jax.ShapeDtypeStruct((BH, N, C * rank, K), keys.dtype)
-    return _launch(kernel, (out, decayed), (log_decay, keys), interpret, "flowssm_cumulative_decay", heads=heads)
+    return _launch(kernel, (out, decayed), (log_decay, keys), interpret, "flowssm_cumulative_decay", heads=heads,
+                   packed_rows=packed_rows)
 
 
 def cumulative_decay_vjp_kernel(log_decay, dG, rank: int, *, interpret: bool | None = None):

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from flowssm.flows import WYFlow, apply
-from flowssm.kernels import decay
+from flowssm.kernels import decay, packed
 from flowssm.kernels.chunk_output import attention_block
 from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
                                     resolve_interpret, to_head_major, token_spec)
@@ -120,7 +120,8 @@ def _packed_specs(resets: Resets | None, h0_spec: pl.BlockSpec | None) -> list[p
 def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool | None = None, resets: Resets | None = None, h0=None, zero_h0: bool = False,
-                      spans: Spans | None = None, decayed_keys: bool = False):
+                      spans: Spans | None = None, decayed_keys: bool = False,
+                      packed_rows: packed.ChunkTable | None = None, rank: int = 1):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] (or [BH, N, n, K]: per key
     channel, ``S <- diag(e^{G_end}) S + (e^{G_end - G} * k)^T (u - w S)``); u: [BH, N, n, V] (or token-major
     [B, N, n, H, V], by its rank); ``w=None``: ``w = 0`` (additive paths), never read; ``decayed_keys`` (per-channel
@@ -145,10 +146,14 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     ``S0[head * Ns + i]``, its initial state (``S0: [BH * Ns, K, V]``); then
     ``S_final: [BH * Ns, K, V]`` holds the final states (an empty sequence's is its initial state), and
     ``zero_h0`` means every ``S0`` row is 0 (never read).
+
+    ``packed_rows`` (packed sequences read in place, :mod:`.packed`): token-major keys are the packed rows
+    ``[1, T R, H, K]`` (``rank`` rows a token; keys decayed to the chunk end stay head-major).
     """
-    BH, N, n, K = layout_dims(keys, heads)
-    packed = resets is not None
-    read_h0 = packed and not zero_h0
+    in_place = packed_rows is not None and keys.ndim == 4 and not decayed_keys
+    BH, N, n, K = (heads, packed_rows.chunks, G.shape[2], keys.shape[-1]) if in_place else layout_dims(keys, heads)
+    restarts = resets is not None
+    read_h0 = restarts and not zero_h0
     read_s0 = not flow and not (spans is not None and zero_h0)
     V = u.shape[-1]
     if flow and (write_states or S0 is not None):
@@ -168,14 +173,19 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         raise ValueError(f"decayed_keys: keys decayed to the chunk end need per-channel G [BH, N, n, K], got G of "
                          f"shape {tuple(G.shape)}")
 
-    def kernel(k_ref, g_ref, *refs):
+    def kernel(*refs):
+        table_ref, refs = (refs[0], refs[1:]) if in_place else (None, refs)
+        k_ref, g_ref, *refs = refs
+        if in_place:  # chunk c of the block: the packed rows of chunk c of the segment (spans: of the row)
+            first = 0 if spans is not None else _ids(spans)[0] % segments * M
+            k_ref = packed.Chunks(k_ref, table_ref, first, n, rank)
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         u_ref, refs = refs[0], refs[1:]
         s0_ref, refs = (refs[0], refs[1:]) if read_s0 else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
-        (seq_ref, start_ref, end_ref), refs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
+        (seq_ref, start_ref, end_ref), refs = (refs[:3], refs[3:]) if restarts else ((None,) * 3, refs)
         h0_ref, refs = (refs[0], refs[1:]) if read_h0 else (None, refs)
-        fin_ref, refs = (refs[-1], refs[:-1]) if packed and not flow else (None, refs)
+        fin_ref, refs = (refs[-1], refs[:-1]) if restarts and not flow else (None, refs)
         *s_in_ref, s_out_ref = refs
         row, j = _ids(spans)
         base = row % segments * M  # the segment's first chunk
@@ -188,7 +198,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             values = 1.0
 
         def step(c, S):
-            if packed:
+            if restarts:
                 seq = seq_ref[base + c]
                 if read_h0:
                     restart = h0_ref[seq].astype(S.dtype) * values  # [0 | h0] for a segment flow
@@ -225,12 +235,13 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_dtype = acc if flow else S0.dtype
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
     g_spec = whole(K) if per_channel else pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0))
-    in_specs = [in_layout(whole(K), keys, heads), g_spec, *([] if w is None else [whole(K)]),
+    key_spec = packed.rows_spec(whole(K), heads, keys.shape[1]) if in_place else in_layout(whole(K), keys, heads)
+    in_specs = [*([packed.table_spec(packed_rows)] if in_place else []), key_spec, g_spec, *([] if w is None else [whole(K)]),
                 in_layout(pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j))), u, heads)]
     per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
     out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
     out_specs = (states, state) if write_states else (state,)
-    if packed and not flow:
+    if restarts and not flow:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(h0.shape, h0.dtype)), (*out_specs, per_seq(lambda j: j))
     in_specs = in_specs + [state] * read_s0 + _span_specs(spans) + _packed_specs(resets, read_h0 and per_seq(u_col))
     grid, specs = _grid(BH * segments, (K + V if flow else V) // bv, spans, [*in_specs, *out_specs])
@@ -243,8 +254,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()), *(spans or ()),
-      *(resets if packed else ()),
+    )(*((packed_rows.bounds,) if in_place else ()), keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()),
+      *(spans or ()),
+      *(resets if restarts else ()),
       *((h0,) if read_h0 else ()))
     if spans is not None:  # S_final back from program-row order
         out = (*out[:-1], from_rows(out[-1]))
@@ -358,8 +370,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     ``scores`` ([BH, N, C, n], ``chunk_output_kernel(save_scores=True)``): the attention blocks, read instead
     of recomputed (per-channel decays: their ``decay.scores`` loops then leave the serial loop).
     """
-    packed = resets is not None
-    read_dfinals = packed and not zero_dfinals
+    restarts = resets is not None
+    read_dfinals = restarts and not zero_dfinals
     read_dsf = not (spans is not None and zero_dfinals)
     BH, N, C, K = layout_dims(q, heads)
     n = keys.shape[2]
@@ -380,9 +392,9 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         a_ref, refs = (refs[0], refs[1:]) if scores is not None else (None, refs)
         dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
-        (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if packed else ((None,) * 3, refs)
+        (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if restarts else ((None,) * 3, refs)
         dfin_ref, outs = (outs[0], outs[1:]) if read_dfinals else (None, outs)
-        dh0_ref, outs = (outs[-1], outs[:-1]) if packed and write_states else (None, outs)
+        dh0_ref, outs = (outs[-1], outs[:-1]) if restarts and write_states else (None, outs)
         *written, ds0_ref = outs
         acc = jnp.promote_types(dtype, jnp.promote_types(dS_final.dtype, g_ref.dtype))
         base = _ids(spans)[0] % segments * M  # the segment's first chunk
@@ -390,7 +402,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
 
         def step(i, dS):
             c = lo + hi - 1 - i  # i runs over [lo, hi): c from hi - 1 down to lo
-            if packed:  # the cotangent of a sequence's final state enters at its last chunk
+            if restarts:  # the cotangent of a sequence's final state enters at its last chunk
                 seq = seq_ref[base + c]
                 if read_dfinals:
                     dS = jnp.where(end_ref[base + c] > 0, dfin_ref[seq].astype(acc), dS)
@@ -411,7 +423,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                 def _():
                     dh0_ref[seq] = dS.astype(dh0_ref.dtype)
 
-            if packed:  # a starting chunk reads h0, not the state before it: no cotangent flows back
+            if restarts:  # a starting chunk reads h0, not the state before it: no cotangent flows back
                 dS = dS * (1 - start_ref[base + c]).astype(acc)
             return dS
 
@@ -425,8 +437,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     dS0 = jax.ShapeDtypeStruct((BH * segments, K, V), dS_final.dtype)
     written = (jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype))
     out_shape, out_specs = ((*written, dS0), (cols(K), cols(n), state)) if write_states else ((dS0,), (state,))
-    per_seq = packed and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
-    if packed and write_states:
+    per_seq = restarts and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
+    if restarts and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
     in_specs = ([token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
                  *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
@@ -446,7 +458,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         name="flowssm_state_pass_bwd",
     )(q, keys, G, G_tok, *(() if w is None else (w,)), do, *(() if scores is None else (scores,)),
       *((dS_final,) if read_dsf else ()),
-      *(spans or ()), *(resets if packed else ()), *((dfinals,) if read_dfinals else ()))
+      *(spans or ()), *(resets if restarts else ()), *((dfinals,) if read_dfinals else ()))
     if spans is not None:  # dS0 back from program-row order
         out = (*out[:-1], from_rows(out[-1]))
     return out if len(out) > 1 else out[0]
@@ -476,8 +488,8 @@ def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: f
     BH, N = G.shape[:2]
     M, _ = _segment_blocks(N, segments)
     acc = dS_final.dtype
-    packed = resets is not None
-    if not packed:  # no start, no end: nothing injected or read out
+    restarts = resets is not None
+    if not restarts:  # no start, no end: nothing injected or read out
         resets = Resets(*(jnp.zeros(N, jnp.int32) for _ in range(3)))
         dfinals = jnp.zeros((BH, 1, *dS_final.shape[1:]), acc)
     pieces = Resets(*(x.reshape(segments, M) for x in resets))
@@ -504,4 +516,4 @@ def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: f
         return dS0
     unsplit = lambda x: x.reshape(BH, N, *x.shape[2:]).astype(keys.dtype)
     out = (unsplit(dS_out), unsplit(dv), dS0)
-    return (*out, dh0.reshape(BH, segments, *dh0.shape[1:]).sum(axis=1).astype(dfinals.dtype)) if packed else out
+    return (*out, dh0.reshape(BH, segments, *dh0.shape[1:]).sum(axis=1).astype(dfinals.dtype)) if restarts else out
