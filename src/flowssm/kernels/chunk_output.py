@@ -225,7 +225,8 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
 
 def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
                             heads: int | None = None, block_k: int = 64, score_mode: str = "operand",
-                            num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None):
+                            num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
+                            packed_rows: packed.ChunkTable | None = None):
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
     (head, chunk, block of ``K`` columns).
 
@@ -237,10 +238,12 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     ``G``)); dG includes the token decays' share.
     With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
     additive path). ``dv=None`` (additive paths, ``w = 0``): ``dw`` is not formed, None. ``score_mode``: as
-    the forward's.
+    the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
+    packed rows ``[1, T r, H, ·]``.
     """
-    BH, N, C, K = layout_dims(q, heads)
-    n, V = layout_dims(corrected, heads)[2:]
+    n, V = G.shape[2], do.shape[-1]
+    BH, N, C, K = layout_dims(q, heads) if packed_rows is None else (heads, packed_rows.chunks, n // rank,
+                                                                     q.shape[-1])
     with_dw = dv is not None
     bk = min(block_k, K)
     nkb = K // bk
@@ -250,9 +253,17 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, *refs):
+    def kernel(*refs):
+        table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
+        q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, *refs = refs
         dv_ref, refs = (refs[0], refs[1:]) if with_dw else (None, refs)
         dq_ref, dk_ref, *dw_ref, dg_ref, dgt_ref = refs
+        if packed_rows is not None:  # the chunk's rows of the packed operands
+            c = pl.program_id(1)
+            q_ref, k_ref, do_ref, dq_ref, dk_ref = (packed.chunk_rows(x, table_ref, c, size, per_token) for
+                                                    x, size, per_token in ((q_ref, C, 1), (k_ref, n, rank),
+                                                                           (do_ref, C, 1), (dq_ref, C, 1),
+                                                                           (dk_ref, n, rank)))
         grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
                                   scale=scale, matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                   rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
@@ -264,7 +275,8 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     state = pl.BlockSpec((None, None, bk, V), lambda i, c, j: (i, c, j, 0))
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
-    tok = lambda spec: token_spec(spec, heads)
+    tok = (lambda spec, x: token_spec(spec, heads)) if packed_rows is None else (
+        lambda spec, x: packed.rows_spec(spec, heads, x.shape[1]))
     if per_channel:  # the decays' cotangents per key channel: each program writes its own columns
         decays, decay_shapes, decay_outs = (cols(n), cols(C)), ((BH, N, n, K), (BH, N, C, K)), (cols(n), cols(C))
     else:  # each block of K columns writes its share
@@ -274,13 +286,15 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
         grid=(BH, N, nkb),
-        in_specs=[tok(cols(C)), tok(cols(n)), *decays, in_layout(rows(n, V), corrected, heads), state, state,
-                  tok(rows(C, V)), *[rows(n, V)] * with_dw],
-        out_specs=(tok(cols(C)), tok(cols(n)), *[cols(n)] * with_dw, *decay_outs),
+        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(cols(C), q),
+                  tok(cols(n), keys), *decays, in_layout(rows(n, V), corrected, heads), state, state,
+                  tok(rows(C, V), do), *[rows(n, V)] * with_dw],
+        out_specs=(tok(cols(C), q), tok(cols(n), keys), *[cols(n)] * with_dw, *decay_outs),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
-    )(q, keys, G, G_tok, corrected, S_in, dS_out, do, *(dv,) * with_dw)
+    )(*(() if packed_rows is None else (packed_rows.bounds,)), q, keys, G, G_tok, corrected, S_in, dS_out, do,
+      *(dv,) * with_dw)
     dw = dw[0] if with_dw else None
     if not per_channel:
         dG, dG_tok = dG.sum(0), dG_tok.sum(0)

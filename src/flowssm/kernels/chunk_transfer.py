@@ -226,7 +226,8 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
-                              num_stages: int = 1, interpret: bool | None = None, G=None, dG=None):
+                              num_stages: int = 1, interpret: bool | None = None, G=None, dG=None,
+                              packed_rows: packed.ChunkTable | None = None):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
@@ -235,9 +236,11 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     except dvalues, written in the dtype of ``values`` (its final dtype: nothing else adds to it).
     ``score_mode``, ``G``: as the forward's; ``dG`` (shaped like ``G``): a cotangent of ``G`` from elsewhere (the
     output backward), added to this kernel's before the one vjp through :func:`micro_log_decay`.
+    ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows).
     """
-    BH, N, n, K = layout_dims(keys, heads)
     V = values.shape[-1]
+    BH, N = log_decay.shape[:2]
+    n, K = beta.shape[2], keys.shape[-1]
     R = n // log_decay.shape[2]
     structure = solver.program().structure
     exact = structure == INVERSE
@@ -249,8 +252,14 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     acc = jnp.promote_types(dtype, jnp.float32)
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
 
-    def kernel(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest):
+    def kernel(*refs):
+        table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
+        k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest = refs
         t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
+        if packed_rows is not None:  # the chunk's rows of the packed operands (dkeys and dvalues: the first outputs)
+            k_ref, v_ref, dk_ref, dv_ref = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R)
+                                            for x in (k_ref, v_ref, *outs[:2]))
+            outs = (dk_ref, dv_ref, *outs[2:])
         _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
                             exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R),
                             score_mode=score_mode)
@@ -258,18 +267,21 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
-    tk, tv = token_spec(rows(K), heads), token_spec(rows(V), heads)
+    tk, tv = ((token_spec(rows(K), heads), token_spec(rows(V), heads)) if packed_rows is None else
+              (packed.rows_spec(rows(K), heads, keys.shape[1]), packed.rows_spec(rows(V), heads, values.shape[1])))
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
     dk, dv, db, da, dG_kernel = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
-        in_specs=[tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
+        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tk, tv, vec, vec, g_spec,
+                  rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
         out_specs=(tk, tv, vec, vec, g_spec),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
-    )(keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
+    )(*(() if packed_rows is None else (packed_rows.bounds,)), keys, values, beta, alpha, G, w, u, dw, du,
+      *([T] if exact else []))
     dG = dG_kernel if dG is None else dG_kernel + dG
     return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG, R, interpret=interpret)
 

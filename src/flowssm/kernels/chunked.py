@@ -134,19 +134,21 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
                          tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False, mosaic: bool = False,
-                         scores=None):
+                         scores=None, packed_rows=None):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
     reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
     (``resets``, ``dfinals``, ``zero_dfinals``): the final states' cotangents enter inside the passes; a last
     output, dh0. ``mosaic``: passes (1) and (3) on Mosaic GPU (``state_pass_bwd_mosaic``; unpacked, rank 1,
-    scalar decays). ``scores``: the forward's attention blocks (per-channel decays), read by both passes."""
+    scalar decays). ``scores``: the forward's attention blocks (per-channel decays), read by both passes.
+    ``packed_rows``: q, keys and do are packed rows read in place (``state_pass_bwd_kernel``)."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
     opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
              dict(num_warps=tuning.state_warps, num_stages=tuning.state_bwd_stages, scores=scores,
+                  packed_rows=packed_rows,
                   **({} if resets is None else dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals))))
     reverse_pass = functools.partial(state_pass_bwd_mosaic if mosaic else state_pass_bwd_kernel, **opts)
     zero = jnp.zeros((BH * segments, K, V), dS_final.dtype)
@@ -335,21 +337,20 @@ def _dense(cotangent):
 def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     args, (w, u, T, S_in, corrected, P, scores) = residuals
     *args, resets, spans, packed_rows = args
-    packed_args, args = args, _in_layout(args, packed_rows)  # the backward reads the layout
     # packed: when the final states' cotangent is a symbolic zero (a loss of the outputs alone), the
     # reverse passes never read it
     zero_dfinals = resets is not None and isinstance(cotangents[1], SymbolicZero)
     cotangents = tuple(map(_dense, cotangents))
     if st.tuning.backward == "reference":
-        reference = lambda *a: (lambda o, S: (_rows_of(o, packed_rows), S))(*_reference_stages(st, *_in_layout(a, packed_rows),
-                                                                                          resets))
-        return (*jax.vjp(reference, *packed_args)[1](cotangents), None, None, None)
+        reference = lambda *a: (lambda o, S: (_rows_of(o, packed_rows), S))(
+            *_reference_stages(st, *_in_layout(a, packed_rows), resets))
+        return (*jax.vjp(reference, *args)[1](cotangents), None, None, None)
     qc, keys, values, beta, alpha, log_decay, S0 = args
     do, dS_final = cotangents
-    do = do if packed_rows is None else packed.to_layout(do, packed_rows, qc.shape[2])
     H, t = st.heads, st.tuning
-    n = keys.shape[2]
-    R = n // qc.shape[2]
+    n = beta.shape[2]
+    R = n // log_decay.shape[2]
+    in_place = {} if packed_rows is None else dict(packed_rows=packed_rows)
     G = cumulative_decay_kernel(log_decay, R)
     dfinals, restarts = dS_final.astype(S0.dtype), {}
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
@@ -365,7 +366,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
                                                 scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                                 num_stages=t.state_bwd_stages, spans=spans, zero_dfinals=zero_dfinals,
-                                                scores=scores)
+                                                scores=scores, **in_place)
         dS0 = dS0.reshape(S0.shape)
     elif P is None:
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
@@ -374,23 +375,30 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), P, rank=R,
                                                      scale=st.scale, heads=H, tuning=t, **restarts, mosaic=mosaic,
-                                                     scores=scores)
+                                                     scores=scores, **in_place)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None if additive else dv,
                                              rank=R, scale=st.scale, heads=H, block_k=t.block_k,
-                                             score_mode=t.score_mode, num_warps=t.backward_warps)
+                                             score_mode=t.score_mode, num_warps=t.backward_warps, **in_place)
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
-        dvalues, dalpha = jax.vjp(_additive_values, values, alpha)[1](token_major(dv, H).astype(values.dtype))
-        grads = (dq, dk, dvalues, jnp.zeros_like(beta), dalpha, cumulative_decay_vjp_kernel(log_decay, dG, R), dS0)
-        grads = (*(_rows_of(d, packed_rows) for d in grads[:3]), *grads[3:])
-        return (*(d.astype(x.dtype) for d, x in zip(grads, packed_args)), None, None, None)
-    transfer_bwd = (functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode, num_warps=t.backward_warps)
-                    if _kernel_backward_transfer(st.solver) else chunk_transfer_bwd_reference)
-    dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(keys, values, beta, alpha, log_decay, T, w, u, dw, dv,
+        layout_values = _in_layout(args, packed_rows)[2]
+        dvalues, dalpha = jax.vjp(_additive_values, layout_values, alpha)[1](token_major(dv, H).astype(values.dtype))
+        grads = (dq, dk, _rows_of(dvalues, packed_rows), jnp.zeros_like(beta), dalpha,
+                 cumulative_decay_vjp_kernel(log_decay, dG, R), dS0)
+        return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None, None)
+    if _kernel_backward_transfer(st.solver):
+        transfer_bwd = functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode,
+                                         num_warps=t.backward_warps, **in_place)
+        token_args = (keys, values)
+    else:  # the reference's vjp reads the layout
+        transfer_bwd, token_args = chunk_transfer_bwd_reference, _in_layout(args, packed_rows)[1:3]
+    dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(*token_args, beta, alpha, log_decay, T, w, u, dw, dv,
                                                              solver=st.solver, heads=H, G=G, dG=dG)
-    grads = (*(_rows_of(d, packed_rows) for d in (dq, dkeys + dk, dvalues)), dbeta, dalpha, dlog_decay, dS0)
-    return (*(d.astype(x.dtype) for d, x in zip(grads, packed_args)), None, None, None)
+    if transfer_bwd is chunk_transfer_bwd_reference:
+        dkeys, dvalues = _rows_of(dkeys, packed_rows), _rows_of(dvalues, packed_rows)
+    grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
+    return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None, None)
 
 
 _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)

@@ -351,7 +351,8 @@ def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, 
 def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                          dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
+                          dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None,
+                          packed_rows: packed.ChunkTable | None = None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K] (``w=None``: 0, never read), G: [BH, N, n] (cumulative),
@@ -369,12 +370,15 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     ``zero_dfinals`` never read); ``dS0: [BH * Ns, K, V]`` is then that of its initial state.
     ``scores`` ([BH, N, C, n], ``chunk_output_kernel(save_scores=True)``): the attention blocks, read instead
     of recomputed (per-channel decays: their ``decay.scores`` loops then leave the serial loop).
+    ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys and do are the packed rows
+    ``[1, T, H, K]``, ``[1, T R, H, K]``, ``[1, T, H, V]``.
     """
     restarts = resets is not None
     read_dfinals = restarts and not zero_dfinals
     read_dsf = not (spans is not None and zero_dfinals)
-    BH, N, C, K = layout_dims(q, heads)
-    n = keys.shape[2]
+    n = G.shape[2]
+    BH, N, C, K = layout_dims(q, heads) if packed_rows is None else (heads, packed_rows.chunks, n // rank,
+                                                                     q.shape[-1])
     V = do.shape[-1]
     segments, M, seg = _programs(N, segments, spans, resets, BH)
     if spans is not None:
@@ -386,9 +390,15 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
 
-    def kernel(q_ref, k_ref, g_ref, gt_ref, *refs):
+    def kernel(*refs):
+        table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
+        q_ref, k_ref, g_ref, gt_ref, *refs = refs
         w_ref, refs = (None, refs) if w is None else (refs[0], refs[1:])
         do_ref, refs = refs[0], refs[1:]
+        if packed_rows is not None:  # chunk c of the block: the packed rows of chunk c of the segment
+            first = 0 if spans is not None else _ids(spans)[0] % segments * M
+            q_ref, k_ref, do_ref = (packed.Chunks(x, table_ref, first, size, per_token) for x, size, per_token in
+                                    ((q_ref, C, 1), (k_ref, n, rank), (do_ref, C, 1)))
         a_ref, refs = (refs[0], refs[1:]) if scores is not None else (None, refs)
         dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
@@ -440,10 +450,12 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     per_seq = restarts and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
     if restarts and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
-    in_specs = ([token_spec(whole(C, K), heads), token_spec(whole(n, K), heads),
-                 *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
+    tok = (lambda spec, x: token_spec(spec, heads)) if packed_rows is None else (
+        lambda spec, x: packed.rows_spec(spec, heads, x.shape[1]))
+    in_specs = ([*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(whole(C, K), q),
+                 tok(whole(n, K), keys), *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
                  *([] if w is None else [whole(n, K)]),
-                 token_spec(cols(C), heads)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
+                 tok(cols(C), do)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
                 + _span_specs(spans)
                 + _packed_specs(resets, read_dfinals and per_seq))
     grid, specs = _grid(BH * segments, V // bv, spans, [*in_specs, *out_specs])
@@ -456,7 +468,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(q, keys, G, G_tok, *(() if w is None else (w,)), do, *(() if scores is None else (scores,)),
+    )(*(() if packed_rows is None else (packed_rows.bounds,)), q, keys, G, G_tok, *(() if w is None else (w,)), do,
+      *(() if scores is None else (scores,)),
       *((dS_final,) if read_dsf else ()),
       *(spans or ()), *(resets if restarts else ()), *((dfinals,) if read_dfinals else ()))
     if spans is not None:  # dS0 back from program-row order
