@@ -375,10 +375,9 @@ def packed_row(T, H, K, V, documents, reps, fla_ok, say, fla_backward=True):
                 fl = fla_times(*args, do, backward=fla_backward, cu_seqlens=cu)
                 row.update(fla_packed_fwd=fl["fwd"], fla_packed_gated_fwd=fl["gfwd"],
                            **({"fla_packed_fwdbwd": fl["fwdbwd"]} if fla_backward else {}))
+                say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if key.startswith("fla")})
             o_fla, S_fla = (fl["go"], fl["gS"]) if gated else (fl["o"], fl["S"])
             row.update({f"{tag}err_o_vs_fla": rel(o, o_fla), f"{tag}err_S_vs_fla": rel(S, S_fla)})
-    if fla_ok:
-        say(row["shape"], "fla", {key: round(val, 4) for key, val in row.items() if "fla" in key})
     return row
 
 
