@@ -11,7 +11,9 @@ exact), in a static length of :func:`num_chunks` chunks (``ceil(T / C) + N - 1``
 every packing of the same ``T`` and ``N``. The chunk scan then carries :class:`Resets`: at a chunk that
 starts sequence ``i`` the carried state is replaced by ``h0[i]``; sequence ``i``'s final state is the
 state leaving its last chunk (its initial state when it is empty). The kernels' sequential pass instead
-runs each sequence's :class:`Spans` as its own programs.
+runs each sequence's :class:`Spans` as its own programs, and the Pallas kernels do not gather the token-major
+operands: they read each chunk's rows of q, k, v (and write o and the gradients) in the packed row itself
+(:mod:`flowssm.kernels.packed`); the xla backend gathers every field into the layout.
 """
 
 from __future__ import annotations
