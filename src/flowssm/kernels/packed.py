@@ -100,7 +100,7 @@ class ChunkRows:
                                                                            else (index, slice(None)))
         width = self.shape[1] if isinstance(cols, slice) else cols.size
         col0 = jnp.asarray(0 if isinstance(cols, slice) else cols.start, jnp.int32)  # one index dtype (x64 too)
-        if isinstance(rows, slice):  # the whole chunk: a strided block at a run-time offset
+        if isinstance(rows, slice):  # the whole chunk: a block at a run-time row offset
             local = lax.broadcasted_iota(jnp.int32, (self.size, width), 0)
             return (pl.ds(self.first, self.size), pl.ds(col0, width)), self.first + local < self.stop, (self.size, width)
         rows = jnp.asarray(rows, jnp.int32)
