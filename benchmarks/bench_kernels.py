@@ -45,6 +45,7 @@ from flowssm.kernels import Tuning, chunked_pallas
 from flowssm.kernels import chunk_output as co
 from flowssm.kernels import chunk_transfer as ct
 from flowssm.kernels import cumulative_decay as cd
+from flowssm.kernels import packed as pk
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
 from flowssm.paths import make_path
@@ -158,20 +159,22 @@ def fla_times(q, k, v, beta, g, do, reps_ms=200, backward=True, cu_seqlens=None)
 
 
 def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: str = "merge", spans=None,
-                 solver=None):
+                 solver=None, packed_rows=None):
     """Each pallas kernel (gated, exact ``method``, see :func:`exact_spec`, or ``solver``: e.g. ``Additive()`` for
     linear attention, GLA: no transfer, no ``w``) as ``chunked_pallas`` calls it, on
     token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
     (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU).
     ``g``: ``[B, T, H]`` or per key channel ``[B, T, H, K]`` (KDA). ``spans`` (:class:`flowssm.varlen.Spans`,
-    ``B = 1``, inputs in the chunk-aligned layout): the state passes run one program per (head, sequence)."""
+    ``B = 1``, beta and g in the chunk-aligned layout): the state passes run one program per (head, sequence);
+    q, k, v and do are in the layout too, or with ``packed_rows`` (:class:`flowssm.kernels.packed.ChunkTable`) the
+    packed rows, read in place as the op does."""
     run = jax.eval_shape if isinstance(q, jax.ShapeDtypeStruct) else (lambda f, *a: f(*a))
-    B, T, H, K = k.shape
+    B, T, H, K = beta.shape[:3] + k.shape[-1:]
     V = v.shape[-1]
     N, BH, C = T // CHUNK, B * H, CHUNK
     per_channel = len(g.shape) == 4
-    token = lambda x: run(lambda y: y.reshape(B, N, C, H, y.shape[-1]), x)
+    token = (lambda x: run(lambda y: y.reshape(B, N, C, H, y.shape[-1]), x)) if packed_rows is None else (lambda x: x)
     head_major = lambda x: run(lambda y: jnp.moveaxis(y, 2, 1).reshape(BH, N, C, *y.shape[3:]).astype(jnp.float32), x)
     qc, keys, values, dO = map(token, (q, k, v, do))
     b, ld = head_major(beta), head_major(g)
@@ -180,7 +183,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK, per_channel=per_channel)  # as chunked_pallas would
     solver, scale, bv = solver or get_solver(exact_spec(method)), K**-0.5, min(t.block_v, V)
     inverse = solver.program().structure == INVERSE  # the transfer saves T for its backward
-    opts = dict(interpret=interpret)
+    opts = dict(interpret=interpret, **({} if packed_rows is None else {"packed_rows": packed_rows}))
     packed = {} if spans is None else {"spans": spans}
     calls = {}
 
@@ -194,8 +197,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         G, state_keys = add("decays", lambda x, k: cd.cumulative_decay_kernel(x, 1, keys=k, heads=H, **opts), ld, keys)
     else:
         G, state_keys = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld), keys
-    if additive:
-        w, u, Tm = None, values, []
+    if additive:  # u: the values, in the layout (the op gathers them for an additive path)
+        w, u, Tm = None, values if packed_rows is None else run(lambda y: pk.to_layout(y, packed_rows, C), values), []
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
             *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
@@ -203,7 +206,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
             keys, values, b, b, ld, G)
     S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
         *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
-        **opts), state_keys, G, w, u, S0)
+        **opts, rank=1), state_keys, G, w, u, S0)
     _, *saved = add("output", lambda *a: co.chunk_output_kernel(
         *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
         save_scores=per_channel, score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
@@ -223,10 +226,11 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     return calls
 
 
-def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spans=None, solver=None):
-    """Median ms of each kernel of :func:`kernel_calls` alone (``solver`` as there), and (``segmented``) of the
-    segmented associative scan."""
-    calls = kernel_calls(q, k, v, beta, g, do, tuning, spans=spans, solver=solver)
+def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spans=None, solver=None,
+                packed_rows=None):
+    """Median ms of each kernel of :func:`kernel_calls` alone (``solver``, ``spans``, ``packed_rows`` as there),
+    and (``segmented``) of the segmented associative scan."""
+    calls = kernel_calls(q, k, v, beta, g, do, tuning, spans=spans, solver=solver, packed_rows=packed_rows)
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
     if not segmented:
         return times
@@ -241,18 +245,16 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spa
 
 
 def packed_stage_times(T, H, K, V, documents, reps) -> dict:
-    """Where the packed forward's time goes: each kernel alone on the chunk-aligned layout (state passes per
-    document), the same kernels on the unpacked row (sequential, one program per head), and the gathers
-    into and out of the layout (forward: q, k, v, beta in, o out)."""
+    """Where the packed forward's time goes: each kernel alone as the op runs it (q, k, v, do read in place from
+    the packed rows, beta and g gathered into the chunk-aligned layout, state passes per document), and the same
+    kernels on the unpacked row (sequential, one program per head)."""
     q, k, v, beta, g, do = inputs(0, 1, T, H, K, V)
     cu = jnp.asarray(packing(0, T, documents))
     lay = varlen.layout(cu, T, CHUNK, chunks=varlen.pallas_chunks(varlen.num_chunks(T, documents, CHUNK)))
     slot = lambda x: varlen.to_slots(x, lay, 1)
-    gathers = jax.jit(lambda q, k, v, b, o: (*map(slot, (q, k, v, b)), varlen.from_slots(o, lay, 1)))
-    slotted = [slot(x) for x in (q, k, v, beta, g, do)]
-    return {"packed": stage_times(*slotted, reps, segmented=False, spans=lay.spans),
-            "unpacked": stage_times(q, k, v, beta, g, do, reps, segmented=False),
-            "gathers_fwd": timed(gathers, q, k, v, beta, slot(v), reps=reps),
+    packed = stage_times(q, k, v, slot(beta), slot(g), do, reps, segmented=False, spans=lay.spans,
+                         packed_rows=pk.table(lay, T, CHUNK))
+    return {"packed": packed, "unpacked": stage_times(q, k, v, beta, g, do, reps, segmented=False),
             "chunks": {"packed": int(lay.resets.seq.shape[0]), "unpacked": T // CHUNK}}
 
 

@@ -82,6 +82,7 @@ def cumulative_decay_kernel(log_decay, rank: int, *, keys=None, heads: int | Non
     dtype = jnp.promote_types(log_decay.dtype, jnp.float32)
     BH, N, C, K = log_decay.shape
     gap = chunks.reset_gap(dtype)
+    packed_rows = packed_rows if keys is not None else None  # the keys are the only token-major operand
 
     def kernel(*refs):
         if packed_rows is not None:
