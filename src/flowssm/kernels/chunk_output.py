@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from flowssm import chunks
 from flowssm.kernels import decay, packed
 from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
-                                    resolve_interpret, to_head_major, token_major, token_spec)
+                                    resolve_interpret, to_head_major, token_major)
 
 
 def _mask_and_decay(G, G_tok, rank: int):
@@ -137,12 +137,12 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
     cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
-    tok = lambda spec, rows: token_spec(spec, heads) if packed_rows is None else packed.rows_spec(spec, heads, rows)
+    tok = lambda spec, x: packed.operand_spec(spec, heads, x, packed_rows)
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     out_shape = jax.ShapeDtypeStruct((BH, N, C, V) if heads is None else (BH // heads, N, C, heads, V), out_dtype)
     if packed_rows is not None:
         out_shape = jax.ShapeDtypeStruct((*q.shape[:-1], V), out_dtype)
-    out_shape, out_specs = (out_shape,), (tok(cols(C), q.shape[1]),)
+    out_shape, out_specs = (out_shape,), (tok(cols(C), q),)
     saves = save_corrected or save_scores
     if save_corrected:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct((BH, N, n, V), dtype)), (*out_specs, cols(n))
@@ -152,16 +152,14 @@ def chunk_output_kernel(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_
         kernel,
         out_shape=out_shape if saves else out_shape[0],
         grid=(BH, N, V // bv),
-        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(rows(C, K), q.shape[1]),
-                  tok(rows(n, K), keys.shape[1]),
+        in_specs=[*packed.table_specs(packed_rows), tok(rows(C, K), q), tok(rows(n, K), keys),
                   *((rows(n, K), rows(C, K)) if decay.per_channel(G) else (vec(n), vec(C)))[:1 + own_tokens],
                   *([] if w is None else [rows(n, K)]), in_layout(cols(n), u, heads), cols(K)],
         out_specs=out_specs if saves else out_specs[0],
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output",
-    )(*([] if packed_rows is None else [packed_rows.bounds]), q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)),
-      u, S_in)
+    )(*packed.table_args(packed_rows), q, keys, G, *(G_tok,) * own_tokens, *(() if w is None else (w,)), u, S_in)
 
 
 def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, out_dtype=None,
@@ -275,8 +273,7 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     state = pl.BlockSpec((None, None, bk, V), lambda i, c, j: (i, c, j, 0))
     vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
     share = lambda r: pl.BlockSpec((None, None, None, r), lambda i, c, j: (j, i, c, 0))
-    tok = (lambda spec, x: token_spec(spec, heads)) if packed_rows is None else (
-        lambda spec, x: packed.rows_spec(spec, heads, x.shape[1]))
+    tok = lambda spec, x: packed.operand_spec(spec, heads, x, packed_rows)
     if per_channel:  # the decays' cotangents per key channel: each program writes its own columns
         decays, decay_shapes, decay_outs = (cols(n), cols(C)), ((BH, N, n, K), (BH, N, C, K)), (cols(n), cols(C))
     else:  # each block of K columns writes its share
@@ -286,15 +283,13 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
         grid=(BH, N, nkb),
-        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(cols(C), q),
-                  tok(cols(n), keys), *decays, in_layout(rows(n, V), corrected, heads), state, state,
+        in_specs=[*packed.table_specs(packed_rows), tok(cols(C), q), tok(cols(n), keys), *decays, in_layout(rows(n, V), corrected, heads), state, state,
                   tok(rows(C, V), do), *[rows(n, V)] * with_dw],
         out_specs=(tok(cols(C), q), tok(cols(n), keys), *[cols(n)] * with_dw, *decay_outs),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
-    )(*(() if packed_rows is None else (packed_rows.bounds,)), q, keys, G, G_tok, corrected, S_in, dS_out, do,
-      *(dv,) * with_dw)
+    )(*packed.table_args(packed_rows), q, keys, G, G_tok, corrected, S_in, dS_out, do, *(dv,) * with_dw)
     dw = dw[0] if with_dw else None
     if not per_channel:
         dG, dG_tok = dG.sum(0), dG_tok.sum(0)

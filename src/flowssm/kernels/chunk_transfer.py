@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from flowssm import chunks
 from flowssm.kernels import decay, packed
-from flowssm.kernels.common import dot, head_major, layout_dims, pallas_call, resolve_interpret, token_spec
+from flowssm.kernels.common import dot, head_major, pallas_call, resolve_interpret
 from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.paths import Path
 from flowssm.solvers import FlowSolver
@@ -131,19 +131,18 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
-    tok = lambda spec, x: token_spec(spec, heads) if packed_rows is None else packed.rows_spec(spec, heads, x.shape[1])
+    tok = lambda spec, x: packed.operand_spec(spec, heads, x, packed_rows)
     extra = (n,) if save_transfer else ()
     return pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
         grid=(BH, N),
-        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(rows(K), keys), tok(rows(V), values), vec,
-                  vec, g_spec],
+        in_specs=[*packed.table_specs(packed_rows), tok(rows(K), keys), tok(rows(V), values), vec, vec, g_spec],
         out_specs=tuple(rows(d) for d in (K, V) + extra),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer",
-    )(*([] if packed_rows is None else [packed_rows.bounds]), keys, values, beta, alpha, G)
+    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G)
 
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
@@ -267,21 +266,19 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
-    tk, tv = ((token_spec(rows(K), heads), token_spec(rows(V), heads)) if packed_rows is None else
-              (packed.rows_spec(rows(K), heads, keys.shape[1]), packed.rows_spec(rows(V), heads, values.shape[1])))
+    tk, tv = (packed.operand_spec(rows(d), heads, x, packed_rows) for d, x in ((K, keys), (V, values)))
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
     dk, dv, db, da, dG_kernel = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
-        in_specs=[*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tk, tv, vec, vec, g_spec,
-                  rows(K), rows(V), rows(K), rows(V)] + ([rows(n)] if exact else []),
+        in_specs=[*packed.table_specs(packed_rows), tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)]
+        + ([rows(n)] if exact else []),
         out_specs=(tk, tv, vec, vec, g_spec),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
-    )(*(() if packed_rows is None else (packed_rows.bounds,)), keys, values, beta, alpha, G, w, u, dw, du,
-      *([T] if exact else []))
+    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
     dG = dG_kernel if dG is None else dG_kernel + dG
     return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG, R, interpret=interpret)
 

@@ -411,8 +411,9 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
 
     With ``layout`` (packed sequences, ``B = 1``: :mod:`flowssm.varlen`'s chunk-aligned layout of the ``T`` packed
     tokens): S0 and the final state are [Ns, H, K, V], one per sequence; ``S0`` may then be ``None``: no initial
-    states (zeros, which the kernels then never read). The forward kernels read q, keys, values and write o in
-    place, in the packed row (:mod:`.packed`); the steps, decays and the backward read the layout.
+    states (zeros, which the kernels then never read). The kernels read q, keys, values (and do) and write o (and
+    dq, dkeys, dvalues) in place, in the packed row (:mod:`.packed`); the head-major steps and decays are gathered
+    into the layout.
 
     q, keys, values and o reach the kernels token-major (``common.token_spec``): for rank 1 a view of
     the fla-layout arrays once XLA cancels ``make_path``'s transpose.

@@ -59,10 +59,10 @@ def _launch(kernel, out_shape, operands, interpret, name: str, heads: int | None
     specs = tuple(block(x) for x in outs)
     in_specs = [block(x) for x in operands]
     if packed_rows is not None:
-        in_specs = [packed.table_spec(packed_rows), *in_specs[:-1],
+        in_specs = [*packed.table_specs(packed_rows), *in_specs[:-1],
                     packed.rows_spec(pl.BlockSpec((None, None, None, K), lambda i, c: (i, c, 0, 0)), heads,
                                      operands[-1].shape[1])]
-        operands = (packed_rows.bounds, *operands)
+        operands = (*packed.table_args(packed_rows), *operands)
     return pallas_call(kernel, out_shape=out_shape, grid=(BH, N), in_specs=in_specs,
                        out_specs=specs if isinstance(out_shape, tuple) else specs[0],
                        interpret=resolve_interpret(interpret), num_warps=4, num_stages=1, name=name)(*operands)

@@ -21,6 +21,7 @@ from jax.experimental.pallas import triton as plt
 from jaxtyping import Array, Float, Int
 
 from flowssm import varlen
+from flowssm.kernels.common import token_spec
 
 
 class ChunkTable(NamedTuple):
@@ -66,9 +67,20 @@ def from_layout(y: Float[Array, "1 Nc n H d"], chunks: ChunkTable) -> Float[Arra
     return rows.reshape(1, -1, H, d)
 
 
-def table_spec(chunks: ChunkTable) -> pl.BlockSpec:
-    """The table as one block, shared by every program (any grid)."""
-    return pl.BlockSpec(tuple(chunks.bounds.shape), lambda *ids: (0, 0))
+def table_specs(chunks: ChunkTable | None) -> list[pl.BlockSpec]:
+    """The table as a kernel's first input, one block shared by every program (any grid); none unpacked."""
+    return [] if chunks is None else [pl.BlockSpec(tuple(chunks.bounds.shape), lambda *ids: (0, 0))]
+
+
+def table_args(chunks: ChunkTable | None) -> tuple:
+    """The operands matching :func:`table_specs`."""
+    return () if chunks is None else (chunks.bounds,)
+
+
+def operand_spec(spec: pl.BlockSpec, heads: int | None, x, chunks: ChunkTable | None) -> pl.BlockSpec:
+    """The ``BlockSpec`` of a token-major operand ``x`` from one written head-major: ``common.token_spec``, or with
+    ``chunks`` :func:`rows_spec` over ``x``'s packed rows."""
+    return token_spec(spec, heads) if chunks is None else rows_spec(spec, heads, x.shape[1])
 
 
 def rows_spec(spec: pl.BlockSpec, heads: int, rows: int) -> pl.BlockSpec:

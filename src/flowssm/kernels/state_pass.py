@@ -42,7 +42,7 @@ from flowssm.flows import WYFlow, apply
 from flowssm.kernels import decay, packed
 from flowssm.kernels.chunk_output import attention_block
 from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
-                                    resolve_interpret, to_head_major, token_spec)
+                                    resolve_interpret, to_head_major)
 from flowssm import varlen
 from flowssm.scan import chunk_states
 from flowssm.varlen import Resets, Spans
@@ -235,8 +235,9 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_dtype = acc if flow else S0.dtype
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), out_dtype)
     g_spec = whole(K) if per_channel else pl.BlockSpec((None, M, n), lambda i, j: (*seg(i), 0))
+    table = packed_rows if in_place else None
     key_spec = packed.rows_spec(whole(K), heads, keys.shape[1]) if in_place else in_layout(whole(K), keys, heads)
-    in_specs = [*([packed.table_spec(packed_rows)] if in_place else []), key_spec, g_spec, *([] if w is None else [whole(K)]),
+    in_specs = [*packed.table_specs(table), key_spec, g_spec, *([] if w is None else [whole(K)]),
                 in_layout(pl.BlockSpec((None, M, n, bv), lambda i, j: (*seg(i), 0, u_col(j))), u, heads)]
     per_seq = lambda col: pl.BlockSpec((None, *h0.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, col(j)))
     out_shape = ((jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final) if write_states else (S_final,))
@@ -254,7 +255,7 @@ def state_pass_kernel(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_segment_flows" if flow else "flowssm_state_pass",
-    )(*((packed_rows.bounds,) if in_place else ()), keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()),
+    )(*packed.table_args(table), keys, G, *(() if w is None else (w,)), u, *((S0,) if read_s0 else ()),
       *(spans or ()),
       *(resets if restarts else ()),
       *((h0,) if read_h0 else ()))
@@ -450,9 +451,8 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     per_seq = restarts and pl.BlockSpec((None, *dfinals.shape[1:3], bv), lambda i, j: (i // segments, 0, 0, j))
     if restarts and write_states:
         out_shape, out_specs = (*out_shape, jax.ShapeDtypeStruct(dfinals.shape, dfinals.dtype)), (*out_specs, per_seq)
-    tok = (lambda spec, x: token_spec(spec, heads)) if packed_rows is None else (
-        lambda spec, x: packed.rows_spec(spec, heads, x.shape[1]))
-    in_specs = ([*([] if packed_rows is None else [packed.table_spec(packed_rows)]), tok(whole(C, K), q),
+    tok = lambda spec, x: packed.operand_spec(spec, heads, x, packed_rows)
+    in_specs = ([*packed.table_specs(packed_rows), tok(whole(C, K), q),
                  tok(whole(n, K), keys), *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
                  *([] if w is None else [whole(n, K)]),
                  tok(cols(C), do)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
@@ -468,7 +468,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
-    )(*(() if packed_rows is None else (packed_rows.bounds,)), q, keys, G, G_tok, *(() if w is None else (w,)), do,
+    )(*packed.table_args(packed_rows), q, keys, G, G_tok, *(() if w is None else (w,)), do,
       *(() if scores is None else (scores,)),
       *((dS_final,) if read_dsf else ()),
       *(spans or ()), *(resets if restarts else ()), *((dfinals,) if read_dfinals else ()))
