@@ -215,14 +215,14 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
         **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
-    _, _, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
+    _, dk, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, None if additive else dv)
     if not additive:
         add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
             *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
-            **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG)
+            dkeys=a[12], **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG, dk)
     return calls
 
 
@@ -512,6 +512,8 @@ def main():
     parser.add_argument("--fla-max-tokens", type=int, default=262144, help="skip fla on shapes with more B x T")
     parser.add_argument("--segment-sweep", action="store_true",
                         help="the segmented scan against Tuning.segment_programs on every shape (before fla)")
+    parser.add_argument("--segment-targets", default="128,256,512,1024,2048",
+                        help="the Tuning.segment_programs values of --segment-sweep")
     parser.add_argument("--packed", action="store_true", help="add the packed row (cu_seqlens) after the shapes")
     parser.add_argument("--packed-only", action="store_true", help="the packed row only (no check, no shapes)")
     parser.add_argument("--tiny", action="store_true", help="the packed row at a tiny shape, chunk 16 (CPU smoke test)")
@@ -544,7 +546,8 @@ def main():
     shapes = [] if packed_only else [SHAPES[int(i)] for i in args.shapes.split(",")]
     for j, shape in enumerate(shapes):
         if args.segment_sweep:
-            result.setdefault("segment_sweep", {})["x".join(map(str, shape))] = segment_sweep(shape, args.reps, say)
+            result.setdefault("segment_sweep", {})["x".join(map(str, shape))] = segment_sweep(
+                shape, args.reps, say, tuple(int(x) for x in args.segment_targets.split(",")))
             save()
         result["rows"].append({})
         bench_shape(shape, args.reps, fla_ok and shape[0] * shape[1] <= args.fla_max_tokens, j == 0 and not args.lean, say, xla=not args.no_xla,

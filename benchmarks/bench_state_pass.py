@@ -55,7 +55,7 @@ from flowssm.kernels import Tuning
 from flowssm.kernels import chunk_transfer as ct
 from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels.chunked import segmented_cotangents
-from flowssm.kernels.launch import segment_count
+from flowssm.kernels.launch import auto_segments
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                        state_pass_reference)
 from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
@@ -167,7 +167,7 @@ def segment_choice(segments: str, B: int, T: int, H: int, K: int, V: int) -> int
     if segments != "auto":
         return int(segments)
     t = Tuning().resolve(jnp.bfloat16, K, V, CHUNK, CHUNK)
-    return segment_count(T // CHUNK, B * H * (V // min(t.block_v, V)), t.segment_programs)
+    return auto_segments("associative", T // CHUNK, B * H * (V // min(t.block_v, V)), t)
 
 
 @contextlib.contextmanager

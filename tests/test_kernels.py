@@ -96,6 +96,41 @@ def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
         assert a.shape == b.shape and rel(a, b) < 1e-5
 
 
+def test_transfer_backward_adds_the_output_backwards_shares_and_writes_input_dtype_gradients():
+    """The output backward's shares of dkeys and dG are added inside the transfer backward (as the reference adds
+    them); with bf16 inputs the output backward writes dkeys and dw, and the transfer backward dkeys and
+    dvalues, in bf16 (their operand / final dtype), close to the float32 kernels."""
+    args = chunk_blocks(seed=5)
+    keys, log_decay = args[0], args[4]
+    R = keys.shape[2] // log_decay.shape[2]
+    w, u, T = kc.chunk_transfer_kernel(*args, solver=Exact(), save_transfer=True)
+    ks = jax.random.split(jax.random.PRNGKey(11), 4)
+    dw, du, dk = (jax.random.normal(k, x.shape, F32) for k, x in zip(ks, (w, u, keys)))
+    dG = jax.random.normal(ks[3], micro_log_decay(log_decay, R).shape, F32)
+    alone = chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=Exact())
+    shared = chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=Exact(), dkeys=dk, dG=dG)
+    dlog_decay = jax.vjp(lambda x: micro_log_decay(x, R), log_decay)[1](dG)[0]
+    assert rel(shared[0], alone[0] + dk) < 1e-6 and rel(shared[4], alone[4] + dlog_decay) < 1e-6
+    for a, b in zip(shared[1:4], alone[1:4]):
+        assert rel(a, b) == 0
+    for a, b in zip(shared, chunk_transfer_bwd_reference(*args, T, w, u, dw, du, solver=Exact(), dkeys=dk, dG=dG)):
+        assert rel(a, b) < 1e-5
+    bf = lambda *xs: tuple(x.astype(jnp.bfloat16) for x in xs)
+    half = chunk_transfer_bwd_kernel(*bf(*args[:2]), *args[2:], T, *bf(w, u, dw), du, solver=Exact(), dkeys=bf(dk)[0],
+                                     dG=dG)
+    assert [x.dtype for x in half[:2]] == [jnp.bfloat16] * 2 and half[2].dtype == F32
+    for a, b in zip(half, shared):
+        assert rel(a, b) < 2e-2
+    BH, N, n, K = keys.shape
+    q, do = (jax.random.normal(k, (BH, N, n // R, d), F32) for k, d in zip(ks[:2], (K, u.shape[-1])))
+    S = jax.random.normal(ks[2], (BH, N, K, u.shape[-1]), F32)
+    G = micro_log_decay(log_decay, R)
+    out = chunk_output_bwd_kernel(*bf(q, keys), G, *bf(u, S, S, do, u), rank=R, scale=0.3, block_k=8)
+    assert [x.dtype for x in out] == [jnp.bfloat16] * 3 + [F32]
+    additive = chunk_output_bwd_kernel(*bf(q, keys), G, *bf(u, S, S, do), None, rank=R, scale=0.3, block_k=8)
+    assert [None if x is None else x.dtype for x in additive] == [jnp.bfloat16] * 2 + [None, F32]
+
+
 def test_state_pass_and_output_backward_kernels_match_references():
     keys, values, beta, alpha, log_decay = chunk_blocks(seed=6)
     BH, N, n, K = keys.shape
@@ -157,6 +192,23 @@ def test_pallas_associative_variants_match_token_loop(tuning):
     o, S = jax.jit(run)(q, make_path(k, v, beta, g), S0)
     o_ref, S_ref = flowssm.delta_rule(q, k, v, beta, g, initial_state=S0, scale=0.25, backend="reference")
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_auto_scan_segments_long_rows_on_few_programs_and_longer_ones_without_a_backward(monkeypatch):
+    """``scan="auto"``: the segmented scan where the sequential pass has few programs and many chunks; a forward
+    without a kernel backward keeps the sequential pass up to ``AUTO_MIN_CHUNKS_FORWARD`` chunks."""
+    from flowssm.kernels import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda: 132)
+    t = kc.Tuning()  # segment_programs=None: one wave of the 132 multiprocessors
+    assert kc.auto_segments("auto", 1024, 32, t) == 4  # 1 x 65536 x 16 heads: 32 programs x 4 segments
+    assert kc.auto_segments("auto", 1024, 32, t, backward=False) == 1
+    assert kc.auto_segments("auto", launch.AUTO_MIN_CHUNKS_FORWARD, 32, t, backward=False) == 4
+    assert kc.auto_segments("auto", 1024, 128, t) == kc.auto_segments("auto", 128, 32, t) == 1
+    assert kc.auto_segments("sequential", 4096, 32, t) == 1 and kc.auto_segments("associative", 64, 64, t) == 2
+    assert kc.auto_segments("auto", 1024, 32, kc.Tuning(segment_programs=256)) == 8
+    with pytest.raises(ValueError, match="Tuning.segment_programs"):
+        kc.Tuning(segment_programs=0)
 
 
 def test_pallas_splits_a_sequence_too_long_for_int32_indexing_into_exact_pieces(monkeypatch):

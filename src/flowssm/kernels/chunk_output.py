@@ -232,8 +232,9 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     dG too), corrected (``u - w S_in``, from the
     forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
     (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
-    dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K], dG: [BH, N, n] in float32 (float64 for float64
-    ``G``)); dG includes the token decays' share.
+    dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K] in the dtype of ``keys`` (the operand dtype: ``dw``
+    is a matmul operand of the transfer backward, which adds this share of dkeys to its own), dG: [BH, N, n] in
+    float32 (float64 for float64 ``G``)); dG includes the token decays' share.
     With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
     additive path). ``dv=None`` (additive paths, ``w = 0``): ``dw`` is not formed, None. ``score_mode``: as
     the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
@@ -279,9 +280,10 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     else:  # each block of K columns writes its share
         decays, decay_shapes, decay_outs = (vec(n), vec(C)), ((nkb, BH, N, n), (nkb, BH, N, C)), (share(n), share(C))
     shapes = (q.shape, keys.shape, *[(BH, N, n, K)] * with_dw, *decay_shapes)
+    dtypes = (q.dtype, dtype, *[dtype] * with_dw, acc, acc)
     dq, dk, *dw, dG, dG_tok = pallas_call(
         kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (q.dtype,) + (acc,) * 4)),
+        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)),
         grid=(BH, N, nkb),
         in_specs=[*packed.table_specs(packed_rows), tok(cols(C), q), tok(cols(n), keys), *decays, in_layout(rows(n, V), corrected, heads), state, state,
                   tok(rows(C, V), do), *[rows(n, V)] * with_dw],
@@ -307,4 +309,5 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
     dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
         q, keys, G, decay.token_decays(G, rank), corrected.astype(acc), S_in.astype(acc),
         dS_out.astype(acc), do, dv)
-    return token_major(dq, heads), token_major(dk, heads), dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
+    return (token_major(dq, heads).astype(q.dtype), token_major(dk, heads).astype(keys.dtype),
+            None if dw is None else dw.astype(keys.dtype), dG.at[:, :, rank - 1 :: rank].add(dG_tok))

@@ -171,14 +171,21 @@ def _scaled_keys_vjp(drk, k, beta, G):
     return (beta * eG)[:, None] * drk, through_k, beta * through_k
 
 
+def _store(ref, x, share=None):
+    """``ref[...] = x + share`` in the dtype of ``ref``: ``share`` (a ref, or None) is the same cotangent's share
+    from another kernel, added at ``x``'s precision before the one rounding."""
+    ref[...] = (x if share is None else x + share[...].astype(x.dtype)).astype(ref.dtype)
+
+
 def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
                         dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int,
-                        score_mode: str = "operand"):
+                        score_mode: str = "operand", dk_share=None, dg_share=None):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
     ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
     below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
     then ``dG`` is ``[n, K]``) ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
     (``decay.scores_vjp``) gives dk, db and dG, the scores are not formed); otherwise ``T = I``.
+    ``dk_share``, ``dg_share`` (refs or None): the other shares of dk and dG, added before they are written.
 
     Outputs are written as soon as they are final and operands loaded when first needed: fewer live
     tiles, fewer registers.
@@ -186,13 +193,14 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     mm = lambda a, b, **kw: dot(a, b, operand_dtype=operand_dtype, **kw)
     loaded = lambda ref: ref[...].astype(acc)
     drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
-    dv_ref[...] = (a_ref[...].astype(acc)[:, None] * drv).astype(dv_ref.dtype)
-    da_ref[...] = jnp.sum(drv * v_ref[...].astype(acc), axis=1).astype(da_ref.dtype)
+    _store(dv_ref, a_ref[...].astype(acc)[:, None] * drv)
+    _store(da_ref, jnp.sum(drv * v_ref[...].astype(acc), axis=1))
     form_drk = lambda: mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
     if not exact:
         dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
-        for ref, x in zip((dk_ref, db_ref, dg_ref), (dk, db, dG)):
-            ref[...] = x.astype(ref.dtype)
+        _store(dk_ref, dk, dk_share)
+        _store(db_ref, db)
+        _store(dg_ref, dG, dg_share)
         return
     n = g_ref.shape[0]
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
@@ -204,9 +212,9 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
                                              operand_dtype=operand_dtype, rows=rows)
         dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         k, d_rows = loaded(k_ref), loaded(b_ref)[:, None] * d_scaled
-        dk_ref[...] = (dk + d_rows + d_items).astype(dk_ref.dtype)
-        db_ref[...] = (db + jnp.sum(k * d_scaled, axis=1)).astype(db_ref.dtype)
-        dg_ref[...] = (dG + k * (d_rows - d_items)).astype(dg_ref.dtype)
+        _store(dk_ref, dk + d_rows + d_items, dk_share)
+        _store(db_ref, db + jnp.sum(k * d_scaled, axis=1))
+        _store(dg_ref, dG + k * (d_rows - d_items), dg_share)
         return
     beta, G = loaded(b_ref), loaded(g_ref)
     dL = -mm(drv, u_ref[...], trans_b=True)
@@ -216,25 +224,27 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     dL = dL - mm(drk, w_ref[...], trans_b=True)
     dL = jnp.where(below, dL, 0.0)
     Z = dL * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype)  # d/db_i of L_im
-    db_ref[...] = (jnp.sum(Z, axis=1) + db).astype(db_ref.dtype)
-    dg_ref[...] = (dG + beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0)).astype(dg_ref.dtype)
+    _store(db_ref, jnp.sum(Z, axis=1) + db)
+    _store(dg_ref, dG + beta * jnp.sum(Z, axis=1) - jnp.sum(beta[:, None] * Z, axis=0), dg_share)
     pair_decay = jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0))
     dgram = jnp.where(below, dL * pair_decay * beta[:, None], 0.0)
-    dk_ref[...] = (dk + mm(dgram, k) + mm(dgram, k, trans_a=True)).astype(dk_ref.dtype)
+    _store(dk_ref, dk + mm(dgram, k) + mm(dgram, k, trans_a=True), dk_share)
 
 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
-                              num_stages: int = 1, interpret: bool | None = None, G=None, dG=None,
+                              num_stages: int = 1, interpret: bool | None = None, G=None, dG=None, dkeys=None,
                               packed_rows: packed.ChunkTable | None = None):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
     Shapes (and ``heads``) as the forward's inputs and outputs; dw: [BH, N, n, K], du: [BH, N, n, V]
-    -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs, float32 (float64 for float64 inputs)
-    except dvalues, written in the dtype of ``values`` (its final dtype: nothing else adds to it).
-    ``score_mode``, ``G``: as the forward's; ``dG`` (shaped like ``G``): a cotangent of ``G`` from elsewhere (the
-    output backward), added to this kernel's before the one vjp through :func:`micro_log_decay`.
+    -> (dkeys, dvalues, dbeta, dalpha, dlog_decay) shaped like the inputs: dkeys and dvalues in the dtype of
+    ``keys`` and ``values`` (their final dtype: nothing else adds to them), the others in float32 (float64 for
+    float64 inputs). ``dkeys`` (shaped like ``keys``) and ``dG`` (shaped like ``G``): the cotangents of the keys
+    and of ``G`` from elsewhere (the output backward), added in the kernel in float32 before the one rounding
+    of dkeys and the one vjp through :func:`micro_log_decay`.
+    ``score_mode``, ``G``: as the forward's.
     ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows).
     """
     V = values.shape[-1]
@@ -250,42 +260,46 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
+    shares = [x for x in (dkeys, dG) if x is not None]
 
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
         k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest = refs
-        t_ref, outs = (rest[0], rest[1:]) if exact else (None, rest)
+        t_ref, rest = (rest[0], rest[1:]) if exact else (None, rest)
+        dk_share, rest = (rest[0], rest[1:]) if dkeys is not None else (None, rest)
+        dg_share, outs = (rest[0], rest[1:]) if dG is not None else (None, rest)
         if packed_rows is not None:  # the chunk's rows of the packed operands (dkeys and dvalues: the first outputs)
             k_ref, v_ref, dk_ref, dv_ref = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R)
                                             for x in (k_ref, v_ref, *outs[:2]))
             outs = (dk_ref, dv_ref, *outs[2:])
+            if dk_share is not None:
+                dk_share = packed.chunk_rows(dk_share, table_ref, pl.program_id(1), n, R)
         _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
                             exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R),
-                            score_mode=score_mode)
+                            score_mode=score_mode, dk_share=dk_share, dg_share=dg_share)
 
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
     tk, tv = (packed.operand_spec(rows(d), heads, x, packed_rows) for d, x in ((K, keys), (V, values)))
     shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
-    dk, dv, db, da, dG_kernel = pallas_call(
+    dk, dv, db, da, dG = pallas_call(
         kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (acc, values.dtype) + (acc,) * 3)),
+        out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (keys.dtype, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
         in_specs=[*packed.table_specs(packed_rows), tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)]
-        + ([rows(n)] if exact else []),
+        + ([rows(n)] if exact else []) + ([tk] if dkeys is not None else []) + ([g_spec] if dG is not None else []),
         out_specs=(tk, tv, vec, vec, g_spec),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
-    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []))
-    dG = dG_kernel if dG is None else dG_kernel + dG
+    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []), *shares)
     return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG, R, interpret=interpret)
 
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                                  heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                                 interpret: bool | None = None, G=None, dG=None):
+                                 interpret: bool | None = None, G=None, dG=None, dkeys=None):
     """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
     (any solver; ``T``, ``w``, ``u``, ``G`` unused)."""
     del T, w, u, num_warps, num_stages, interpret, G
@@ -293,8 +307,10 @@ def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, 
     up = lambda x: x.astype(acc)
     ref = lambda *a: chunk_transfer_reference(*a, solver=solver, heads=heads)
     _, vjp = jax.vjp(lambda *a: tuple(x.astype(acc) for x in ref(*a)), *map(up, (keys, values, beta, alpha, log_decay)))
-    grads = vjp((up(dw), up(du)))
-    if dG is None:
-        return grads
-    R = keys.shape[2] // log_decay.shape[2]
-    return (*grads[:4], grads[4] + jax.vjp(lambda ld: micro_log_decay(ld, R), up(log_decay))[1](dG)[0])
+    dk, dv, db, da, dld = vjp((up(dw), up(du)))
+    if dkeys is not None:
+        dk = dk + up(dkeys)
+    if dG is not None:
+        R = keys.shape[2] // log_decay.shape[2]
+        dld = dld + jax.vjp(lambda ld: micro_log_decay(ld, R), up(log_decay))[1](dG)[0]
+    return dk.astype(keys.dtype), dv.astype(values.dtype), db, da, dld

@@ -242,7 +242,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
                                          channel_block=t.channel_block, num_warps=t.transfer_warps, G=G, **in_place)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
-    segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t)
+    segments = auto_segments(st.scan, N, BH * sequences * (V // min(t.block_v, V)), t, backward=save)
     P = None
     h0, restarts = S0, {} if resets is None else dict(resets=resets, h0=S0, zero_h0=st.zero_h0)
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
@@ -393,11 +393,13 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         token_args = (keys, values)
     else:  # the reference's vjp reads the layout
         transfer_bwd, token_args = chunk_transfer_bwd_reference, _in_layout(args, packed_rows)[1:3]
+        dk = dk if packed_rows is None else packed.to_layout(dk, packed_rows, n)
+    # the output backward's shares of dkeys and dG are added inside, before dkeys' one rounding
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(*token_args, beta, alpha, log_decay, T, w, u, dw, dv,
-                                                             solver=st.solver, heads=H, G=G, dG=dG)
+                                                             solver=st.solver, heads=H, G=G, dG=dG, dkeys=dk)
     if transfer_bwd is chunk_transfer_bwd_reference:
         dkeys, dvalues = _rows_of(dkeys, packed_rows), _rows_of(dvalues, packed_rows)
-    grads = (dq, dkeys + dk, dvalues, dbeta, dalpha, dlog_decay, dS0)
+    grads = (dq, dkeys, dvalues, dbeta, dalpha, dlog_decay, dS0)
     return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None, None)
 
 

@@ -24,10 +24,15 @@ MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in re
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
 OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
-# scan="auto": shorter sequences keep the sequential pass. H200, bf16, 16 heads of 128 x 128 (RESULTS.md run 8):
-# at 256 chunks the sequential pass was faster (0.741 vs 0.933 ms forward, 2.244 vs 2.202 forward+backward
-# before the Mosaic backward pass), at 1024 chunks the segmented scan won forward+backward (7.42 vs 8.51)
-AUTO_MIN_CHUNKS = 512
+# scan="auto": shorter sequences keep the sequential pass. H100, bf16, 1 x T x 16 heads of 128 x 128, 32 programs,
+# 4 segments (RESULTS.md run 17): forward+backward at 256 chunks 1.841 ms segmented against 1.905 sequential, at
+# 1024 chunks 6.528 against 7.16, at 4096 25.07 against 27.89 (H200, run 8, 8 segments then: at 256 chunks the
+# sequential pass had been faster, 2.244 against 2.202 ms, before the Mosaic backward passes)
+AUTO_MIN_CHUNKS = 256
+# a forward without a backward pays the segmented scan's extra passes without its faster reverse passes: the
+# sequential forward was faster at 1024 chunks (2.472 against 2.856 ms) and at 4096 (9.342 against 10.81) on the H100
+# of run 17; on the H200 of run 10 the segmented one won at 4096 by 2 % (8.937 against 9.142)
+AUTO_MIN_CHUNKS_FORWARD = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +47,9 @@ class Tuning:
     "operand" (bf16 products for bf16 inputs, the fastest) or "tf32" (KDA's gradients as accurate as the
     scalar-decay path's, 3.4e-3 against 8.8e-3 relative to float32 xla, for about 18 % more forward+backward
     time on an H200: RESULTS.md, run 12) or "f32".
-    assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses about this
-    many (head, segment) pairs. backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
+    assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses at most this
+    many (head, segment, column block) programs; None: the GPU's multiprocessor count (one wave: at 1 x 16384..262144
+    x 16 heads on an H100, 4 segments of 128 programs beat 8 of 256 forward and forward+backward, run 17). backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
     unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
     forward pass, also the segmented scan's segment flows and its last pass, and at rank 1 the backward
     pass, sequential or both reverse passes of the segmented scan; bf16/f16 operands, sizes multiples of
@@ -75,7 +81,7 @@ class Tuning:
     backward: str = "kernels"
     backward_warps: int | None = None
     block_k: int | None = None
-    segment_programs: int = 256
+    segment_programs: int | None = None
     state_lowering: str = "auto"
     mosaic_stages: int = 4
     channel_block: int | None = None
@@ -95,6 +101,9 @@ class Tuning:
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
+        programs = self.segment_programs
+        if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool) or programs < 1):
+            raise ValueError(f"Tuning.segment_programs: expected None or a positive count, got {self.segment_programs!r}")
         for name in ("state_stages", "state_bwd_stages"):
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 3, 4):
@@ -153,14 +162,16 @@ def segment_count(N: int, programs: int, target: int) -> int:
     return max(d for d in range(1, most + 1) if N % d == 0)
 
 
-def auto_segments(scan: str, N: int, programs: int, tuning: Tuning) -> int:
+def auto_segments(scan: str, N: int, programs: int, tuning: Tuning, backward: bool = True) -> int:
     """Segments for ``scan`` over ``N`` chunks (1: the sequential pass). ``"associative"`` always splits;
     ``"auto"`` splits only when the sequential pass's ``programs`` fill at most half the GPU and the
-    sequence is long (at least :data:`AUTO_MIN_CHUNKS` chunks): then its ``N`` dependent steps on few
+    sequence is long (at least :data:`AUTO_MIN_CHUNKS` chunks, :data:`AUTO_MIN_CHUNKS_FORWARD` for a forward
+    that no kernel backward follows, ``backward=False``): then its ``N`` dependent steps on few
     multiprocessors cost more than the segmented scan's extra passes."""
-    if scan == "sequential" or (scan == "auto" and (2 * programs > sm_count() or N < AUTO_MIN_CHUNKS)):
+    shortest = AUTO_MIN_CHUNKS if backward else AUTO_MIN_CHUNKS_FORWARD
+    if scan == "sequential" or (scan == "auto" and (2 * programs > sm_count() or N < shortest)):
         return 1
-    return segment_count(N, programs, tuning.segment_programs)
+    return segment_count(N, programs, tuning.segment_programs or sm_count())
 
 
 def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> tuple[str, str] | None:
