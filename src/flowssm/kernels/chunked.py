@@ -24,7 +24,8 @@ inputs, ``w, u``, the states entering the chunks and, for exact programs, the ch
    (:func:`segmented_cotangents`) when the forward's scan was segmented.
 2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
 3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
-   ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler); other programs
+   ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler), adding step 2's shares
+   of dk and dG before it writes (dk, like dq and dv, leaves in the input dtype); other programs
    (the truncated series of ``signature``) take this step by autodiff of the jnp reference (XLA).
 
 ``Tuning(backward="reference")`` differentiates the jnp references of the three stages instead (XLA).
