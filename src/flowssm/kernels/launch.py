@@ -48,8 +48,9 @@ class Tuning:
     scalar-decay path's, 3.4e-3 against 8.8e-3 relative to float32 xla, for about 18 % more forward+backward
     time on an H200: RESULTS.md, run 12) or "f32".
     assoc: "segmented" or "xla" (see ``chunked``); segment_programs: the segmented scan uses at most this
-    many (head, segment, column block) programs; None: the GPU's multiprocessor count (one wave: at 1 x 16384..262144
-    x 16 heads on an H100, 4 segments of 128 programs beat 8 of 256 forward and forward+backward, run 17). backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
+    many (head, segment, column block) programs; None: the GPU's multiprocessor count (one wave: at
+    1 x 16384..262144 x 16 heads on an H100, 4 segments of 128 programs beat 8 of 256 forward and
+    forward+backward, run 17). backward: "kernels" or "reference" (see ``chunked``). state_lowering: the
     unpacked state passes through Pallas's Triton lowering or Mosaic GPU (``state_pass_mosaic``: the
     forward pass, also the segmented scan's segment flows and its last pass, and at rank 1 the backward
     pass, sequential or both reverse passes of the segmented scan; bf16/f16 operands, sizes multiples of
@@ -103,7 +104,7 @@ class Tuning:
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
         programs = self.segment_programs
         if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool) or programs < 1):
-            raise ValueError(f"Tuning.segment_programs: expected None or a positive count, got {self.segment_programs!r}")
+            raise ValueError(f"Tuning.segment_programs: expected None or a positive count, got {programs!r}")
         for name in ("state_stages", "state_bwd_stages"):
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 3, 4):
