@@ -212,9 +212,13 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         save_scores=per_channel, score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
         **opts), qc, keys, G, w, u, S_in)
     corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
-    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
+    read = "scores" if per_channel else None  # a[6] of the reverse pass: the saved scores or, as the op, A^T do apart
+    if t.local_values and not per_channel and spans is None and packed_rows is None:
+        read, scores = "local", [add("local_values", lambda *a: co.local_values_bwd_kernel(
+            *a, rank=1, scale=scale, heads=H, **opts), qc, keys, G, dO)]
+    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
-        **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
+        **packed, **({read: a[6]} if len(a) > 6 else {}), **opts), qc, keys, G, w, dO, S0, *scores)
     _, dk, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
@@ -391,7 +395,7 @@ SWEEP = (Tuning(), Tuning(state_lowering="triton"), Tuning(mosaic_stages=2), Tun
 def tunings(text: str) -> tuple[Tuning, ...]:
     """``--sweep-tunings``: ``;``-separated variants of ``,``-separated ``field=value`` (``default``: Tuning())."""
     def value(v: str):
-        return int(v) if v.isdigit() else None if v == "None" else v
+        return int(v) if v.isdigit() else {"None": None, "True": True, "False": False}.get(v, v)
     return tuple(Tuning(**{k: value(v) for k, v in (kv.split("=") for kv in item.split(",") if kv != "default")})
                  for item in text.split(";"))
 
@@ -401,21 +405,27 @@ def label_of(tuning: Tuning) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in tuning.changes().items()) or "default"
 
 
-def sweep(shape, reps, say, variants=SWEEP):
-    """Launch variants of the whole pallas forward and forward+backward (ungated, sequential) on ``shape``."""
+def sweep(shape, reps, say, variants=SWEEP, scan: str = "sequential"):
+    """Launch variants of the whole pallas forward and forward+backward (ungated, ``scan``) on ``shape``: ms of
+    each, and the relative difference of each variant's gradients (q, k, v, beta) from the first variant's."""
     q, k, v, beta, g, do = inputs(0, *shape)
     B, _, H, K, V = shape
     S0_shape = (B, H, K, V)
-    out = {}
+    out, first = {}, None
     for tuning in variants:
         label = label_of(tuning)
         try:
             f = lambda q_, k_, v_, b_: chunked_pallas(
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
-                solver=get_solver("exact"), scan="sequential", semantics="discrete", tuning=tuning)
+                solver=get_solver("exact"), scan=scan, semantics="discrete", tuning=tuning)
             loss = lambda *a: jnp.sum(f(*a[:4])[0].astype(jnp.float32) * a[4].astype(jnp.float32))
-            out[label] = (timed(jax.jit(f), q, k, v, beta, reps=reps),
-                                 timed(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), q, k, v, beta, do, reps=reps))
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+            grads = grad(q, k, v, beta, do)
+            first = grads if first is None else first
+            out[label] = dict(fwd=timed(jax.jit(f), q, k, v, beta, reps=reps),
+                              fwdbwd=timed(grad, q, k, v, beta, do, reps=reps),
+                              err_grads_vs_first=[rel(a, b) for a, b in zip(grads, first)])
+            del grads
         except Exception as e:  # a launch variant may not compile: record why
             out[label] = repr(e)[:300]
         say("sweep", label, out[label])
@@ -498,6 +508,9 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="0,1,2,3")
     parser.add_argument("--sweep", action="store_true", help="launch variants on the first shape")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="launch variants on every shape of --shapes, no other rows (A/B of Tuning fields)")
+    parser.add_argument("--sweep-scan", default="sequential", help="the scan of the launch variants (e.g. auto)")
     parser.add_argument("--sweep-tunings", type=tunings, default=SWEEP,
                         help="with --sweep: e.g. 'default;state_lowering=triton;mosaic_stages=2'")
     parser.add_argument("--no-check", action="store_true")
@@ -544,6 +557,12 @@ def main():
                 json.dump(result, f, indent=1)
 
     shapes = [] if packed_only else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.sweep_only:
+        for shape in shapes:
+            result.setdefault("sweeps", {})["x".join(map(str, shape))] = sweep(shape, args.reps, say,
+                                                                               args.sweep_tunings, args.sweep_scan)
+            save()
+        return
     for j, shape in enumerate(shapes):
         if args.segment_sweep:
             result.setdefault("segment_sweep", {})["x".join(map(str, shape))] = segment_sweep(
@@ -556,7 +575,7 @@ def main():
                     methods=tuple(m for m in args.methods.split(",") if m))
         save()
         if args.sweep and j == 0:
-            result["sweep"] = sweep(shape, args.reps, say, args.sweep_tunings)
+            result["sweep"] = sweep(shape, args.reps, say, args.sweep_tunings, args.sweep_scan)
             save()
     if args.packed or packed_only:
         CHUNK = 16 if args.tiny else CHUNK

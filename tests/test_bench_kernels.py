@@ -28,13 +28,19 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
 
 
 
+def test_sweep_tunings_parse_fields_of_every_type():
+    default, variant = bench_kernels.tunings("default;local_values=False,block_v=32,segment_programs=None")
+    assert default == bench_kernels.Tuning()
+    assert variant.changes() == {"local_values": False, "block_v": 32}
+
+
 def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     """``--stages packed``: each kernel alone as the op runs it (packed rows read in place, state passes per
     document) and on the unpacked row; 4 documents of 64 tokens, chunk 16 (7 chunks in the layout, 4 unpacked)."""
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     out = bench_kernels.packed_stage_times(**bench_kernels.PACKED_TINY, reps=1)
     kernels = {"decays", "transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
-    assert set(out["packed"]) == kernels and set(out["unpacked"]) == kernels
+    assert set(out["packed"]) == kernels and set(out["unpacked"]) == kernels | {"local_values"}  # A^T do apart
     assert out["chunks"] == {"packed": 7, "unpacked": 4}
     assert min(out["packed"].values()) > 0
 

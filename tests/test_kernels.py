@@ -10,7 +10,8 @@ import pytest
 import flowssm
 from flowssm import backends
 from flowssm.kernels import chunked as kc
-from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_bwd_reference
+from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, local_values_bwd_kernel,
+                                         local_values_bwd_reference)
 from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference
 from flowssm.kernels.cumulative_decay import micro_log_decay
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
@@ -144,8 +145,13 @@ def test_state_pass_and_output_backward_kernels_match_references():
     do, dS_final = jax.random.normal(ks[1], (BH, N, C, V), F32), jax.random.normal(ks[2], (BH, K, V), F32)
     static = dict(rank=R, scale=0.3)
     passes = [f(q, keys, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
-    for a, b in zip(*passes):
-        assert rel(a, b) < 1e-5
+    local = local_values_bwd_kernel(q, keys, G, do, **static, block_v=16)  # two column blocks
+    assert local.dtype == F32 and rel(local, local_values_bwd_reference(q, keys, G, do, **static)) < 1e-5
+    with_local = state_pass_bwd_kernel(q, keys, G, w, do, dS_final, **static, local=local)  # A^T do out of the loop
+    for a, b, c in zip(*passes, with_local):
+        assert rel(a, b) < 1e-5 and rel(c, b) < 1e-5
+    with pytest.raises(ValueError, match="scores and local"):
+        state_pass_bwd_kernel(q, keys, G, w, do, dS_final, **static, local=local, scores=local)
     dS_out, dv, _ = passes[1]
     S_in, _ = state_pass_reference(keys, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
     _, corrected = kc.chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
