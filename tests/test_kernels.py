@@ -298,6 +298,28 @@ def test_pallas_forward_and_gradients_match_xla(backward, solver, scan, gated):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("scan", ["sequential", "associative"])
+def test_gradients_with_the_local_values_apart_equal_those_formed_in_the_reverse_loop(scan, monkeypatch):
+    """``Tuning(local_values=...)``: every chunk's ``scale A^T do`` from its own kernel, or formed inside the reverse
+    passes (both passes of the segmented backward): the same gradients (rank 2, gated)."""
+    q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2)
+    calls, kernel = [], kc.local_values_bwd_kernel
+    monkeypatch.setattr(kc, "local_values_bwd_kernel", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+
+    def grads(local_values):
+        tuning = kc.Tuning(local_values=local_values, segment_programs=8)  # associative: 2 segments
+        loss = lambda *a: jnp.sum(jnp.sin(kc.chunked_pallas(a[0], make_path(*a[1:5]), a[5], scale=0.25, chunk_size=16,
+                                                            solver=Exact(), scan=scan, semantics="discrete",
+                                                            tuning=tuning)[0]))
+        return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, beta, g, S0)
+
+    apart = grads(True)
+    assert len(calls) == 1
+    for a, b in zip(apart, grads(False)):
+        assert rel(a, b) < 1e-6
+    assert len(calls) == 1  # local_values=False: formed in the loop
+
+
 def test_pallas_gradient_reaches_initial_state():
     q, k, v, beta, g, S0 = make_inputs(3, 1, 20, 1, 16, 16)
     loss = lambda backend, s: jnp.sum(flowssm.delta_rule(q, k, v, beta, g, initial_state=s, chunk_size=16, backend=backend)[0])
