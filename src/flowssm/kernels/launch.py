@@ -91,7 +91,7 @@ class Tuning:
     state_lowering: str = "auto"
     mosaic_stages: int = 4
     channel_block: int | None = None
-    local_values: bool = True
+    local_values: bool = False
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
