@@ -29,9 +29,9 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
 
 
 def test_sweep_tunings_parse_fields_of_every_type():
-    default, variant = bench_kernels.tunings("default;local_values=False,block_v=32,segment_programs=None")
+    default, variant = bench_kernels.tunings("default;local_values=True,block_v=32,segment_programs=None")
     assert default == bench_kernels.Tuning()
-    assert variant.changes() == {"local_values": False, "block_v": 32}
+    assert variant.changes() == {"local_values": True, "block_v": 32}
 
 
 def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
