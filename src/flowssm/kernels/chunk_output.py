@@ -216,8 +216,11 @@ def local_values_bwd_kernel(q, keys, G, do, *, rank: int, scale: float, heads: i
     )(q, keys, G, G_tok, do)
 
 
-def local_values_bwd_reference(q, keys, G, do, *, rank: int, scale: float, heads: int | None = None, **_):
+def local_values_bwd_reference(q, keys, G, do, *, rank: int, scale: float, heads: int | None = None,
+                               block_v: int = 128, num_warps: int = 4, num_stages: int = 1,
+                               interpret: bool | None = None):
     """Same contract as :func:`local_values_bwd_kernel`, in plain jnp at full precision."""
+    del block_v, num_warps, num_stages, interpret
     q, keys, do = (head_major(x, heads) for x in (q, keys, do))
     block = lambda q, k, G, G_tok, do: scale * reference_dot(
         attention_block(q, k, G, G_tok, rank=rank, matmul=reference_dot, operand_dtype=keys.dtype), do,
