@@ -212,13 +212,9 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         save_scores=per_channel, score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
         **opts), qc, keys, G, w, u, S_in)
     corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
-    read = "scores" if per_channel else None  # a[6] of the reverse pass: the saved scores or, as the op, A^T do apart
-    if t.local_values and not per_channel and spans is None and packed_rows is None:
-        read, scores = "local", [add("local_values", lambda *a: co.local_values_bwd_kernel(
-            *a, rank=1, scale=scale, heads=H, **opts), qc, keys, G, dO)]
-    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(
+    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
         *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
-        **packed, **({read: a[6]} if len(a) > 6 else {}), **opts), qc, keys, G, w, dO, S0, *scores)
+        **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, dk, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
@@ -395,7 +391,7 @@ SWEEP = (Tuning(), Tuning(state_lowering="triton"), Tuning(mosaic_stages=2), Tun
 def tunings(text: str) -> tuple[Tuning, ...]:
     """``--sweep-tunings``: ``;``-separated variants of ``,``-separated ``field=value`` (``default``: Tuning())."""
     def value(v: str):
-        return int(v) if v.isdigit() else {"None": None, "True": True, "False": False}.get(v, v)
+        return int(v) if v.isdigit() else None if v == "None" else v
     return tuple(Tuning(**{k: value(v) for k, v in (kv.split("=") for kv in item.split(",") if kv != "default")})
                  for item in text.split(";"))
 

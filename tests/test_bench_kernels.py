@@ -29,9 +29,9 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
 
 
 def test_sweep_tunings_parse_fields_of_every_type():
-    default, variant = bench_kernels.tunings("default;local_values=True,block_v=32,segment_programs=None")
+    default, variant = bench_kernels.tunings("default;state_lowering=triton,block_v=32,segment_programs=None")
     assert default == bench_kernels.Tuning()
-    assert variant.changes() == {"local_values": True, "block_v": 32}
+    assert variant.changes() == {"state_lowering": "triton", "block_v": 32}
 
 
 def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
@@ -40,8 +40,7 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     out = bench_kernels.packed_stage_times(**bench_kernels.PACKED_TINY, reps=1)
     kernels = {"decays", "transfer", "state_pass", "output", "state_pass_bwd", "output_bwd", "transfer_bwd"}
-    apart = {"local_values"} if bench_kernels.Tuning().local_values else set()  # unpacked: A^T do apart
-    assert set(out["packed"]) == kernels and set(out["unpacked"]) == kernels | apart
+    assert set(out["packed"]) == kernels and set(out["unpacked"]) == kernels
     assert out["chunks"] == {"packed": 7, "unpacked": 4}
     assert min(out["packed"].values()) > 0
 

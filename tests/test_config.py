@@ -51,7 +51,6 @@ BAD = [
     (["model.mixer.kernels.score_mode=bf17"], "model.mixer.kernels.score_mode"),
     (["model.mixer.kernels.warps=8"], "model.mixer.kernels.warps"),
     (["model.mixer.kernels.transfer_warps=3"], "model.mixer.kernels.transfer_warps"),
-    (["model.mixer.kernels.local_values=1"], "model.mixer.kernels.local_values"),
     (["model.mixer.family=rwkv7", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     (["model.mixer.backend=xla", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     # what a backend cannot run is refused at load time, naming the keys

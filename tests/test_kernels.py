@@ -10,8 +10,7 @@ import pytest
 import flowssm
 from flowssm import backends
 from flowssm.kernels import chunked as kc
-from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_bwd_reference, local_values_bwd_kernel,
-                                         local_values_bwd_reference)
+from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_bwd_reference
 from flowssm.kernels.chunk_transfer import chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference
 from flowssm.kernels.cumulative_decay import micro_log_decay
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
@@ -145,13 +144,8 @@ def test_state_pass_and_output_backward_kernels_match_references():
     do, dS_final = jax.random.normal(ks[1], (BH, N, C, V), F32), jax.random.normal(ks[2], (BH, K, V), F32)
     static = dict(rank=R, scale=0.3)
     passes = [f(q, keys, G, w, do, dS_final, **static) for f in (state_pass_bwd_kernel, state_pass_bwd_reference)]
-    local = local_values_bwd_kernel(q, keys, G, do, **static, block_v=16)  # two column blocks
-    assert local.dtype == F32 and rel(local, local_values_bwd_reference(q, keys, G, do, **static)) < 1e-5
-    with_local = state_pass_bwd_kernel(q, keys, G, w, do, dS_final, **static, local=local)  # A^T do out of the loop
-    for a, b, c in zip(*passes, with_local):
-        assert rel(a, b) < 1e-5 and rel(c, b) < 1e-5
-    with pytest.raises(ValueError, match="scores and local"):
-        state_pass_bwd_kernel(q, keys, G, w, do, dS_final, **static, local=local, scores=local)
+    for a, b in zip(*passes):
+        assert rel(a, b) < 1e-5
     dS_out, dv, _ = passes[1]
     S_in, _ = state_pass_reference(keys, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
     _, corrected = kc.chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
@@ -296,28 +290,6 @@ def test_pallas_forward_and_gradients_match_xla(backward, solver, scan, gated):
     assert rel(o, o_x) < 1e-5 and rel(S, S_x) < 1e-5
     for a, b in zip(grads, grads_x):
         assert rel(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("scan", ["sequential", "associative"])
-def test_gradients_with_the_local_values_apart_equal_those_formed_in_the_reverse_loop(scan, monkeypatch):
-    """``Tuning(local_values=...)``: every chunk's ``scale A^T do`` from its own kernel, or formed inside the reverse
-    passes (both passes of the segmented backward): the same gradients (rank 2, gated)."""
-    q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2)
-    calls, kernel = [], kc.local_values_bwd_kernel
-    monkeypatch.setattr(kc, "local_values_bwd_kernel", lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
-
-    def grads(local_values):
-        tuning = kc.Tuning(local_values=local_values, segment_programs=8)  # associative: 2 segments
-        loss = lambda *a: jnp.sum(jnp.sin(kc.chunked_pallas(a[0], make_path(*a[1:5]), a[5], scale=0.25, chunk_size=16,
-                                                            solver=Exact(), scan=scan, semantics="discrete",
-                                                            tuning=tuning)[0]))
-        return jax.grad(loss, argnums=tuple(range(6)))(q, k, v, beta, g, S0)
-
-    apart = grads(True)
-    assert len(calls) == 1
-    for a, b in zip(apart, grads(False)):
-        assert rel(a, b) < 1e-6
-    assert len(calls) == 1  # local_values=False: formed in the loop
 
 
 def test_pallas_gradient_reaches_initial_state():

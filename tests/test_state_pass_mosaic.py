@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flowssm.kernels.chunk_output import local_values_bwd_kernel
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                        state_pass_reference)
 from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
@@ -142,12 +141,6 @@ def test_mosaic_state_pass_bwd_matches_reference_and_triton_kernel():
     for got, want, triton in zip(out, ref, tri):
         assert rel(got, want) < 1e-2 and rel(got, triton) < 1e-4  # bf16 operands vs float32; the same roundings
     assert rel(state_pass_bwd_mosaic(*args, **kw, write_states=False), out[2]) < 1e-6  # only dS0
-    q, keys, G, w, do, dS_final = args  # every chunk's scale A^T do read through the ring: three wgmmas a chunk
-    local = local_values_bwd_kernel(q, keys, G, do, **kw)
-    for got, triton in zip(state_pass_bwd_mosaic(*args, **kw, local=local), tri):
-        assert rel(got, triton) < 1e-4
-    with pytest.raises(ValueError, match="local"):
-        state_pass_bwd_mosaic(*args, **kw, local=local.astype(jnp.bfloat16))
 
 
 def test_mosaic_state_pass_bwd_segments_run_from_their_own_cotangents():
@@ -163,16 +156,14 @@ def test_mosaic_state_pass_bwd_segments_run_from_their_own_cotangents():
     assert rel(state_pass_bwd_mosaic(*args, **kw, write_states=False), out[2]) < 1e-6  # only dS0
 
 
-@pytest.mark.parametrize("segments, write_states, local", [(1, True, False), (2, False, False), (2, True, True)])
-def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one(segments, write_states, local):
+@pytest.mark.parametrize("segments, write_states", [(1, True), (2, False)])
+def test_mosaic_state_pass_bwd_lowers_for_the_gpu_without_one(segments, write_states):
     S = jax.ShapeDtypeStruct
     tokens = lambda d: S((1, 64, n, BH, d), jnp.bfloat16)  # q, keys, do token-major
     args = (tokens(128), tokens(128), S((BH, 64, n), jnp.float32), S((BH, 64, n, 128), jnp.bfloat16), tokens(128),
             S((BH * segments, 128, 128), jnp.float32))
-    args += (S((BH, 64, n, 128), jnp.float32),) * local  # every chunk's scale A^T do
-    run = jax.jit(lambda *a: state_pass_bwd_mosaic(*a[:6], rank=1, scale=0.125, heads=BH, interpret=False,
-                                                   segments=segments, write_states=write_states, local=a[6] if local
-                                                   else None))
+    run = jax.jit(functools.partial(state_pass_bwd_mosaic, rank=1, scale=0.125, heads=BH, interpret=False,
+                                    segments=segments, write_states=write_states))
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 

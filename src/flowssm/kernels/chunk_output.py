@@ -13,9 +13,6 @@ the forward's state pass, ``do~ = scale do``, ``A`` the masked decayed ``q k^T``
 
     dq = e^{G_t} do~ S^T + (dA * D) k,   dk = (dA * D)^T q + e^{G_end - G} r dS'^T,   dw = -dv' S^T,
     dG from every ``e^{...}``: the token decays ``G_t``, the micro-step decays ``G`` and ``G_end``.
-
-Before the reverse pass, :func:`local_values_bwd_kernel`: ``dv'``'s share from the chunk's own outputs,
-``scale A^T do``, per chunk in parallel (scalar decays).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from jax.experimental import pallas as pl
 from flowssm import chunks
 from flowssm.kernels import decay, packed
 from flowssm.kernels.common import (dot, head_major, in_layout, layout_dims, pallas_call, reference_dot,
-                                    resolve_interpret, to_head_major, token_major, token_spec)
+                                    resolve_interpret, to_head_major, token_major)
 
 
 def _mask_and_decay(G, G_tok, rank: int):
@@ -175,57 +172,6 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
     block = lambda *a: _output_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)[0]
     o = jax.vmap(jax.vmap(block))(q, keys, G, decay.token_decays(G, rank), w, u, S_in.astype(G.dtype))
     return token_major(o.astype(out_dtype or G.dtype), heads)
-
-
-def local_values_bwd_kernel(q, keys, G, do, *, rank: int, scale: float, heads: int | None = None,
-                            block_v: int = 128, num_warps: int = 4, num_stages: int = 1,
-                            interpret: bool | None = None):
-    """The corrected values' cotangent from the chunk's own outputs, ``scale A^T do`` (fla's ``dv_local``), one
-    program per (head, chunk, block of ``block_v`` columns of ``V``): fully parallel, so that the reverse state
-    pass adds only ``e^{G_end - G} k dS`` to it inside its serial loop (``state_pass_bwd_kernel(local=)``).
-
-    q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative, scalar decays), do: [BH, N, C, V] (q, keys, do
-    token-major with ``heads=H``) -> [BH, N, n, V] float32 (float64 for float64 ``G``), head-major like ``dv'``.
-    ``A`` and the product are rounded as in the reverse pass (operands in the dtype of ``keys``)."""
-    BH, N, C, K = layout_dims(q, heads)
-    n, V = G.shape[2], do.shape[-1]
-    if decay.per_channel(G):
-        raise ValueError(f"local_values_bwd_kernel: G: expected scalar decays [BH, N, n], got shape {G.shape} "
-                         f"(per-channel decays read the forward's saved scores in the reverse pass)")
-    bv = min(block_v, V)
-    dtype = keys.dtype
-    G_tok = decay.token_decays(G, rank)
-
-    def kernel(q_ref, k_ref, g_ref, gt_ref, do_ref, out_ref):
-        att = attention_block(q_ref[...], k_ref[...], g_ref[...], gt_ref[...], rank=rank, matmul=dot,
-                              operand_dtype=dtype)
-        out_ref[...] = (scale * dot(att, do_ref[...], operand_dtype=dtype, trans_a=True)).astype(out_ref.dtype)
-
-    rows = lambda r, d: token_spec(pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0)), heads)
-    cols = lambda r: pl.BlockSpec((None, None, r, bv), lambda i, c, j: (i, c, 0, j))
-    vec = lambda r: pl.BlockSpec((None, None, r), lambda i, c, j: (i, c, 0))
-    return pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((BH, N, n, V), G.dtype),
-        grid=(BH, N, V // bv),
-        in_specs=[rows(C, K), rows(n, K), vec(n), vec(C), token_spec(cols(C), heads)],
-        out_specs=cols(n),
-        interpret=resolve_interpret(interpret),
-        num_warps=num_warps, num_stages=num_stages,
-        name="flowssm_local_values_bwd",
-    )(q, keys, G, G_tok, do)
-
-
-def local_values_bwd_reference(q, keys, G, do, *, rank: int, scale: float, heads: int | None = None,
-                               block_v: int = 128, num_warps: int = 4, num_stages: int = 1,
-                               interpret: bool | None = None):
-    """Same contract as :func:`local_values_bwd_kernel`, in plain jnp at full precision."""
-    del block_v, num_warps, num_stages, interpret
-    q, keys, do = (head_major(x, heads) for x in (q, keys, do))
-    block = lambda q, k, G, G_tok, do: scale * reference_dot(
-        attention_block(q, k, G, G_tok, rank=rank, matmul=reference_dot, operand_dtype=keys.dtype), do,
-        operand_dtype=keys.dtype, trans_a=True)
-    return jax.vmap(jax.vmap(block))(q, keys, G, decay.token_decays(G, rank), do).astype(G.dtype)
 
 
 def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,

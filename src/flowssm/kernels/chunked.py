@@ -21,9 +21,7 @@ inputs, ``w, u``, the states entering the chunks and, for exact programs, the ch
 
 1. ``state_pass_bwd``: the reverse pass of the state cotangent, giving ``dv'`` and the cotangent of the
    state leaving every chunk: sequential over chunks, or segmented like the forward
-   (:func:`segmented_cotangents`) when the forward's scan was segmented. Unpacked rows with scalar decays
-   compute every chunk's ``scale A^T do`` before it, in parallel (``local_values_bwd``,
-   ``Tuning.local_values``), so the serial loop does not.
+   (:func:`segmented_cotangents`) when the forward's scan was segmented.
 2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
 3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
    ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler), adding step 2's shares
@@ -45,8 +43,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from flowssm.kernels import decay, packed
-from flowssm.kernels.chunk_output import (chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference,
-                                         local_values_bwd_kernel)
+from flowssm.kernels.chunk_output import chunk_output_bwd_kernel, chunk_output_kernel, chunk_output_reference
 from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_transfer_bwd_reference,
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, to_head_major, token_major
@@ -138,19 +135,18 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
                          tuning: Tuning, resets=None, dfinals=None, zero_dfinals: bool = False, mosaic: bool = False,
-                         scores=None, packed_rows=None, local=None):
+                         scores=None, packed_rows=None):
     """The segmented scan, backward: :func:`state_pass_bwd_kernel`'s outputs (dS_out, dv', dS0) from
     (1) every segment's reverse pass from a zero cotangent (only the cotangent entering it, ``b``), in
     parallel; (2) a reverse associative scan over segments with the forward's ``P``; (3) every segment's
     reverse pass from its true cotangent, in parallel. P: [BH, segments, K, K]. Packed sequences
     (``resets``, ``dfinals``, ``zero_dfinals``): the final states' cotangents enter inside the passes; a last
     output, dh0. ``mosaic``: passes (1) and (3) on Mosaic GPU (``state_pass_bwd_mosaic``; unpacked, rank 1,
-    scalar decays). ``scores``: the forward's attention blocks (per-channel decays), read by both passes, as
-    ``local`` (every chunk's ``scale A^T do``, ``chunk_output.local_values_bwd_kernel``).
+    scalar decays). ``scores``: the forward's attention blocks (per-channel decays), read by both passes.
     ``packed_rows``: q, keys and do are packed rows read in place (``state_pass_bwd_kernel``)."""
     BH, segments, K, _ = P.shape
     V = do.shape[-1]
-    opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v, local=local)
+    opts = dict(rank=rank, scale=scale, heads=heads, segments=segments, block_v=tuning.block_v)
     opts |= (dict(num_stages=tuning.mosaic_stages) if mosaic else
              dict(num_warps=tuning.state_warps, num_stages=tuning.state_bwd_stages, scores=scores,
                   packed_rows=packed_rows,
@@ -364,13 +360,9 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     additive = _additive(st.solver)
     mosaic = resets is None and R == 1 and _use_mosaic(t, keys, G, n, do.shape[-1], additive)
     w_pass = _generators(w, u, keys, H)[0] if mosaic else w
-    local = None  # every chunk's scale A^T do, out of the reverse passes' serial loops
-    if t.local_values and resets is None and packed_rows is None and not decay.per_channel(G):
-        local = local_values_bwd_kernel(qc, keys, G, do, rank=R, scale=st.scale, heads=H)
     if P is None and mosaic:
         dS_out, dv, dS0 = state_pass_bwd_mosaic(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), rank=R,
-                                                scale=st.scale, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages,
-                                                local=local)
+                                                scale=st.scale, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages)
     elif P is None and resets is not None:  # one program per (head, sequence, column block)
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dfinals.reshape(-1, *dfinals.shape[2:]), rank=R,
                                                 scale=st.scale, heads=H, block_v=t.block_v, num_warps=t.state_warps,
@@ -380,11 +372,11 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     elif P is None:
         dS_out, dv, dS0 = state_pass_bwd_kernel(qc, keys, G, w, do, dS_final.astype(S0.dtype), rank=R, scale=st.scale,
                                                 heads=H, block_v=t.block_v, num_warps=t.state_warps,
-                                                num_stages=t.state_bwd_stages, scores=scores, local=local)
+                                                num_stages=t.state_bwd_stages, scores=scores)
     else:
         dS_out, dv, dS0, *dh0 = segmented_cotangents(qc, keys, G, w_pass, do, dS_final.astype(S0.dtype), P, rank=R,
                                                      scale=st.scale, heads=H, tuning=t, **restarts, mosaic=mosaic,
-                                                     scores=scores, local=local, **in_place)
+                                                     scores=scores, **in_place)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None if additive else dv,

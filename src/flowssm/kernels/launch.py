@@ -58,11 +58,6 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
-    local_values: the backward computes every chunk's ``scale A^T do`` (the values' cotangent from the chunk's
-    own outputs, fla's ``dv_local``) in a parallel kernel before the reverse passes
-    (``chunk_output.local_values_bwd_kernel``), which then read it instead of forming the attention block and
-    its product inside their serial loop: unpacked rows with scalar decays (per-channel decays read the forward's
-    saved scores instead; packed rows keep the blocks in the loop).
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
     block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
@@ -91,7 +86,6 @@ class Tuning:
     state_lowering: str = "auto"
     mosaic_stages: int = 4
     channel_block: int | None = None
-    local_values: bool = False
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
@@ -108,8 +102,6 @@ class Tuning:
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
-        if not isinstance(self.local_values, bool):
-            raise ValueError(f"Tuning.local_values: expected True or False, got {self.local_values!r}")
         programs = self.segment_programs
         if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool) or programs < 1):
             raise ValueError(f"Tuning.segment_programs: expected None or a positive count, got {programs!r}")

@@ -328,26 +328,22 @@ def state_pass_reference(keys, G, w, u, S0, *, heads: int | None = None, write_s
 
 
 def _reverse_step(q, k, w, G, G_tok, G_end, do, dS, *, rank: int, scale: float, matmul, operand_dtype,
-                  rows=None, att=None, local=None):
+                  rows=None, att=None):
     """One chunk of the reverse pass. q: [C, K], k, w: [n, K] (``w=None``: 0), G: [n], G_tok: [C], G_end: [] (or
     [n, K], [C, K], [K] per key channel), do: [C, v], dS: [K, v] -> (dv': [n, v], dS entering the chunk: [K, v]).
-    ``att`` ([C, n]): the chunk's attention block saved by the forward, else computed here; ``local`` ([n, v]):
-    ``scale A^T do`` computed before the pass (``chunk_output.local_values_bwd_kernel``), then neither is formed
-    here."""
+    ``att`` ([C, n]): the chunk's attention block saved by the forward, else computed here."""
     acc = dS.dtype
     mm = lambda a, b, **kw: matmul(a, b, operand_dtype=operand_dtype, **kw)
-    if local is None:
-        if att is None:
-            att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
-        local = scale * mm(att, do, trans_a=True)
+    if att is None:
+        att = attention_block(q, k, G, G_tok, rank=rank, matmul=matmul, operand_dtype=operand_dtype, rows=rows)
     if G.ndim == 2:  # per channel: the decays scale the key channels of k and q
         k_end = jnp.exp(G_end[None, :] - G) * k.astype(acc)
-        dv = local.astype(acc) + mm(k_end, dS)
+        dv = scale * mm(att, do, trans_a=True) + mm(k_end, dS)
         q_decay = jnp.exp(G_tok) * q.astype(acc)
         dS_in = jnp.exp(G_end)[:, None] * dS + mm(q_decay, scale * do.astype(acc), trans_a=True)
         return dv, dS_in if w is None else dS_in - mm(w, dv, trans_a=True)
     # decays scale the small [rows, v] tiles, not the [rows, K] operands: fewer live float32 tiles
-    dv = local.astype(acc) + jnp.exp(G_end - G).astype(acc)[:, None] * mm(k, dS)
+    dv = scale * mm(att, do, trans_a=True) + jnp.exp(G_end - G).astype(acc)[:, None] * mm(k, dS)
     do_decay = (scale * jnp.exp(G_tok)).astype(acc)[:, None] * do.astype(acc)
     dS_in = jnp.exp(G_end).astype(acc) * dS + mm(q, do_decay, trans_a=True)
     return dv, dS_in if w is None else dS_in - mm(w, dv, trans_a=True)
@@ -357,7 +353,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                           num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
                           dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None,
-                          packed_rows: packed.ChunkTable | None = None, local=None):
+                          packed_rows: packed.ChunkTable | None = None):
     """Reverse pass over chunks, one program per (head, segment, block of ``V`` columns).
 
     q: [BH, N, C, K], keys, w: [BH, N, n, K] (``w=None``: 0, never read), G: [BH, N, n] (cumulative),
@@ -374,15 +370,10 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     ``dS_final[head * Ns + i]``, the cotangent of its final state (``dS_final: [BH * Ns, K, V]``; with
     ``zero_dfinals`` never read); ``dS0: [BH * Ns, K, V]`` is then that of its initial state.
     ``scores`` ([BH, N, C, n], ``chunk_output_kernel(save_scores=True)``): the attention blocks, read instead
-    of recomputed (per-channel decays: their ``decay.scores`` loops then leave the serial loop). ``local``
-    ([BH, N, n, V] float32, ``chunk_output.local_values_bwd_kernel``): every chunk's ``scale A^T do``, read instead
-    of forming the attention block and its product inside the serial loop (not with ``scores``).
+    of recomputed (per-channel decays: their ``decay.scores`` loops then leave the serial loop).
     ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys and do are the packed rows
     ``[1, T, H, K]``, ``[1, T R, H, K]``, ``[1, T, H, V]``.
     """
-    if scores is not None and local is not None:
-        raise ValueError("state_pass_bwd_kernel: scores and local: expected at most one (both replace the "
-                         "attention block in the loop), got both")
     restarts = resets is not None
     read_dfinals = restarts and not zero_dfinals
     read_dsf = not (spans is not None and zero_dfinals)
@@ -410,7 +401,6 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             q_ref, k_ref, do_ref = (packed.Chunks(x, table_ref, first, size, per_token) for x, size, per_token in
                                     ((q_ref, C, 1), (k_ref, n, rank), (do_ref, C, 1)))
         a_ref, refs = (refs[0], refs[1:]) if scores is not None else (None, refs)
-        l_ref, refs = (refs[0], refs[1:]) if local is not None else (None, refs)
         dsf_ref, refs = (refs[0], refs[1:]) if read_dsf else (None, refs)
         span_refs, refs = (refs[:2], refs[2:]) if spans is not None else (None, refs)
         (seq_ref, start_ref, end_ref), outs = (refs[:3], refs[3:]) if restarts else ((None,) * 3, refs)
@@ -435,7 +425,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             dv, dS = _reverse_step(q_ref[c], k_ref[c], w_c, g_ref[c], gt_ref[c], g_ref[c, n - 1], do_ref[c], dS,
                                    rank=rank, scale=scale, matmul=dot, operand_dtype=dtype,
                                    rows=(decay.ref_rows(q_ref, gt_ref, c), decay.ref_rows(k_ref, g_ref, c)),
-                                   att=None if a_ref is None else a_ref[c], local=None if l_ref is None else l_ref[c])
+                                   att=None if a_ref is None else a_ref[c])
             if write_states:
                 written[1][c] = dv.astype(written[1].dtype)
             if dh0_ref is not None:
@@ -465,8 +455,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     in_specs = ([*packed.table_specs(packed_rows), tok(whole(C, K), q),
                  tok(whole(n, K), keys), *((whole(n, K), whole(C, K)) if per_channel else (vec(n), vec(C))),
                  *([] if w is None else [whole(n, K)]),
-                 tok(cols(C), do)] + [whole(C, n)] * (scores is not None) + [cols(n)] * (local is not None)
-                + [state] * read_dsf
+                 tok(cols(C), do)] + [whole(C, n)] * (scores is not None) + [state] * read_dsf
                 + _span_specs(spans)
                 + _packed_specs(resets, read_dfinals and per_seq))
     grid, specs = _grid(BH * segments, V // bv, spans, [*in_specs, *out_specs])
@@ -480,7 +469,7 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_state_pass_bwd",
     )(*packed.table_args(packed_rows), q, keys, G, G_tok, *(() if w is None else (w,)), do,
-      *(() if scores is None else (scores,)), *(() if local is None else (local,)),
+      *(() if scores is None else (scores,)),
       *((dS_final,) if read_dsf else ()),
       *(spans or ()), *(resets if restarts else ()), *((dfinals,) if read_dfinals else ()))
     if spans is not None:  # dS0 back from program-row order
@@ -491,13 +480,11 @@ def state_pass_bwd_kernel(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
 def state_pass_bwd_reference(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                              segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
                              num_stages: int = 2, interpret: bool | None = None, resets: Resets | None = None,
-                             dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None,
-                             local=None):
+                             dfinals=None, zero_dfinals: bool = False, spans: Spans | None = None, scores=None):
     """Same contract as :func:`state_pass_bwd_kernel`: a ``lax.scan`` in reverse at full precision (packed: an
     empty sequence's dh0 row is 0; ``spans``: through the resets they imply, an empty sequence's ``dS0`` row
-    is its ``dS_final`` row; the attention blocks and ``scale A^T do`` are always recomputed, ``scores`` and
-    ``local`` are not read)."""
-    del block_v, num_warps, num_stages, interpret, zero_dfinals, scores, local  # dfinals is read either way
+    is its ``dS_final`` row; the attention blocks are always recomputed, ``scores`` is not read)."""
+    del block_v, num_warps, num_stages, interpret, zero_dfinals, scores  # dfinals is read either way
     if spans is not None:
         _programs(G.shape[1], segments, spans, resets, G.shape[0])  # the kernel's argument check
         BH, N = G.shape[:2]

@@ -23,7 +23,7 @@ segmented scan's segment flows ``[P | Q]``: ``S`` starts in registers at ``[I | 
 :func:`state_pass_bwd_mosaic`: the backward pass (``state_pass_bwd_kernel`` unpacked, rank 1, with its
 ``segments`` and ``write_states=False``: both reverse passes of the segmented scan), the same ring of chunk
 tiles (q, k, w, do, G) and one warpgroup carrying ``dS`` in registers, four wgmmas a chunk plus the
-attention block's, or three with every chunk's ``scale A^T do`` computed before the pass (``local``).
+attention block's.
 On CPU it runs in Mosaic GPU's interpret mode (``plgpu.InterpretGPUParams``: simulated shared memory, TMA,
 barriers and wgmma).
 """
@@ -273,7 +273,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
 
 def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, resets,
-               dfinals, local):
+               dfinals):
     """ValueError / TypeError for what the backward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     name = "state_pass_bwd_mosaic"
     BH, N, C, K = layout_dims(q, heads)
@@ -293,18 +293,12 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
     bv = min(block_v, V)
     if V % bv:
         raise ValueError(f"{name}: expected V a multiple of block_v, got V={V}, block_v={bv}")
-    if local is not None and (local.shape != (BH, N, n, V) or local.dtype != jnp.float32):
-        raise ValueError(f"{name}: local: expected float32 [BH, N, n, V] = {(BH, N, n, V)}, got {local.dtype} "
-                         f"{local.shape}")
     size = jnp.dtype(keys.dtype).itemsize
-    # one chunk in flight: q, k, w, do, G and the local tile (without: G again)
-    extra = 4 * n * bv if local is not None else 4 * n
-    # dS_final / dS0 (float32) share their bytes with the dS_out and dv' tile pairs, A (without local), the decayed do
-    attention = 0 if local is not None else n * n
+    # dS_final / dS0 (float32) share their bytes with the dS_out and dv' tile pairs, A and the decayed do
     stages = _pipeline(name, dict(q=q, keys=keys, w=w, do=do), dims=dict(n=n, K=K, block_v=bv), block_v=bv,
                        num_warps=num_warps, num_stages=num_stages, N=M,
-                       stage=3 * n * K * size + n * bv * size + 4 * n + extra,
-                       state=max(4 * K * bv, (2 * K * bv + 3 * n * bv + attention) * size + 1024))
+                       stage=3 * n * K * size + n * bv * size + 8 * n,  # q, k, w, do, G (twice) of one chunk in flight
+                       state=max(4 * K * bv, (2 * K * bv + 3 * n * bv + n * n) * size + 1024))
     if (C != n or G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or layout_dims(keys, heads) != (BH, N, n, K)
             or layout_dims(do, heads) != (BH, N, n, V) or dS_final.shape != (BH * segments, K, V)):
         raise ValueError(f"{name}: expected q, keys, w [BH, N, n, K] = {(BH, N, C, K)}, G [BH, N, n], "
@@ -316,7 +310,7 @@ def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, 
 
 def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: float, heads: int | None = None,
                           segments: int = 1, write_states: bool = True, block_v: int = 64, num_warps: int = 4,
-                          num_stages: int = 2, interpret: bool | None = None, resets=None, dfinals=None, local=None):
+                          num_stages: int = 2, interpret: bool | None = None, resets=None, dfinals=None):
     """q, keys, w: [BH, N, n, K]; G: [BH, N, n] float32 (cumulative); do: [BH, N, n, V] (q, keys, do token-major
     [B, N, n, H, .] with ``heads=H``); dS_final: [BH * segments, K, V] float32 -> (dS_out: [BH, N, K, V],
     dv': [BH, N, n, V] in the dtype of ``keys``, dS0: [BH * segments, K, V] float32); with
@@ -334,14 +328,10 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
 
     q, k, w, do and G of ``num_stages`` chunks are in flight in a TMA ring (fewer where they do not fit);
     ``write_states=False`` (the segmented scan's first reverse pass) stores no chunk's dS_out or dv'.
-    ``local`` ([BH, N, n, V] float32, ``chunk_output.local_values_bwd_kernel``): every chunk's ``scale A^T do``,
-    loaded through the ring instead of the attention block's two wgmmas and its ``n x n`` decays, so that a
-    chunk is three wgmmas (the contract of ``state_pass_bwd_kernel(local=)``).
     """
     BH, N, n, K, V, bv, stages = _check_bwd(
         q, keys, G, w, do, dS_final, rank=rank, heads=heads, block_v=block_v, num_warps=num_warps,
-        num_stages=num_stages, segments=segments, resets=resets, dfinals=dfinals, local=local)
-    with_local = local is not None
+        num_stages=num_stages, segments=segments, resets=resets, dfinals=dfinals)
     M = N // segments
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
@@ -350,30 +340,26 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
 
-    def kernel(q_ref, k_ref, g_ref, w_ref, do_ref, *refs):
-        l_ref, dsf_ref, *refs = refs if with_local else (None, *refs)
+    def kernel(q_ref, k_ref, g_ref, w_ref, do_ref, dsf_ref, *refs):
         (ds_out_ref, dv_ref, *refs) = refs if write_states else (None, None, *refs)
-        ds0_ref, tiles, loaded, (s32, (ds_tiles, dv_tiles, *a_tile, dd_tile)), s_loaded = refs
-        q_s, k_s, g_s, w_s, do_s, extra_s = tiles  # extra: the local tiles, else G again as column vectors
+        ds0_ref, (q_s, k_s, g_s, gc_s, w_s, do_s), loaded, (s32, (ds_tiles, dv_tiles, a_tile, dd_tile)), s_loaded = refs
         p, i, base = _program(segments, M)
         cols = pl.ds(lax.axis_index("columns") * bv, bv)
         head_q, head_k, head_do = _head(q_ref, i, heads), _head(k_ref, i, heads), _head(do_ref, i, heads)
 
         def fetch(c, slot):
-            """TMA of the segment's chunk ``c``'s q, k, G, w, do tiles and its local tile (without: G again as column
-            vectors, a second load that cannot be merged) into ``slot``; ``loaded[slot]`` completes when all landed."""
+            """TMA of the segment's chunk ``c``'s q, k, G (twice: row and column vectors, two loads that cannot be
+            merged), w, do tiles into ``slot``; ``loaded[slot]`` completes when all landed."""
             c = base + c
-            extra = l_ref.at[i, c, :, cols] if with_local else g_ref.at[i, c]
-            for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
-                             (head_do.at[c, :, cols], do_s), (extra, extra_s)):
+            for src, dst in ((head_q.at[c], q_s), (head_k.at[c], k_s), (g_ref.at[i, c], g_s), (g_ref.at[i, c], gc_s),
+                             (w_ref.at[i, c], w_s), (head_do.at[c, :, cols], do_s)):
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
         plgpu.copy_gmem_to_smem(dsf_ref.at[p, :, cols], s32, s_loaded)
         for step in range(stages):
             fetch(M - 1 - step, step)
         plgpu.barrier_wait(s_loaded)
-        if not with_local:
-            seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
+        seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
         def chunk(step, dS):
             c, slot, ds_tile, dv_tile = M - 1 - step, step % stages, ds_tiles.at[step % 2], dv_tiles.at[step % 2]
@@ -383,19 +369,17 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             ds_tile[...] = dS.astype(dtype)
             G_end = g_s[slot, n - 1]
             G_t = plgpu.load(g_s.at[slot], layout=rows)
-            if not with_local:
-                G_m = tile(lax.broadcast_in_dim(plgpu.load(extra_s.at[slot], layout=columns), (n, n), (1,)))
-                decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
-                attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
-                a_tile[0][...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
+            G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
+            decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
+            attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
+            a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
             do = plgpu.load(do_s.at[slot], layout=plgpu.Layout.WGMMA).astype(f32)
             dd_tile[...] = tile(row_vector(-(scale * jnp.exp(G_t)), (n, bv)) * do).astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
             if write_states:
                 plgpu.copy_smem_to_gmem(ds_tile, ds_out_ref.at[i, base + c, :, cols])
-            local = (plgpu.load(extra_s.at[slot], layout=plgpu.Layout.WGMMA) if with_local
-                     else scale * _product(a_tile[0].T, do_s.at[slot], (n, bv)))
-            dv = local + row_vector(jnp.exp(G_end - G_t), (n, bv)) * _product(k_s.at[slot], ds_tile, (n, bv))
+            dv = (scale * _product(a_tile.T, do_s.at[slot], (n, bv))
+                  + row_vector(jnp.exp(G_end - G_t), (n, bv)) * _product(k_s.at[slot], ds_tile, (n, bv)))
             dv_tile[...] = tile(dv).astype(dtype)
             plgpu.commit_smem()
             if write_states:
@@ -420,15 +404,14 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     out_type = ([jax.ShapeDtypeStruct((BH, N, K, V), dtype), jax.ShapeDtypeStruct((BH, N, n, V), dtype), dS0]
                 if write_states else [dS0])
     rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
-    extra = plgpu.SMEM((stages, n, bv), f32, transforms=state) if with_local else plgpu.SMEM((stages, n), f32)
-    chunk_tiles = [rows_k(), rows_k(), plgpu.SMEM((stages, n), f32), rows_k(),
-                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand), extra]
+    chunk_tiles = [rows_k(), rows_k(), plgpu.SMEM((stages, n), f32), plgpu.SMEM((stages, n), f32), rows_k(),
+                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand)]
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # dS_final, dS0: before / after the loop
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # dS_out tiles
                                plgpu.SMEM((2, n, bv), dtype, transforms=operand),  # dv' tiles
-                               *[plgpu.SMEM((n, n), dtype, transforms=operand)] * (not with_local),  # A
+                               plgpu.SMEM((n, n), dtype, transforms=operand),  # A
                                plgpu.SMEM((n, bv), dtype, transforms=operand)]),  # -scale e^{G} do
                plgpu.Barrier()]
     return _launch(kernel, "flowssm_state_pass_bwd_mosaic", out_type, scratch, (BH * segments, V // bv), interpreted,
-                   q, keys, G, w, do, *(() if local is None else (local,)), dS_final)
+                   q, keys, G, w, do, dS_final)
