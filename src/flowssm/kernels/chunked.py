@@ -105,7 +105,8 @@ def _segment_cotangent_ends(P, b, dS_final):
 
 
 def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tuning: Tuning, resets=None, h0=None,
-                     zero_h0: bool = False, mosaic: bool = False, decayed_keys: bool = False, packed_rows=None, rank: int = 1):
+                     zero_h0: bool = False, mosaic: bool = False, decayed_keys: bool = False, packed_rows=None, rank: int = 1,
+                     write_states: bool = True, **output):
     """The segmented (two-level) scan, forward. keys: [BH, N, n, K] (token-major with ``heads``), G: [BH, N, n]
     (or [BH, N, n, K]), w: [BH, N, n, K], u: [BH, N, n, V], S0: [BH, K, V] -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH, K, V], P: [BH, segments, K, K], the segments' transition matrices, for the backward).
@@ -118,7 +119,9 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     ``state_pass_kernel`` (Triton only).
     Packed sequences (``resets``, ``h0``, ``zero_h0``: see ``state_pass``): the passes restart at sequence starts, so
     a segment holding a start has a flow independent of earlier segments; a last output, the final states.
-    ``packed_rows``, ``rank``: packed keys read in place (``state_pass_kernel``).
+    ``packed_rows``, ``rank``: packed keys read in place (``state_pass_kernel``). ``output`` (Mosaic: ``q``,
+    ``scale``, ``save_corrected``): step (3) also computes the outputs (``state_pass_mosaic``), the last outputs;
+    with ``write_states=False`` (then S_in is None) it writes no ``S_in``.
     """
     BH, N, K, V = G.shape[0], G.shape[1], keys.shape[-1], u.shape[-1]
     opts = dict(heads=heads, segments=segments, block_v=tuning.block_v)
@@ -129,8 +132,9 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     flow = state_pass(keys, G, w, u, None, flow=True, write_states=False).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
-    S_in, _, *finals = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype))
-    return S_in, S_final.astype(S0.dtype), P, *finals
+    outs = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), write_states=write_states,
+                      **output)
+    return outs[0] if write_states else None, S_final.astype(S0.dtype), P, *outs[1 + write_states:]
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
@@ -249,6 +253,12 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     if resets is not None:  # chunk 0 starts a sequence: the state entering it is never read
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     mosaic = resets is None and _use_mosaic(t, keys, G, n, V, additive)
+    save_scores = save and decay.per_channel(G)  # the reverse state pass reads them (see state_pass)
+    save_corrected = save and not additive  # additive: the corrected values are u
+    fused = mosaic and not xla_scan and R == 1 and t.output == "fused"  # o from the Mosaic pass (Tuning.output)
+    output = dict(q=qc, scale=st.scale, save_corrected=save_corrected) if fused else {}
+    write_states = save or not fused  # fused without a backward: no S_in written
+    saved = []
     if xla_scan:
         flows = chunk_flows(head_major(layout_of(keys, n), H), G, *_generators(w, u, layout_of(keys, n), H))
         if resets is None:
@@ -259,12 +269,15 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     elif segments > 1:
         S_in, S_final, P, *finals = segmented_states(state_keys, G, *(_generators(w, u, keys, H) if mosaic else (w, u)),
                                                      S0, segments, heads=H, tuning=t, **restarts, mosaic=mosaic,
-                                                     decayed_keys=decayed, **in_place, rank=R)
+                                                     decayed_keys=decayed, **in_place, rank=R,
+                                                     write_states=write_states, **output)
+        saved = finals if fused else saved
         if resets is not None:  # rows of empty sequences are not written by the kernels
             S_final = jnp.where(varlen.nonempty(resets, h0.shape[1])[:, None, None], finals[0], h0)
     elif mosaic:
-        S_in, S_final = state_pass_mosaic(keys, G, *_generators(w, u, keys, H), S0, heads=H, block_v=t.block_v,
-                                          num_stages=t.mosaic_stages)
+        outs = state_pass_mosaic(keys, G, *_generators(w, u, keys, H), S0, heads=H, block_v=t.block_v,
+                                 num_stages=t.mosaic_stages, write_states=write_states, **output)
+        S_in, S_final, *saved = outs if write_states else (None, *outs)
     elif resets is not None:  # sequential: one program per (head, sequence, column block)
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, h0.reshape(-1, *h0.shape[2:]), heads=H,
                                           block_v=t.block_v, num_warps=t.state_warps, num_stages=t.state_stages,
@@ -273,13 +286,13 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:  # sequential, or too few chunks to split
         S_in, S_final = state_pass_kernel(state_keys, G, w, u, S0, heads=H, block_v=t.block_v, num_warps=t.state_warps,
                                           num_stages=t.state_stages, decayed_keys=decayed)
-    save_scores = save and decay.per_channel(G)  # the reverse state pass reads them (see state_pass)
-    save_corrected = save and not additive  # additive: the corrected values are u
-    o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
-                            save_corrected=save_corrected, save_scores=save_scores, heads=H, block_v=t.output_block_v,
-                            score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
-                            **in_place)
-    o, *saved = o if save_corrected or save_scores else (o,)
+    if not fused:
+        o = chunk_output_kernel(qc, keys, G, w, u, S_in, rank=n // C, scale=st.scale, out_dtype=keys.dtype,
+                                save_corrected=save_corrected, save_scores=save_scores, heads=H,
+                                block_v=t.output_block_v, score_mode=t.score_mode, channel_block=t.channel_block,
+                                num_warps=t.output_warps, **in_place)
+        saved = o if save_corrected or save_scores else (o,)
+    o, *saved = saved
     corrected = saved[0] if save_corrected else u if save else None
     scores = saved[-1] if save_scores else None
     return (o, S_final), (w, u, T[0] if T else None, S_in, corrected, P, scores)

@@ -20,6 +20,7 @@ from flowssm.kernels.common import DOT_MODES
 BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 STATE_LOWERINGS = ("auto", "triton", "mosaic")
+OUTPUTS = ("kernel", "fused")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
@@ -58,6 +59,11 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
+    output: where the forward computes the outputs ``o``: "kernel" (``chunk_output``, one program per chunk, from the
+    ``S_in`` the state pass wrote) or "fused": inside the Mosaic forward state pass, from the state tile it holds
+    (``state_pass_mosaic(q=...)``: no ``S_in`` read back, and none written by a forward without a backward), wherever
+    that pass runs on Mosaic at one micro-step a token (sequential, or the segmented scan's last pass); elsewhere
+    the kernel.
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
     block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
@@ -85,12 +91,13 @@ class Tuning:
     segment_programs: int | None = None
     state_lowering: str = "auto"
     mosaic_stages: int = 4
+    output: str = "kernel"
     channel_block: int | None = None
 
     def __post_init__(self):
         choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
                    "backward": BACKWARDS,
-                   "state_lowering": STATE_LOWERINGS}
+                   "state_lowering": STATE_LOWERINGS, "output": OUTPUTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")

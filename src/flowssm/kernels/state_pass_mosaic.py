@@ -96,11 +96,17 @@ def _program(segments: int, M: int):
     return p, p // segments, p % segments * M
 
 
-def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_stages, segments, flow, resets, h0):
+def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_stages, segments, flow, resets, h0,
+           q=None, save_corrected=False):
     """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     name = "state_pass_mosaic"
     BH, N, n, K = layout_dims(keys, heads)
     V = u.shape[-1]
+    if q is not None and (flow or layout_dims(q, heads) != (BH, N, n, K)):
+        raise ValueError(f"{name}: q (the output in the pass): expected [BH, N, n, K] = {(BH, N, n, K)} like keys "
+                         f"(one micro-step a token) and no flow mode, got q {q.shape}, flow={flow}")
+    if save_corrected and q is None:
+        raise ValueError(f"{name}: save_corrected=True needs q: the corrected values are saved by the output")
     if resets is not None or h0 is not None:
         raise ValueError(f"{name}: only unpacked passes (no resets / h0), got "
                          f"resets={'set' if resets is not None else None}, h0={'set' if h0 is not None else None}")
@@ -118,11 +124,12 @@ def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_st
         raise ValueError(f"{name}: expected V{' and K' if flow else ''} multiples of block_v, got K={K}, V={V}, "
                          f"block_v={bv}")
     size = jnp.dtype(keys.dtype).itemsize
-    # S0 / S_final (float32) share their bytes with the two S_in tiles and the corrected values (alignment pad)
-    stages = _pipeline(name, dict(keys=keys, w=w, u=u), dims=dict(n=n, K=K, block_v=bv),
+    out = q is not None  # q (and G again) in flight; the corrected values, A and o tiles beside the state's
+    # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad)
+    stages = _pipeline(name, dict(keys=keys, w=w, u=u, **({"q": q} if out else {})), dims=dict(n=n, K=K, block_v=bv),
                        block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M,
-                       stage=2 * n * K * size + n * bv * size + 4 * n,  # k, w, u, G of one chunk in flight
-                       state=max(4 * K * bv, (2 * K * bv + n * bv) * size + 1024))
+                       stage=(2 + out) * n * K * size + n * bv * size + 4 * n * (1 + out),  # k, w, u, G (q, G)
+                       state=max(4 * K * bv, (2 * K * bv + (1 + 2 * out) * n * bv + out * n * n) * size + 1024))
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
             or not flow and S0.shape != (BH * segments, K, V)):
         raise ValueError(f"{name}: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], u [BH, N, n, V], "
@@ -171,7 +178,8 @@ def _head(ref, i, heads: int | None):
 
 def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                      interpret: bool | None = None, resets=None, h0=None):
+                      interpret: bool | None = None, resets=None, h0=None, q=None, scale: float = 1.0,
+                      save_corrected: bool = False):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] float32;
     u: [BH, N, n, V]; S0: [BH * segments, K, V] float32 -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH * segments, K, V] float32); with ``write_states=False`` only S_final.
@@ -184,35 +192,81 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     at the identity's columns and sees no values (``u`` times 0), a ``Q`` block starts at 0 and reads ``u``'s
     column block ``j - K / bv``. ``num_stages``: chunks in flight in the TMA pipeline, fewer where their tiles
     do not fit in shared memory; ``num_warps`` must be 4 (one warpgroup).
+
+    ``q`` ([BH, N, n, K], token-major with ``heads`` as keys; one micro-step a token): the pass also computes
+    :func:`flowssm.kernels.chunk_output.chunk_output_kernel`'s outputs with the same roundings, from the state
+    tile it already holds, so ``S_in`` need not be written and read back (``write_states=False`` skips it):
+
+        o = scale (e^{G} q @ bf16(S_in) + bf16(A) @ bf16(u - w S_in)),   A = q k^T on m <= t, times e^{G_t - G_m}
+
+    o ([BH, N, n, V] in the dtype of ``keys``, token-major with ``heads``) follows S_final in the outputs, then
+    with ``save_corrected`` the corrected values ``u - w S_in`` ([BH, N, n, V], the dtype of ``keys``). The
+    products with ``q`` are off the carried state's chain (``S`` is updated before them).
     """
     BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, write_states=write_states, block_v=block_v,
                                         num_warps=num_warps, num_stages=num_stages, segments=segments, flow=flow,
-                                        resets=resets, h0=h0)
+                                        resets=resets, h0=h0, q=q, save_corrected=save_corrected)
     M = N // segments
+    out = q is not None
     p_blocks = K // bv if flow else 0  # column blocks of P (flow mode) before those of the state / Q
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
-    rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
+    rows, columns = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # [n] vectors along a tile's rows / cols
+    row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
+    # the stores a chunk issues (each from its own tile): before a tile is rewritten, the store of the previous
+    # chunk's tile must have read it, i.e. at most ``stores - 1`` later stores may still be reading
+    stores = write_states + out + save_corrected
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
+        q_ref, refs = (refs[0], refs[1:]) if out else (None, refs)
         s0_ref, refs = (None, refs) if flow else (refs[0], refs[1:])
         s_in_ref, refs = (refs[0], refs[1:]) if write_states else (None, refs)
-        s_out_ref, (k_s, g_s, w_s, u_s), loaded, (s32, (s_tiles, r_tile)), *s0_loaded = refs
+        s_out_ref, refs = refs[0], refs[1:]
+        o_ref, refs = (refs[0], refs[1:]) if out else (None, refs)
+        c_ref, refs = (refs[0], refs[1:]) if save_corrected else (None, refs)
+        (k_s, g_s, w_s, u_s, *q_tiles), loaded, (s32, (s_tiles, r_tile, *out_tiles)), *s0_loaded = refs
         p, i, base = _program(segments, M)
         j = lax.axis_index("columns")
         cols = pl.ds(j * bv, bv)
         u_cols = pl.ds(jnp.maximum(j - p_blocks, 0) * bv, bv) if flow else cols  # P blocks: Q's first, times 0
         head_keys = _head(k_ref, i, heads)
+        if out:
+            q_s, gc_s = q_tiles
+            c_tile, a_tile, o_tile = out_tiles
+            head_q, head_o = _head(q_ref, i, heads), _head(o_ref, i, heads)
+            seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
         def fetch(c, slot):
-            """TMA of the segment's chunk ``c``'s k, G, w, u tiles into ``slot``; ``loaded[slot]`` completes when
-            all landed."""
+            """TMA of the segment's chunk ``c``'s k, G, w, u (and q, G as a column vector) tiles into ``slot``;
+            ``loaded[slot]`` completes when all landed."""
             c = base + c
-            for src, dst in ((head_keys.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
-                             (u_ref.at[i, c, :, u_cols], u_s)):
+            tiles = [(head_keys.at[c], k_s), (g_ref.at[i, c], g_s), (w_ref.at[i, c], w_s),
+                     (u_ref.at[i, c, :, u_cols], u_s)]
+            if out:
+                tiles += [(head_q.at[c], q_s), (g_ref.at[i, c], gc_s)]
+            for src, dst in tiles:
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
+
+        def output(slot, c, s_tile, G_t, corrected):
+            """The chunk's o (and corrected values) from the S_in tile, stored by TMA."""
+            if save_corrected:  # the last chunk's store of this tile has read it
+                plgpu.wait_smem_to_gmem(stores - 1, wait_read_only=True)
+            c_tile[...] = corrected.astype(dtype)
+            G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
+            decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
+            attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
+            a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
+            plgpu.commit_smem()
+            if save_corrected:
+                plgpu.copy_smem_to_gmem(c_tile, c_ref.at[i, base + c, :, cols])
+            o = _accumulate(row_vector(jnp.exp(G_t), (n, bv)) * _product(q_s.at[slot], s_tile, (n, bv)),
+                            (a_tile, c_tile), interpret=interpreted)
+            plgpu.wait_smem_to_gmem(stores - 1, wait_read_only=True)  # as for the corrected values' tile
+            o_tile[...] = tile(scale * o).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, head_o.at[base + c, :, cols])
 
         if not flow:
             plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded[0])
@@ -229,20 +283,23 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         def chunk(c, S):
             slot, s_tile = c % stages, s_tiles.at[c % 2]
             plgpu.barrier_wait(loaded.at[slot])
-            if write_states:  # the S_in store issued two chunks ago has read this tile
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            if write_states:  # the S_in store issued two chunks ago has read this tile (2 stores - 1 came later)
+                plgpu.wait_smem_to_gmem(2 * stores - 1, wait_read_only=True)
             s_tile[...] = S.astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
             if write_states:
                 plgpu.copy_smem_to_gmem(s_tile, s_in_ref.at[i, base + c, :, cols])
             wS = _product(w_s.at[slot], s_tile, (n, bv))
             G_end = g_s[slot, n - 1]
-            decay = jnp.exp(G_end - plgpu.load(g_s.at[slot], layout=rows))
+            G_t = plgpu.load(g_s.at[slot], layout=rows)
+            decay = jnp.exp(G_end - G_t)
             values = u_s.at[slot][...].astype(f32)
             corrected = (jnp.where(j < p_blocks, 0.0, 1.0) * values if flow else values) - wS  # P columns: no values
-            r_tile[...] = (lax.broadcast_in_dim(decay, (n, bv), (0,)) * corrected).astype(dtype)
+            r_tile[...] = (row_vector(decay, (n, bv)) * corrected).astype(dtype)
             plgpu.commit_smem()
             S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
+            if out:
+                output(slot, c, s_tile, G_t, corrected)
 
             @pl.when(c + stages < M)
             def _():  # this slot's wgmmas are done: refill it
@@ -258,18 +315,25 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         plgpu.wait_smem_to_gmem(0)
 
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), f32)
-    out_type = [jax.ShapeDtypeStruct((BH, N, K, V), dtype), S_final] if write_states else [S_final]
-    chunk_tiles = [plgpu.SMEM((stages, n, K), dtype, transforms=operand), plgpu.SMEM((stages, n), f32),
-                   plgpu.SMEM((stages, n, K), dtype, transforms=operand),
-                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand)]
+    values_like = lambda x: jax.ShapeDtypeStruct((*x.shape[:-1], V), dtype)  # o: q's layout, V columns
+    out_type = ([jax.ShapeDtypeStruct((BH, N, K, V), dtype)] if write_states else []) + [S_final]
+    out_type += ([values_like(q)] if out else []) + ([jax.ShapeDtypeStruct((BH, N, n, V), dtype)] if save_corrected
+                                                     else [])
+    rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
+    values_tile = lambda: plgpu.SMEM((n, bv), dtype, transforms=operand)
+    chunk_tiles = [rows_k(), plgpu.SMEM((stages, n), f32), rows_k(),
+                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand),
+                   *([rows_k(), plgpu.SMEM((stages, n), f32)] if out else [])]  # q, G as a column vector
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # S0, S_final: before / after the loop
-                              [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles, corrected values
-                               plgpu.SMEM((n, bv), dtype, transforms=operand)]),
+                              [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles
+                               values_tile(),  # decayed corrected values
+                               *([values_tile(), plgpu.SMEM((n, n), dtype, transforms=operand), values_tile()]
+                                 if out else [])]),  # corrected values, A, o
                *([] if flow else [plgpu.Barrier()])]  # S0 loaded
     return _launch(kernel, "flowssm_segment_flows_mosaic" if flow else "flowssm_state_pass_mosaic", out_type, scratch,
                    (BH * segments, (K + V if flow else V) // bv), interpreted, keys, G, w, u,
-                   *(() if flow else (S0,)))
+                   *((q,) if out else ()), *(() if flow else (S0,)))
 
 
 def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, resets,
