@@ -51,6 +51,7 @@ BAD = [
     (["model.mixer.kernels.score_mode=bf17"], "model.mixer.kernels.score_mode"),
     (["model.mixer.kernels.warps=8"], "model.mixer.kernels.warps"),
     (["model.mixer.kernels.transfer_warps=3"], "model.mixer.kernels.transfer_warps"),
+    (["model.mixer.kernels.output=inline"], "model.mixer.kernels.output"),
     (["model.mixer.family=rwkv7", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     (["model.mixer.backend=xla", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     # what a backend cannot run is refused at load time, naming the keys

@@ -13,6 +13,7 @@ import pytest
 
 from flowssm.kernels.state_pass import (state_pass_bwd_kernel, state_pass_bwd_reference, state_pass_kernel,
                                        state_pass_reference)
+from flowssm.kernels.chunk_output import chunk_output_kernel
 from flowssm.kernels.state_pass_mosaic import state_pass_bwd_mosaic, state_pass_mosaic
 
 BH, N, n = 2, 4, 64
@@ -87,7 +88,41 @@ def test_mosaic_state_pass_lowers_for_the_gpu_without_one(flow):
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("segments, write_states", [(1, True), (2, False)])
+def test_mosaic_state_pass_with_q_computes_the_output_kernels_outputs(segments, write_states):
+    """``q``: o (and the corrected values) as ``chunk_output_kernel`` computes them from the Triton pass's S_in, the
+    same roundings; q, keys and o token-major (``heads``), two ``V`` column blocks; without ``write_states`` no S_in."""
+    keys, G, w, u, S0 = operands(64, 128, seed=7)
+    q = (jax.random.normal(jax.random.PRNGKey(9), keys.shape) / 4).astype(jnp.bfloat16)
+    S0 = jnp.concatenate([S0, -S0]) if segments == 2 else S0
+    token = lambda x: jnp.moveaxis(x.reshape(1, *x.shape), 1, 3)  # [BH, N, n, d] -> [1, N, n, BH, d]
+    outs = state_pass_mosaic(token(keys), G, w, u, S0, heads=BH, q=token(q), scale=0.125, save_corrected=True,
+                             segments=segments, write_states=write_states, block_v=64)
+    tri_in, tri_final = state_pass_kernel(keys, G, w, u, S0, segments=segments)
+    o, corrected = chunk_output_kernel(q, keys, G, w, u, tri_in, rank=1, scale=0.125, out_dtype=jnp.bfloat16,
+                                       save_corrected=True)
+    S_final, o_m, corrected_m = outs[write_states:]
+    assert len(outs) == 3 + write_states and o_m.shape == (1, N, n, BH, 128) and o_m.dtype == jnp.bfloat16
+    assert rel(S_final, tri_final) < 1e-4 and rel(o_m, token(o)) < 1e-4 and rel(corrected_m, corrected) < 1e-4
+    if write_states:
+        assert rel(outs[0], tri_in) < 1e-4
+
+
+@pytest.mark.parametrize("write_states", [True, False])
+def test_mosaic_state_pass_with_q_lowers_for_the_gpu_without_one(write_states):
+    S = jax.ShapeDtypeStruct
+    K = V = 128
+    token = S((1, 64, n, BH, K), jnp.bfloat16)
+    args = (token, S((BH, 64, n), jnp.float32), S((BH, 64, n, K), jnp.bfloat16), S((BH, 64, n, V), jnp.bfloat16),
+            S((BH * 2, K, V), jnp.float32))
+    run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=4, segments=2, heads=BH,
+                                    write_states=write_states, save_corrected=write_states, scale=0.1))
+    assert "mosaic_gpu" in run.trace(*args, q=token).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("change, error, match", [
+    (dict(save_corrected=True), ValueError, "needs q"),
+    (dict(q="keys", flow=True, S0=None, write_states=False), ValueError, "no flow mode"),
     (dict(flow=True), ValueError, "S0=None"),
     (dict(resets=object()), ValueError, "unpacked"),
     (dict(flow=True, S0=None, write_states=False, dtype=jnp.float32), TypeError, "bfloat16"),
@@ -101,6 +136,7 @@ def test_mosaic_state_pass_rejects_what_it_does_not_run(change, error, match):
     dtype = change.pop("dtype", None)
     if dtype is not None:
         keys, w, u = (x.astype(dtype) for x in (keys, w, u))
+    change = {key: keys if val == "keys" else val for key, val in change.items()}  # q: the keys' shape
     with pytest.raises(error, match=match):
         state_pass_mosaic(keys, G, w, u, **{"S0": S0, **change})
 
@@ -219,3 +255,37 @@ def test_op_with_mosaic_state_passes_matches_the_triton_lowering(scan, additive)
     # dk moves by 7.5e-4 (as with Triton's own flows times 1 + 1e-7 noise), below bf16's unit roundoff
     tol = 2**-9 if scan == "associative" or additive else 1e-4
     assert all(rel(a, b) < tol for a, b in zip(g_m, g_t))
+
+
+@pytest.mark.parametrize("scan", ["sequential", "associative"])
+def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel(scan):
+    """``Tuning(output="fused")`` through the whole op (Mosaic passes, bf16; associative: 2 segments of 2 chunks):
+    no output kernel runs, and the outputs, final state and gradients are those of ``output="kernel"``."""
+    from flowssm.kernels import Tuning, chunked_pallas
+    from flowssm.paths import make_path
+    from flowssm.solvers import get_solver
+
+    kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(3), 4)
+    B, T, H, K = 1, 256, 2, 64
+    q = jax.random.normal(kq, (B, T, H, K)).astype(jnp.bfloat16)
+    k = (jax.random.normal(kk, (B, T, H, K)) / K**0.5).astype(jnp.bfloat16)
+    v = jax.random.normal(kv, (B, T, H, K)).astype(jnp.bfloat16)
+    beta = jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32))
+
+    def run(output, q, k, v):
+        o, S = chunked_pallas(q, make_path(k, v, beta, dtype=jnp.float32), jnp.zeros((B, H, K, K), jnp.float32),
+                              scale=K**-0.5, chunk_size=64, solver=get_solver("exact"), scan=scan, semantics="discrete",
+                              tuning=Tuning(state_lowering="mosaic", segment_programs=4, output=output))
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S), (o, S)
+
+    grads = lambda output: jax.jit(jax.value_and_grad(functools.partial(run, output), argnums=(0, 1, 2), has_aux=True))
+    forward = lambda output: jax.jit(lambda *a: run(output, *a)[1])
+    kernels = lambda f: set(re.findall(r"flowssm_\w+", str(jax.make_jaxpr(f)(q, k, v))))
+    assert "flowssm_chunk_output" not in kernels(forward("fused"))
+    assert "flowssm_chunk_output" in kernels(forward("kernel"))
+    (_, (o_f, S_f)), g_f = grads("fused")(q, k, v)
+    (_, (o_k, S_k)), g_k = grads("kernel")(q, k, v)
+    o_alone, S_alone = forward("fused")(q, k, v)  # without a backward: no S_in written
+    # the same roundings; o's float32 products sum in another order (wgmma in the interpreter vs Triton's dot)
+    assert rel(o_f, o_k) < 1e-5 and rel(o_alone, o_k) < 1e-5 and rel(S_f, S_k) < 1e-6 and rel(S_alone, S_k) < 1e-6
+    assert all(rel(a, b) < 1e-5 for a, b in zip(g_f, g_k))
