@@ -124,12 +124,12 @@ def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_st
         raise ValueError(f"{name}: expected V{' and K' if flow else ''} multiples of block_v, got K={K}, V={V}, "
                          f"block_v={bv}")
     size = jnp.dtype(keys.dtype).itemsize
-    out = q is not None  # q (and G again) in flight; the corrected values, A and o tiles beside the state's
+    out = q is not None  # q (and G again) in flight; the corrected values' and A's tiles beside the state's
     # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad)
     stages = _pipeline(name, dict(keys=keys, w=w, u=u, **({"q": q} if out else {})), dims=dict(n=n, K=K, block_v=bv),
                        block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M,
                        stage=(2 + out) * n * K * size + n * bv * size + 4 * n * (1 + out),  # k, w, u, G (q, G)
-                       state=max(4 * K * bv, (2 * K * bv + (1 + 2 * out) * n * bv + out * n * n) * size + 1024))
+                       state=max(4 * K * bv, (2 * K * bv + (1 + out) * n * bv + out * n * n) * size + 1024))
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
             or not flow and S0.shape != (BH * segments, K, V)):
         raise ValueError(f"{name}: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], u [BH, N, n, V], "
@@ -215,9 +215,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     rows, columns = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # [n] vectors along a tile's rows / cols
     row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
-    # the stores a chunk issues (each from its own tile): before a tile is rewritten, the store of the previous
-    # chunk's tile must have read it, i.e. at most ``stores - 1`` later stores may still be reading
-    stores = write_states + out + save_corrected
+    stores = write_states + out + save_corrected  # TMA stores a chunk issues: S_in, then corrected values, o
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
         q_ref, refs = (refs[0], refs[1:]) if out else (None, refs)
@@ -234,7 +232,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         head_keys = _head(k_ref, i, heads)
         if out:
             q_s, gc_s = q_tiles
-            c_tile, a_tile, o_tile = out_tiles
+            c_tile, a_tile = out_tiles
             head_q, head_o = _head(q_ref, i, heads), _head(o_ref, i, heads)
             seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
@@ -251,8 +249,6 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
         def output(slot, c, s_tile, G_t, corrected):
             """The chunk's o (and corrected values) from the S_in tile, stored by TMA."""
-            if save_corrected:  # the last chunk's store of this tile has read it
-                plgpu.wait_smem_to_gmem(stores - 1, wait_read_only=True)
             c_tile[...] = corrected.astype(dtype)
             G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
             decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
@@ -263,10 +259,9 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
                 plgpu.copy_smem_to_gmem(c_tile, c_ref.at[i, base + c, :, cols])
             o = _accumulate(row_vector(jnp.exp(G_t), (n, bv)) * _product(q_s.at[slot], s_tile, (n, bv)),
                             (a_tile, c_tile), interpret=interpreted)
-            plgpu.wait_smem_to_gmem(stores - 1, wait_read_only=True)  # as for the corrected values' tile
-            o_tile[...] = tile(scale * o).astype(dtype)
+            r_tile[...] = tile(scale * o).astype(dtype)  # o's tile: the decayed values' (their wgmma is done)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_tile, head_o.at[base + c, :, cols])
+            plgpu.copy_smem_to_gmem(r_tile, head_o.at[base + c, :, cols])
 
         if not flow:
             plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded[0])
@@ -295,6 +290,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             decay = jnp.exp(G_end - G_t)
             values = u_s.at[slot][...].astype(f32)
             corrected = (jnp.where(j < p_blocks, 0.0, 1.0) * values if flow else values) - wS  # P columns: no values
+            if out:  # the last chunk's o store (and its corrected values' before it) has read its tile
+                plgpu.wait_smem_to_gmem(int(write_states), wait_read_only=True)  # only this chunk's S_in came later
             r_tile[...] = (row_vector(decay, (n, bv)) * corrected).astype(dtype)
             plgpu.commit_smem()
             S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
@@ -327,9 +324,9 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # S0, S_final: before / after the loop
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles
-                               values_tile(),  # decayed corrected values
-                               *([values_tile(), plgpu.SMEM((n, n), dtype, transforms=operand), values_tile()]
-                                 if out else [])]),  # corrected values, A, o
+                               values_tile(),  # decayed corrected values, then o
+                               *([values_tile(), plgpu.SMEM((n, n), dtype, transforms=operand)]
+                                 if out else [])]),  # corrected values, A
                *([] if flow else [plgpu.Barrier()])]  # S0 loaded
     return _launch(kernel, "flowssm_segment_flows_mosaic" if flow else "flowssm_state_pass_mosaic", out_type, scratch,
                    (BH * segments, (K + V if flow else V) // bv), interpreted, keys, G, w, u,
