@@ -48,7 +48,7 @@ from flowssm.kernels.chunk_transfer import (chunk_transfer_bwd_kernel, chunk_tra
                                             chunk_transfer_kernel, chunk_transfer_reference)
 from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, to_head_major, token_major
 from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
-from flowssm.kernels.launch import Tuning, auto_segments
+from flowssm.kernels.launch import Tuning, auto_segments, fuse_output
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
 from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
 from flowssm import varlen
@@ -255,7 +255,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     mosaic = resets is None and _use_mosaic(t, keys, G, n, V, additive)
     save_scores = save and decay.per_channel(G)  # the reverse state pass reads them (see state_pass)
     save_corrected = save and not additive  # additive: the corrected values are u
-    fused = mosaic and not xla_scan and R == 1 and t.output == "fused"  # o from the Mosaic pass (Tuning.output)
+    programs = BH * segments * (V // min(t.block_v, V))  # of the pass that would compute o
+    fused = mosaic and not xla_scan and R == 1 and fuse_output(t, programs)  # o from the Mosaic pass
     output = dict(q=qc, scale=st.scale, save_corrected=save_corrected) if fused else {}
     write_states = save or not fused  # fused without a backward: no S_in written
     saved = []

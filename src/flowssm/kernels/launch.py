@@ -20,7 +20,7 @@ from flowssm.kernels.common import DOT_MODES
 BACKWARDS = ("kernels", "reference")
 ASSOCIATIVE = ("segmented", "xla")
 STATE_LOWERINGS = ("auto", "triton", "mosaic")
-OUTPUTS = ("kernel", "fused")
+OUTPUTS = ("auto", "kernel", "fused")
 MAX_MICRO_STEPS = 128  # n = C R: the transfer kernel holds n x n matrices in registers
 MAX_MICRO_STEPS_F32 = 64  # float32: the transfer backward's n x n tiles outgrow shared memory at n = 128
 STAGE_BYTES = 180 * 1024  # stages x (one chunk's tiles) of the state passes: measured to fit in 227 KiB
@@ -63,7 +63,7 @@ class Tuning:
     ``S_in`` the state pass wrote) or "fused": inside the Mosaic forward state pass, from the state tile it holds
     (``state_pass_mosaic(q=...)``: no ``S_in`` read back, and none written by a forward without a backward), wherever
     that pass runs on Mosaic at one micro-step a token (sequential, or the segmented scan's last pass); elsewhere
-    the kernel.
+    the kernel. "auto": fused where that pass fills more than half the GPU (:func:`fuse_output`), else the kernel.
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
     block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
@@ -91,7 +91,7 @@ class Tuning:
     segment_programs: int | None = None
     state_lowering: str = "auto"
     mosaic_stages: int = 4
-    output: str = "kernel"
+    output: str = "auto"
     channel_block: int | None = None
 
     def __post_init__(self):
@@ -180,6 +180,16 @@ def auto_segments(scan: str, N: int, programs: int, tuning: Tuning, backward: bo
     if scan == "sequential" or (scan == "auto" and (2 * programs > sm_count() or N < shortest)):
         return 1
     return segment_count(N, programs, tuning.segment_programs or sm_count())
+
+
+def fuse_output(tuning: Tuning, programs: int) -> bool:
+    """Whether the outputs are computed in the Mosaic forward pass (``Tuning.output``) when it runs ``programs``
+    (head, segment, column block) programs. "auto": where they fill more than half the GPU (as
+    :func:`auto_segments` leaves a pass sequential): the output's products then add little to each step, while on
+    few programs they serialise work the output kernel spreads over every chunk. On the H100 (run 19) fused was
+    faster at 128 and 256 programs (forward 22 % and 15 %, forward+backward 6-9 %) and slower at 32 (the
+    sequential forward at 1 x 16384 and 1 x 65536 x 16 heads, 20-24 %)."""
+    return tuning.output == "fused" or (tuning.output == "auto" and 2 * programs > sm_count())
 
 
 def launch_problem(dtype, key_dim: int, value_dim: int, n: int) -> tuple[str, str] | None:
