@@ -211,6 +211,18 @@ def test_auto_scan_segments_long_rows_on_few_programs_and_longer_ones_without_a_
         kc.Tuning(segment_programs=0)
 
 
+def test_auto_output_is_fused_into_the_pass_where_it_fills_more_than_half_the_gpu(monkeypatch):
+    """``Tuning.output="auto"``: the Mosaic forward pass computes o on 128 programs (4 x 4096 x 16 heads, or the
+    segmented scan's 32 x 4), not on the 32 of a sequential 1 x 65536 x 16-head forward; "kernel" / "fused" force."""
+    from flowssm.kernels import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda: 132)
+    assert launch.fuse_output(kc.Tuning(), 128) and not launch.fuse_output(kc.Tuning(), 32)
+    assert not launch.fuse_output(kc.Tuning(output="kernel"), 256) and launch.fuse_output(kc.Tuning(output="fused"), 1)
+    with pytest.raises(ValueError, match="Tuning.output"):
+        kc.Tuning(output="inline")
+
+
 def test_pallas_splits_a_sequence_too_long_for_int32_indexing_into_exact_pieces(monkeypatch):
     """With the int32 limit lowered to two chunks' worth, T = 70 runs as pieces of 32, 32 and 6 tokens,
     each from the state the previous left: outputs, final state and gradients as in one call."""

@@ -210,6 +210,16 @@ def test_mosaic_state_pass_bwd_rejects_what_it_does_not_run(change, match):
         state_pass_bwd_mosaic(*bwd_operands(), **{"rank": 1, "scale": 0.125, **change})
 
 
+def op_inputs():
+    """bf16 q, k, v [1, 256, 2, 64] and float32 steps beta [1, 256, 2] for the whole op (4 chunks of 64)."""
+    kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(3), 4)
+    B, T, H, K = 1, 256, 2, 64
+    q = jax.random.normal(kq, (B, T, H, K)).astype(jnp.bfloat16)
+    k = (jax.random.normal(kk, (B, T, H, K)) / K**0.5).astype(jnp.bfloat16)
+    v = jax.random.normal(kv, (B, T, H, K)).astype(jnp.bfloat16)
+    return q, k, v, jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32))
+
+
 @pytest.mark.parametrize("scan, additive", [("sequential", False), ("associative", False), ("sequential", True)],
                          ids=["sequential", "associative", "additive"])
 def test_op_with_mosaic_state_passes_matches_the_triton_lowering(scan, additive):
@@ -222,12 +232,8 @@ def test_op_with_mosaic_state_passes_matches_the_triton_lowering(scan, additive)
     from flowssm.paths import linear_attention_path, make_path
     from flowssm.solvers import Additive, get_solver
 
-    kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(3), 4)
-    B, T, H, K = 1, 256, 2, 64
-    q = jax.random.normal(kq, (B, T, H, K)).astype(jnp.bfloat16)
-    k = (jax.random.normal(kk, (B, T, H, K)) / K**0.5).astype(jnp.bfloat16)
-    v = jax.random.normal(kv, (B, T, H, K)).astype(jnp.bfloat16)
-    beta = jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32))
+    q, k, v, beta = op_inputs()
+    B, T, H, K = q.shape
 
     def run(lowering, q, k, v):  # segment_programs=4: 2 heads x 2 segments
         path = (linear_attention_path(k.astype(jnp.float32), v.astype(jnp.float32)) if additive
@@ -265,12 +271,8 @@ def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel
     from flowssm.paths import make_path
     from flowssm.solvers import get_solver
 
-    kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(3), 4)
-    B, T, H, K = 1, 256, 2, 64
-    q = jax.random.normal(kq, (B, T, H, K)).astype(jnp.bfloat16)
-    k = (jax.random.normal(kk, (B, T, H, K)) / K**0.5).astype(jnp.bfloat16)
-    v = jax.random.normal(kv, (B, T, H, K)).astype(jnp.bfloat16)
-    beta = jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32))
+    q, k, v, beta = op_inputs()
+    B, T, H, K = q.shape
 
     def run(output, q, k, v):
         o, S = chunked_pallas(q, make_path(k, v, beta, dtype=jnp.float32), jnp.zeros((B, H, K, K), jnp.float32),
