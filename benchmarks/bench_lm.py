@@ -4,6 +4,7 @@ backends) against fla's models.
     python benchmarks/bench_lm.py --out /tmp/lm                        # GPU: every row of the table
     python benchmarks/bench_lm.py --rows flowssm-pallas-4,fla-4 --steps 10
     python benchmarks/bench_lm.py --tiny                               # CPU smoke test (tiny model)
+    python benchmarks/bench_lm.py --rows flowssm-pallas-4 --kernels '{"output": "kernel"}'   # a launch variant
 
 The same model on both sides: d_model 1024, 8 heads (K = V = 128), SwiGLU hidden 2816, vocab 32000,
 short convolution 4, output gate, untied embeddings, the default exact solver (the merge); batch 8 x 2048
@@ -71,7 +72,7 @@ def family_of(name: str) -> str:
     return next((f for part, f in FAMILIES.items() if f"-{part}-" in name), "deltanet")
 
 
-def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
+def flowssm_row(name: str, layers: int, steps: int, tiny: bool, kernels: dict | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -82,7 +83,8 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
     s = shape(tiny)
     backend = "xla" if "xla" in name else "pallas"
     family = family_of(name)
-    mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend)  # Exact()
+    mixer = MixerConfig(family=family, num_heads=s["heads"], chunk_size=s["chunk"], backend=backend,  # Exact()
+                        **({"kernels": kernels} if kernels else {}))
     config = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=layers, mlp_hidden=s["hidden"],
                          tie_embeddings=False, max_len=s["seq"], dtype="bfloat16", remat="remat" in name, mixer=mixer)
     model = LanguageModel(config, rngs=nnx.Rngs(0))
@@ -197,11 +199,12 @@ def decode_row(batch: int, tiny: bool) -> dict:
                 device=jax.devices()[0].device_kind)
 
 
-def run_row(name: str, steps: int, tiny: bool) -> dict:
+def run_row(name: str, steps: int, tiny: bool, kernels: dict | None = None) -> dict:
     if name.startswith("decode-"):
         return decode_row(int(name.split("-")[1]), tiny)
     layers = int(name.rsplit("-", 1)[1])
-    row = fla_row(name, layers, steps, tiny) if name.startswith("fla") else flowssm_row(name, layers, steps, tiny)
+    row = (fla_row(name, layers, steps, tiny) if name.startswith("fla")
+           else {**flowssm_row(name, layers, steps, tiny, kernels), "kernels": kernels or {}})
     s = shape(tiny)
     tokens = s["batch"] * s["seq"]
     row.update(tok_s=tokens / (row["ms"] / 1e3), mfu=6 * row["params"] * tokens / (row["ms"] / 1e3) / PEAK_FLOPS)
@@ -229,16 +232,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test)")
     p.add_argument("--out", default="/tmp/bench_lm")
+    p.add_argument("--kernels", type=json.loads, default={},
+                   help='flowssm rows: Tuning fields as JSON, e.g. \'{"output": "kernel"}\' (model.mixer.kernels)')
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
     a = p.parse_args()
     if a.one:
-        print(json.dumps(run_row(a.one, a.steps, a.tiny)))
+        print(json.dumps(run_row(a.one, a.steps, a.tiny, a.kernels)))
         return
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     rows = []
     for name in a.rows.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps)] + (["--tiny"] if a.tiny else [])
+        cmd = ([sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--kernels", json.dumps(a.kernels)]
+               + (["--tiny"] if a.tiny else []))
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
