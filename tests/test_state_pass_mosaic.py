@@ -291,3 +291,25 @@ def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel
     # the same roundings; o's float32 products sum in another order (wgmma in the interpreter vs Triton's dot)
     assert rel(o_f, o_k) < 1e-5 and rel(o_alone, o_k) < 1e-5 and rel(S_f, S_k) < 1e-6 and rel(S_alone, S_k) < 1e-6
     assert all(rel(a, b) < 1e-5 for a, b in zip(g_f, g_k))
+
+
+@pytest.mark.parametrize("output", ["auto", "kernel"])
+def test_auto_scan_forward_with_the_output_fused_splits_like_one_with_a_backward(monkeypatch, output):
+    """A forward without a backward (``scan="auto"``) on the Mosaic pass: with the output fused, segmented from
+    ``AUTO_MIN_CHUNKS`` like the backward (here 2 segments of 2 chunks on a GPU of 4 multiprocessors) and no
+    output kernel; with the output kernel, sequential below ``AUTO_MIN_CHUNKS_FORWARD``."""
+    from flowssm.kernels import Tuning, chunked_pallas, launch
+    from flowssm.paths import make_path
+    from flowssm.solvers import get_solver
+
+    monkeypatch.setattr(launch, "sm_count", lambda: 4)
+    monkeypatch.setattr(launch, "AUTO_MIN_CHUNKS", 4)
+    q, k, v, beta = op_inputs()
+    B, T, H, K = q.shape
+    forward = lambda q, k, v: chunked_pallas(
+        q, make_path(k, v, beta, dtype=jnp.float32), jnp.zeros((B, H, K, K), jnp.float32), scale=K**-0.5,
+        chunk_size=64, solver=get_solver("exact"), scan="auto", semantics="discrete",
+        tuning=Tuning(state_lowering="mosaic", output=output))
+    kernels = set(re.findall(r"flowssm_\w+", str(jax.make_jaxpr(forward)(q, k, v))))
+    fused = output == "auto"
+    assert ("flowssm_segment_flows_mosaic" in kernels) == fused and ("flowssm_chunk_output" in kernels) != fused

@@ -30,8 +30,8 @@ OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
 # 1024 chunks 6.528 against 7.16, at 4096 25.07 against 27.89 (H200, run 8, 8 segments then: at 256 chunks the
 # sequential pass had been faster, 2.244 against 2.202 ms, before the Mosaic backward passes)
 AUTO_MIN_CHUNKS = 256
-# a forward without a backward pays the segmented scan's extra passes without its faster reverse passes: the
-# sequential forward was faster at 1024 chunks (2.472 against 2.856 ms) and at 4096 (9.342 against 10.81) on the H100
+# a forward without a backward (and with the output kernel: see ``chunked._stages`` for the fused output) pays the
+# segmented scan's extra passes without its faster reverse passes: the sequential forward was faster at 1024 chunks (2.472 against 2.856 ms) and at 4096 (9.342 against 10.81) on the H100
 # of run 17; on the H200 of run 10 the segmented one won at 4096 by 2 % (8.937 against 9.142)
 AUTO_MIN_CHUNKS_FORWARD = 8192
 
@@ -63,7 +63,9 @@ class Tuning:
     ``S_in`` the state pass wrote) or "fused": inside the Mosaic forward state pass, from the state tile it holds
     (``state_pass_mosaic(q=...)``: no ``S_in`` read back, and none written by a forward without a backward), wherever
     that pass runs on Mosaic at one micro-step a token (sequential, or the segmented scan's last pass); elsewhere
-    the kernel. "auto": fused where that pass fills more than half the GPU (:func:`fuse_output`), else the kernel.
+    the kernel. "auto": fused where that pass fills more than half the GPU (:func:`fuse_output`), else the kernel;
+    with ``scan="auto"`` a forward without a backward then takes the segmented scan from as few chunks as one with a
+    backward (:data:`AUTO_MIN_CHUNKS`) where its last pass computes o.
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
     block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
