@@ -263,20 +263,24 @@ def test_op_with_mosaic_state_passes_matches_the_triton_lowering(scan, additive)
     assert all(rel(a, b) < tol for a, b in zip(g_m, g_t))
 
 
-@pytest.mark.parametrize("scan", ["sequential", "associative"])
-def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel(scan):
-    """``Tuning(output="fused")`` through the whole op (Mosaic passes, bf16; associative: 2 segments of 2 chunks):
-    no output kernel runs, and the outputs, final state and gradients are those of ``output="kernel"``."""
+@pytest.mark.parametrize("scan, additive", [("sequential", False), ("associative", False), ("sequential", True)],
+                         ids=["sequential", "associative", "additive"])
+def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel(scan, additive):
+    """``Tuning(output="fused")`` through the whole op (Mosaic passes, bf16; associative: 2 segments of 2 chunks;
+    additive: linear attention, ``w = 0`` formed, the corrected values not saved): no output kernel runs, and the
+    outputs, final state and gradients are those of ``output="kernel"``."""
     from flowssm.kernels import Tuning, chunked_pallas
-    from flowssm.paths import make_path
-    from flowssm.solvers import get_solver
+    from flowssm.paths import linear_attention_path, make_path
+    from flowssm.solvers import Additive, get_solver
 
     q, k, v, beta = op_inputs()
     B, T, H, K = q.shape
 
     def run(output, q, k, v):
-        o, S = chunked_pallas(q, make_path(k, v, beta, dtype=jnp.float32), jnp.zeros((B, H, K, K), jnp.float32),
-                              scale=K**-0.5, chunk_size=64, solver=get_solver("exact"), scan=scan, semantics="discrete",
+        path = (linear_attention_path(k.astype(jnp.float32), v.astype(jnp.float32)) if additive
+                else make_path(k, v, beta, dtype=jnp.float32))
+        o, S = chunked_pallas(q, path, jnp.zeros((B, H, K, K), jnp.float32), scale=K**-0.5, chunk_size=64,
+                              solver=Additive() if additive else get_solver("exact"), scan=scan, semantics="discrete",
                               tuning=Tuning(state_lowering="mosaic", segment_programs=4, output=output))
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S), (o, S)
 
