@@ -14,7 +14,9 @@ in float32:
     wS = w @ bf16(S)            (bf16(S) in shared memory is also the S_in[c] tile, stored by TMA)
     S <- e^{G_end} S + k^T @ bf16(e^{G_end - G} (u - wS))      (k read transposed from shared memory)
 
-the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Segments as in the
+the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Given ``q``, three more
+wgmmas a chunk (``q k^T``, ``q bf16(S)``, ``A (u - wS)``) give the chunk's outputs ``o`` from the same state tile,
+after the state update (the output kernel's work, without ``S_in`` written and read back). Segments as in the
 Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row), and its flow mode (the
 segmented scan's segment flows ``[P | Q]``: ``S`` starts in registers at ``[I | 0]``'s column block, no
 ``S0`` load, and ``P``'s column blocks multiply the values by 0); no packed sequences; bf16/f16 operands;
