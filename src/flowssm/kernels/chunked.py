@@ -8,7 +8,9 @@ Forward:
    (:func:`segmented_states`: segment flows in parallel, an associative scan over segments in XLA, then
    the state pass inside every segment in parallel). ``Tuning(assoc="xla")`` uses
    ``jax.lax.associative_scan`` over dense chunk flows instead.
-3. ``chunk_output``: per (head, chunk), corrected values and outputs.
+3. ``chunk_output``: per (head, chunk), corrected values and outputs; or, where the Mosaic state pass of step 2
+   (sequential, or the segmented scan's last pass) runs on more than half the GPU (``Tuning.output``), that
+   pass computes them from the state tile it holds, and without a backward writes no states.
 
 Before them, ``cumulative_decay``: the decays ``G`` of every micro-step and, for per-channel decays on the
 kernels' passes, the keys decayed to their chunk's end (the state passes' operand). Paths without
