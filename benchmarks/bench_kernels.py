@@ -403,7 +403,8 @@ def label_of(tuning: Tuning) -> str:
 
 def sweep(shape, reps, say, variants=SWEEP, scan: str = "sequential"):
     """Launch variants of the whole pallas forward and forward+backward (ungated, ``scan``) on ``shape``: ms of
-    each, and the relative difference of each variant's gradients (q, k, v, beta) from the first variant's."""
+    each, and the relative difference of each variant's forward outputs (o, S) and gradients (q, k, v, beta) from
+    the first variant's."""
     q, k, v, beta, g, do = inputs(0, *shape)
     B, _, H, K, V = shape
     S0_shape = (B, H, K, V)
@@ -415,13 +416,14 @@ def sweep(shape, reps, say, variants=SWEEP, scan: str = "sequential"):
                 q_, make_path(k_, v_, b_), jnp.zeros(S0_shape, jnp.float32), scale=K**-0.5, chunk_size=CHUNK,
                 solver=get_solver("exact"), scan=scan, semantics="discrete", tuning=tuning)
             loss = lambda *a: jnp.sum(f(*a[:4])[0].astype(jnp.float32) * a[4].astype(jnp.float32))
-            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-            grads = grad(q, k, v, beta, do)
-            first = grads if first is None else first
-            out[label] = dict(fwd=timed(jax.jit(f), q, k, v, beta, reps=reps),
+            grad, forward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), jax.jit(f)
+            grads, (o, S) = grad(q, k, v, beta, do), forward(q, k, v, beta)  # o, S of the forward alone
+            first = (grads, o, S) if first is None else first
+            out[label] = dict(fwd=timed(forward, q, k, v, beta, reps=reps),
                               fwdbwd=timed(grad, q, k, v, beta, do, reps=reps),
-                              err_grads_vs_first=[rel(a, b) for a, b in zip(grads, first)])
-            del grads
+                              err_o_vs_first=rel(o, first[1]), err_S_vs_first=rel(S, first[2]),
+                              err_grads_vs_first=[rel(a, b) for a, b in zip(grads, first[0])])
+            del grads, o, S
         except Exception as e:  # a launch variant may not compile: record why
             out[label] = repr(e)[:300]
         say("sweep", label, out[label])

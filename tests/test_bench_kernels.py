@@ -28,6 +28,16 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
 
 
 
+def test_sweep_times_variants_and_compares_their_outputs_and_gradients(monkeypatch):
+    monkeypatch.setattr(bench_kernels, "CHUNK", 16)
+    variants = (bench_kernels.Tuning(), bench_kernels.Tuning(output="kernel"))
+    out = bench_kernels.sweep((1, 32, 2, 16, 16), 1, lambda *a: None, variants, scan="auto")
+    assert set(out) == {"default", "output='kernel'"}
+    for row in out.values():  # a dict, not the repr of a failure; on CPU both variants run the output kernel
+        assert row["fwd"] > 0 and row["fwdbwd"] > 0 and row["err_o_vs_first"] == row["err_S_vs_first"] == 0.0
+        assert row["err_grads_vs_first"] == [0.0] * 4
+
+
 def test_sweep_tunings_parse_fields_of_every_type():
     default, variant = bench_kernels.tunings("default;state_lowering=triton,block_v=32,segment_programs=None")
     assert default == bench_kernels.Tuning()
