@@ -48,6 +48,7 @@ from flowssm.kernels import cumulative_decay as cd
 from flowssm.kernels import packed as pk
 from flowssm.kernels import chunked as kc
 from flowssm.kernels import state_pass as sp
+from flowssm.kernels import state_pass_mosaic as sm
 from flowssm.paths import make_path
 from flowssm.solvers import Additive, get_solver
 from flowssm.solvers.program import ADDITIVE, INVERSE
@@ -204,17 +205,32 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
             *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
             channel_block=t.channel_block, num_warps=t.transfer_warps, G=a[5], **opts),
             keys, values, b, b, ld, G)
-    S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
-        *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed, **packed,
-        **opts, rank=1), state_keys, G, w, u, S0)
-    _, *saved = add("output", lambda *a: co.chunk_output_kernel(
+    # the sequential passes on Mosaic GPU where the op runs them there, the output fused where it fuses it
+    mosaic = spans is None and packed_rows is None and kc._use_mosaic(t, keys, G, C, V, additive)
+    fused = mosaic and kc.fuse_output(t, BH * (V // bv))
+    if mosaic:
+        w_m, u_m = run(lambda w_, u_: kc._generators(w_, u_, keys, H), w, u)
+        output = dict(scale=scale, save_corrected=not additive) if fused else {}
+        S_in, _, *fused_out = add("state_pass (output fused)" if fused else "state_pass", lambda *a: sm.state_pass_mosaic(
+            *a[:5], heads=H, block_v=t.block_v, num_stages=t.mosaic_stages, interpret=interpret,
+            **({"q": a[5]} if fused else {}), **output), state_keys, G, w_m, u_m, S0, *([qc] if fused else []))
+    else:
+        S_in, _ = add("state_pass", lambda *a: sp.state_pass_kernel(
+            *a, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_stages, decayed_keys=decayed,
+            **packed, **opts, rank=1), state_keys, G, w, u, S0)
+    _, *saved = fused_out if fused else add("output", lambda *a: co.chunk_output_kernel(
         *a, rank=1, scale=scale, out_dtype=jnp.bfloat16, heads=H, save_corrected=not additive,
         save_scores=per_channel, score_mode=t.score_mode, channel_block=t.channel_block, num_warps=t.output_warps,
         **opts), qc, keys, G, w, u, S_in)
     corrected, scores = (u if additive else saved[0]), saved[-1:] if per_channel else []
-    dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
-        *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
-        **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
+    if mosaic:
+        dS_out, dv, _ = add("state_pass_bwd", lambda *a: sm.state_pass_bwd_mosaic(
+            *a, rank=1, scale=scale, heads=H, block_v=t.block_v, num_stages=t.mosaic_stages, interpret=interpret),
+            qc, keys, G, w_m, dO, S0)
+    else:
+        dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
+            *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
+            **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, dk, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
         **opts),
@@ -234,7 +250,7 @@ def stage_times(q, k, v, beta, g, do, reps, tuning=Tuning(), segmented=True, spa
     times = {name: timed(fn, *args, reps=reps) for name, (fn, args) in calls.items()}
     if not segmented:
         return times
-    keys, G, w, u, S0 = calls["state_pass"][1]
+    keys, G, w, u, S0 = next(args for name, (_, args) in calls.items() if name.startswith("state_pass"))[:5]
     t = tuning.resolve(jnp.bfloat16, k.shape[-1], v.shape[-1], CHUNK, CHUNK)
     N, programs = G.shape[1], G.shape[0] * (v.shape[-1] // min(t.block_v, v.shape[-1]))
     segments = kc.auto_segments("associative", N, programs, t)

@@ -38,6 +38,21 @@ def test_sweep_times_variants_and_compares_their_outputs_and_gradients(monkeypat
         assert row["err_grads_vs_first"] == [0.0] * 4
 
 
+def test_kernel_calls_time_the_mosaic_passes_and_the_fused_output_as_the_op_runs_them():
+    """With the Mosaic passes (interpret mode here) and the output fused, the stages are the op's: no output kernel,
+    and the backward kernels read the same intermediates as on the Triton passes (same roundings)."""
+    q, k, v, beta, g, do = bench_kernels.inputs(0, 1, 128, 2, 64, 64)
+    fused = bench_kernels.kernel_calls(q, k, v, beta, g, do, bench_kernels.Tuning(state_lowering="mosaic",
+                                                                                   output="fused"))
+    triton = bench_kernels.kernel_calls(q, k, v, beta, g, do, bench_kernels.Tuning(state_lowering="triton"))
+    assert list(fused) == ["decays", "transfer", "state_pass (output fused)", "state_pass_bwd", "output_bwd",
+                           "transfer_bwd"]
+    assert "output" in triton and "state_pass" in triton
+    run = lambda calls, name: calls[name][0](*calls[name][1])
+    for a, b in zip(run(fused, "transfer_bwd"), run(triton, "transfer_bwd")):  # dk, dv, dbeta, dalpha, dg
+        assert bench_kernels.rel(a, b) < 1e-5
+
+
 def test_sweep_tunings_parse_fields_of_every_type():
     default, variant = bench_kernels.tunings("default;state_lowering=triton,block_v=32,segment_programs=None")
     assert default == bench_kernels.Tuning()
