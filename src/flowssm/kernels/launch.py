@@ -31,8 +31,9 @@ OUTPUT_STATE_BYTES = 64 * 1024  # the output kernel's [K, block_v] state tile
 # sequential pass had been faster, 2.244 against 2.202 ms, before the Mosaic backward passes)
 AUTO_MIN_CHUNKS = 256
 # a forward without a backward (and with the output kernel: see ``chunked._stages`` for the fused output) pays the
-# segmented scan's extra passes without its faster reverse passes: the sequential forward was faster at 1024 chunks (2.472 against 2.856 ms) and at 4096 (9.342 against 10.81) on the H100
-# of run 17; on the H200 of run 10 the segmented one won at 4096 by 2 % (8.937 against 9.142)
+# segmented scan's extra passes without its faster reverse passes: the sequential forward was faster at 1024 chunks
+# (2.472 against 2.856 ms) and at 4096 (9.342 against 10.81) on the H100 of run 17; on the H200 of run 10 the
+# segmented one won at 4096 by 2 % (8.937 against 9.142)
 AUTO_MIN_CHUNKS_FORWARD = 8192
 
 
