@@ -163,6 +163,19 @@ def _accumulate(init, *products, interpret: bool):
     return pl.run_state(run)(plgpu.ACC.init(init))
 
 
+def _attention(q, k, G_t, G_column):
+    """The chunk's attention block from shared-memory tiles q, k: [n, K] and G: [n] (``G_column``, loaded as a
+    column vector; ``G_t`` the same decays as a row vector of the wgmma layout): ``A_tm = (q_t . k_m)
+    e^{G_t - G_m}`` for ``m <= t``, else 0, float32 [n, n] in the wgmma layout."""
+    n = q.shape[0]
+    tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+    seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
+    zeros = tile(jnp.zeros((n, n), jnp.float32))
+    G_m = tile(lax.broadcast_in_dim(plgpu.load(G_column, layout=plgpu.Layout.WGMMA.reduce(0)), (n, n), (1,)))
+    decay = jnp.exp(jnp.where(seen, tile(lax.broadcast_in_dim(G_t, (n, n), (0,))) - G_m, zeros))
+    return jnp.where(seen, _product(q, k.T, (n, n)) * decay, zeros)
+
+
 def _launch(kernel, name: str, out_type: list, scratch: list, grid: tuple, interpreted: bool, *operands):
     """``kernel`` on a ``(programs, columns)`` grid (programs: head * segments + segment; one warpgroup a
     CTA) -> its outputs, a tuple, or the only one alone."""
@@ -214,7 +227,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
-    rows, columns = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)  # [n] vectors along a tile's rows / cols
+    rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
     row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
     stores = write_states + out + save_corrected  # TMA stores a chunk issues: S_in, then corrected values, o
@@ -236,7 +249,6 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             q_s, gc_s = q_tiles
             c_tile, a_tile = out_tiles
             head_q, head_o = _head(q_ref, i, heads), _head(o_ref, i, heads)
-            seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
         def fetch(c, slot):
             """TMA of the segment's chunk ``c``'s k, G, w, u (and q, G as a column vector) tiles into ``slot``;
@@ -252,10 +264,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         def output(slot, c, s_tile, G_t, corrected):
             """The chunk's o (and corrected values) from the S_in tile, stored by TMA."""
             c_tile[...] = corrected.astype(dtype)
-            G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
-            decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
-            attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
-            a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
+            a_tile[...] = _attention(q_s.at[slot], k_s.at[slot], G_t, gc_s.at[slot]).astype(dtype)
             plgpu.commit_smem()
             if save_corrected:
                 plgpu.copy_smem_to_gmem(c_tile, c_ref.at[i, base + c, :, cols])
@@ -399,7 +408,7 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
     interpreted = resolve_interpret(interpret)
-    rows, columns = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    rows = plgpu.Layout.WGMMA.reduce(1)
     row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
 
@@ -422,7 +431,6 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
         for step in range(stages):
             fetch(M - 1 - step, step)
         plgpu.barrier_wait(s_loaded)
-        seen = tile(lax.broadcasted_iota(jnp.int32, (n, n), 1)) <= tile(lax.broadcasted_iota(jnp.int32, (n, n), 0))
 
         def chunk(step, dS):
             c, slot, ds_tile, dv_tile = M - 1 - step, step % stages, ds_tiles.at[step % 2], dv_tiles.at[step % 2]
@@ -432,10 +440,7 @@ def state_pass_bwd_mosaic(q, keys, G, w, do, dS_final, *, rank: int, scale: floa
             ds_tile[...] = dS.astype(dtype)
             G_end = g_s[slot, n - 1]
             G_t = plgpu.load(g_s.at[slot], layout=rows)
-            G_m = tile(lax.broadcast_in_dim(plgpu.load(gc_s.at[slot], layout=columns), (n, n), (1,)))
-            decay = jnp.exp(jnp.where(seen, tile(row_vector(G_t, (n, n))) - G_m, tile(jnp.zeros((n, n), f32))))
-            attention = _product(q_s.at[slot], k_s.at[slot].T, (n, n))
-            a_tile[...] = jnp.where(seen, attention * decay, tile(jnp.zeros((n, n), f32))).astype(dtype)
+            a_tile[...] = _attention(q_s.at[slot], k_s.at[slot], G_t, gc_s.at[slot]).astype(dtype)
             do = plgpu.load(do_s.at[slot], layout=plgpu.Layout.WGMMA).astype(f32)
             dd_tile[...] = tile(row_vector(-(scale * jnp.exp(G_t)), (n, bv)) * do).astype(dtype)
             plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
