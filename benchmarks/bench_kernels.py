@@ -319,8 +319,8 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
     if not flowssm_ok:
         fla_row(row, args, do, say, fla_backward)
         return row
-    variants = [(f"pallas_{scan[:3] if scan == 'sequential' else 'assoc'}", dict(backend="pallas", scan=scan))
-                for scan in scans]
+    label = {"sequential": "seq", "associative": "assoc", "auto": "auto"}
+    variants = [(f"pallas_{label[scan]}", dict(backend="pallas", scan=scan)) for scan in scans]
     variants += [(f"pallas_seq_{m.replace(':', '')}", dict(backend="pallas", scan="sequential", solver=exact_spec(m)))
                  for m in methods]
     B, T, H, K, V = shape
@@ -469,7 +469,8 @@ def table(rows):
     cols = [("shape", "B×T×H×K×V"), ("pallas_seq_fwd", "pallas seq fwd"), ("pallas_seq_fwdbwd", "pallas seq f+b"),
             ("pallas_seq_gated_fwdbwd", "pallas gated f+b"),
             ("pallas_assoc_fwd", "pallas assoc fwd"), ("pallas_assoc_fwdbwd", "pallas assoc f+b"),
-            ("pallas_assoc_gated_fwd", "pallas assoc gated fwd"),
+            ("pallas_assoc_gated_fwd", "pallas assoc gated fwd"), ("pallas_auto_fwd", "pallas auto fwd"),
+            ("pallas_auto_fwdbwd", "pallas auto f+b"),
             ("pallas_seq_gated_fwd", "pallas gated fwd"), ("xla_seq_fwd", "xla seq fwd"), ("xla_seq_fwdbwd", "xla seq f+b"),
 ("fla_fwd", "fla fwd"), ("fla_fwdbwd", "fla f+b"),
             ("fla_gated_fwd", "fla gated fwd"), ("tflops", "TFLOP/s (best fwd)"), ("gbps", "GB/s (best fwd)"),
@@ -528,7 +529,8 @@ def main():
     parser.add_argument("--sweep-tunings", type=tunings, default=SWEEP,
                         help="with --sweep: e.g. 'default;state_lowering=triton;mosaic_stages=2'")
     parser.add_argument("--no-check", action="store_true")
-    parser.add_argument("--scans", default="sequential,associative", help="the pallas scans to time")
+    parser.add_argument("--scans", default="sequential,associative", help="the pallas scans to time "
+                        "(sequential, associative, auto)")
     parser.add_argument("--methods", default="",
                         help="other exact methods to time (sequential), e.g. substitution,doubling,merge:16")
     parser.add_argument("--no-xla", action="store_true", help="skip the xla backend's timings")
