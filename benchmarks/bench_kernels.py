@@ -202,7 +202,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         w, u, Tm = None, values if packed_rows is None else run(lambda y: pk.to_layout(y, packed_rows, C), values), []
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-            *a[:5], solver=solver, mode="tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
+            *a[:5], solver=solver, mode=t.transfer_mode or "tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
             channel_block=t.channel_block, num_warps=t.transfer_warps, G=a[5], **opts),
             keys, values, b, b, ld, G)
     # the sequential passes on Mosaic GPU where the op runs them there, the output fused where it fuses it
@@ -419,11 +419,14 @@ def label_of(tuning: Tuning) -> str:
 
 def sweep(shape, reps, say, variants=SWEEP, scan: str = "sequential"):
     """Launch variants of the whole pallas forward and forward+backward (ungated, ``scan``) on ``shape``: ms of
-    each, and the relative difference of each variant's forward outputs (o, S) and gradients (q, k, v, beta) from
-    the first variant's."""
+    each, the relative difference of each variant's forward outputs (o, S) and gradients (q, k, v, beta) from
+    the first variant's, and each variant's output error on LM-like keys (:func:`correlated_keys`) against the
+    xla backend in float32 at full precision (``err_o_correlated``)."""
     q, k, v, beta, g, do = inputs(0, *shape)
     B, _, H, K, V = shape
     S0_shape = (B, H, K, V)
+    lm_keys = correlated_keys(2, *shape[:4])
+    reference, _ = highest(fns(False, backend="xla")[0])(*(x.astype(jnp.float32) for x in (q, lm_keys, v, beta)), None)
     out, first = {}, None
     for tuning in variants:
         label = label_of(tuning)
@@ -438,7 +441,8 @@ def sweep(shape, reps, say, variants=SWEEP, scan: str = "sequential"):
             out[label] = dict(fwd=timed(forward, q, k, v, beta, reps=reps),
                               fwdbwd=timed(grad, q, k, v, beta, do, reps=reps),
                               err_o_vs_first=rel(o, first[1]), err_S_vs_first=rel(S, first[2]),
-                              err_grads_vs_first=[rel(a, b) for a, b in zip(grads, first[0])])
+                              err_grads_vs_first=[rel(a, b) for a, b in zip(grads, first[0])],
+                              err_o_correlated=rel(forward(q, lm_keys, v, beta)[0], reference))
             del grads, o, S
         except Exception as e:  # a launch variant may not compile: record why
             out[label] = repr(e)[:300]

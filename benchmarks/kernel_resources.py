@@ -71,12 +71,14 @@ def lower(out: str, method: str = "merge") -> None:
         if not captured:  # an XLA stage (the cumulative decays), no Pallas kernel
             continue
         hlo = re.sub(r'ir = "(?:[^"\\]|\\.)*"', "ir = ...", hlo)  # drop the serialized module
-        config = re.search(r"__gpu\$xla\.gpu\.triton.*?backend_config\s*=\s*\{([^}]*)\}", hlo, re.S).group(1)
-        (ir, grid), = captured
-        with open(os.path.join(out, f"{name}.ttir"), "w") as f:
-            f.write(ir)
-        meta[name] = {key: int(re.search(rf"\b{key}\s*=\s*(\d+)", config).group(1)) for key in ("num_warps", "num_stages")}
-        meta[name]["grid"] = grid
+        configs = re.findall(r"__gpu\$xla\.gpu\.triton.*?backend_config\s*=\s*\{([^}]*)\}", hlo, re.S)
+        for j, ((ir, grid), config) in enumerate(zip(captured, configs)):  # a call may launch several kernels
+            kernel = name if j == 0 else f"{name}_{j + 1}"
+            with open(os.path.join(out, f"{kernel}.ttir"), "w") as f:
+                f.write(ir)
+            meta[kernel] = {key: int(re.search(rf"\b{key}\s*=\s*(\d+)", config).group(1))
+                            for key in ("num_warps", "num_stages")}
+            meta[kernel]["grid"] = grid
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
 

@@ -67,6 +67,26 @@ def test_chunk_transfer_kernel_matches_reference(solver):
             assert rel(a, b) < 1e-5
 
 
+def test_transfer_in_float16_mode_rounds_like_tf32_and_redoes_overflowing_chunks():
+    """"f16": float16 products (10-bit mantissa, like TF32); a chunk whose ``T`` overflows float16 (here one
+    whose neighbouring keys overlap by 100, ``T_im = (-100)^(i - m)``, finite in float32) is formed again at
+    TF32 by the second call, the other chunks keep the float16 result."""
+    keys, values, beta, alpha, log_decay = args = chunk_blocks(C=16, R=1, K=32)
+    full = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f32", save_transfer=True)
+    half = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f16", save_transfer=True)
+    for a, b in zip(half, full):
+        assert 0 < rel(a, b) < 3e-3  # rounded (not the float32 result), about float16's 2^-11 a product
+    steps = jnp.arange(16)
+    chain = 10.0 * (jax.nn.one_hot(steps, 32, dtype=F32) + jax.nn.one_hot(steps + 1, 32, dtype=F32))  # k_i . k_(i-1) = 100
+    args = (keys.at[0, 1].set(chain), values, beta.at[0, 1].set(1.0), alpha, log_decay.at[0, 1].set(0.0))
+    full = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f32", save_transfer=True)
+    half = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f16", save_transfer=True)
+    assert float(jnp.max(jnp.abs(full[2][0, 1]))) > 1e20  # far past float16's 65504, finite in float32
+    for a, b in zip(half, full):
+        assert bool(jnp.all(jnp.isfinite(a))) and rel(a[0, 1], b[0, 1]) < 1e-6  # the redone chunk: float32 here
+        assert 0 < rel(a[1], b[1]) < 3e-3  # untouched chunks keep their float16 rounding
+
+
 def test_state_pass_and_output_kernels_match_references():
     keys, values, beta, alpha, log_decay = chunk_blocks()
     BH, N, n, K = keys.shape

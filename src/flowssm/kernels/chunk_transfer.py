@@ -25,7 +25,7 @@ from flowssm.kernels.common import dot, head_major, pallas_call, resolve_interpr
 from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.paths import Path
 from flowssm.solvers import FlowSolver
-from flowssm.solvers.program import IDENTITY, INVERSE, TransferProgram
+from flowssm.solvers.program import ADDITIVE, IDENTITY, INVERSE, TransferProgram
 
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand",
@@ -99,7 +99,9 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     key channel: ``L_im = b_i sum_c k_ic k_mc e^{G_ic - G_mc}``, ``w = T (b e^G * k)``) -> (w: [BH, N, n, K],
     u: [BH, N, n, V]) in the dtype of ``keys`` (the operand dtype), followed by ``T: [BH, N, n, n]`` (same
     dtype) with ``save_transfer`` (programs with ``T = (I + L)^{-1}`` only: the backward's ``T^T``).
-    ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``); ``score_mode``: of the
+    ``mode``: matmul mode of the program's products (see ``common.DOT_MODES``; "f16": chunks whose float16
+    products overflowed are formed again at TF32 by a second call, which every other program leaves at once);
+    ``score_mode``: of the
     per-channel decayed scores (``launch.Tuning.score_mode``); per-channel decays form the scores and ``w`` over
     blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``:
     ``micro_log_decay(log_decay, R)`` where the caller has it (else computed here). ``packed_rows`` (packed sequences
@@ -118,31 +120,65 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     blocks = chunks.score_blocks(n // R)
 
-    def kernel(*refs):
-        if packed_rows is not None:  # the chunk's rows of the packed operands
-            table_ref, *refs = refs
-            refs[:2] = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R) for x in refs[:2])
-        k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *t_ref = refs
-        T = _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, program=program, operand_dtype=dtype,
-                            mode=mode, blocks=blocks, score_mode=score_mode, channel_block=channel_block)
-        if save_transfer:
-            t_ref[0][...] = T.astype(dtype)
-
+    flagged = mode == "f16" and program.structure not in (IDENTITY, ADDITIVE)  # T formed by float16 products
     rows = lambda d: pl.BlockSpec((None, None, n, d), lambda i, c: (i, c, 0, 0))
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
     tok = lambda spec, x: packed.operand_spec(spec, heads, x, packed_rows)
-    extra = (n,) if save_transfer else ()
-    return pallas_call(
-        kernel,
-        out_shape=tuple(jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in (K, V) + extra),
-        grid=(BH, N),
-        in_specs=[*packed.table_specs(packed_rows), tok(rows(K), keys), tok(rows(V), values), vec, vec, g_spec],
-        out_specs=tuple(rows(d) for d in (K, V) + extra),
-        interpret=interpret,
-        num_warps=num_warps, num_stages=num_stages,
-        name="flowssm_chunk_transfer",
-    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G)
+    widths = (K, V) + ((n,) if save_transfer else ())
+    operands = (*packed.table_args(packed_rows), keys, values, beta, alpha, G)
+    in_specs = [*packed.table_specs(packed_rows), tok(rows(K), keys), tok(rows(V), values), vec, vec, g_spec]
+    out_shape = [jax.ShapeDtypeStruct((BH, N, n, d), dtype) for d in widths]
+
+    def call(mode: str, redo=None):
+        """The generators in matmul ``mode``; with ``flagged`` also ``ok: [BH, N, n]`` (1 where ``T`` is finite).
+        ``redo``: (ok, w, u[, T]) of a first call, updated in place: the programs whose ``ok`` is 0 form their
+        chunk again."""
+        flag = flagged and redo is None
+
+        def kernel(*refs):
+            if packed_rows is not None:  # the chunk's rows of the packed operands
+                table_ref, *refs = refs
+                refs[:2] = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R) for x in refs[:2])
+            k_ref, v_ref, b_ref, a_ref, g_ref, *refs = refs
+            if redo is not None:  # the first call's ok, then its outputs (aliased to this call's)
+                ok_in, refs = refs[0], refs[1 + len(widths):]
+            w_ref, u_ref, *rest = refs
+
+            def chunk():
+                T = _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, program=program,
+                                    operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
+                                    channel_block=channel_block)
+                if save_transfer:
+                    rest[0][...] = T.astype(dtype)
+                if flag:  # inf or NaN spreads through every later product: one look at T finds an overflow
+                    finite = jnp.min(jnp.where(jnp.abs(T) < jnp.inf, 1.0, 0.0))
+                    rest[-1][...] = jnp.full((n,), finite, rest[-1].dtype)
+
+            if redo is None:
+                chunk()
+            else:
+                pl.when(ok_in[0] == 0.0)(chunk)
+
+        first = len(operands)
+        return pallas_call(
+            kernel,
+            out_shape=tuple(out_shape + [jax.ShapeDtypeStruct((BH, N, n), jnp.float32)] * flag),
+            grid=(BH, N),
+            in_specs=in_specs + ([] if redo is None else [vec] + [rows(d) for d in widths]),
+            out_specs=tuple([rows(d) for d in widths] + [vec] * flag),
+            input_output_aliases={} if redo is None else {first + 1 + j: j for j in range(len(widths))},
+            interpret=interpret,
+            num_warps=num_warps, num_stages=num_stages,
+            name="flowssm_chunk_transfer" if redo is None else "flowssm_chunk_transfer_redo",
+        )(*operands, *(() if redo is None else redo))
+
+    if not flagged:
+        return call(mode)
+    *outputs, ok = call(mode)
+    # float16 operands overflowed in some chunk (|x| > 65504): those chunks again at TF32, in place; elsewhere
+    # each program reads its flag and returns
+    return call("tf32", redo=(ok, *outputs))
 
 
 def chunk_transfer_reference(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",

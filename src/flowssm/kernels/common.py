@@ -18,8 +18,10 @@ from jax.experimental import pallas as pl
 # Matmul modes inside kernels (operands -> float32 accumulation):
 #   "operand": operands in the kernel's operand dtype (bf16 tensor cores for bf16 inputs; IEEE
 #              float32/float64 otherwise), "tf32": float32 operands at TF32 precision,
-#   "f32": float32 operands at full precision (3xTF32 in compiled kernels, see ``_COMPILED``).
-DOT_MODES = ("operand", "tf32", "f32")
+#   "f32": float32 operands at full precision (3xTF32 in compiled kernels, see ``_COMPILED``),
+#   "f16": float16 operands: TF32's 10-bit mantissa at the 16-bit tensor-core rate (half TF32's
+#          instructions), over float16's range (|x| <= 65504; a larger operand becomes inf).
+DOT_MODES = ("operand", "tf32", "f32", "f16")
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -63,7 +65,7 @@ def dot(a, b, *, operand_dtype, mode: str = "operand", trans_a: bool = False, tr
     a: [M, Kc] (or [Kc, M] with ``trans_a``); b: [Kc, N] (or [N, Kc] with ``trans_b``) -> [M, N].
     """
     full = mode == "operand" or operand_dtype == jnp.float64
-    dtype = operand_dtype if full else jnp.float32
+    dtype = operand_dtype if full else jnp.float16 if mode == "f16" else jnp.float32
     if mode == "tf32" and not full:
         precision = lax.Precision.DEFAULT
     elif _COMPILED.get() and jnp.dtype(dtype) == jnp.float32:
