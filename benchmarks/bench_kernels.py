@@ -62,6 +62,11 @@ CHUNK = 64
 PEAK_TFLOPS, PEAK_TBPS = 811.0, 2.9  # measured through XLA on the H100 (shared/anchors)
 
 
+def shape_of(entry: str) -> tuple[int, ...]:
+    """A ``--shapes`` entry: an index into :data:`SHAPES` or ``BxTxHxKxV``."""
+    return tuple(int(x) for x in entry.split("x")) if "x" in entry else SHAPES[int(entry)]
+
+
 def inputs(seed, B, T, H, K, V):
     """bf16 q, unit keys, v, beta in (0.5, 0.73) (fla's anchor inputs), log-decay g = log sigmoid(N(0,1)) (float32)."""
     kq, kk, kv, kb, kg, kd = jax.random.split(jax.random.PRNGKey(seed), 6)
@@ -496,7 +501,7 @@ def stages_only(args, say) -> None:
             size = PACKED_TINY if args.tiny else PACKED
             out["packed"] = packed_stage_times(**size, reps=args.reps)
         elif part in ("kda", "gla", "gdn"):  # per-channel decays (gla: linear attention, no transfer); gdn: scalar
-            B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else SHAPES[int(args.shapes.split(",")[0])]
+            B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else shape_of(args.shapes.split(",")[0])
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
             decays = (B, T, H) if part == "gdn" else (B, T, H, K)
             g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), decays) + 2.0)
@@ -525,7 +530,7 @@ def main():
         return bench_transitions.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--shapes", default="0,1,2,3")
+    parser.add_argument("--shapes", default="0,1,2,3", help="indices into SHAPES and/or BxTxHxKxV, e.g. 0,1x512x2x128x128")
     parser.add_argument("--sweep", action="store_true", help="launch variants on the first shape")
     parser.add_argument("--sweep-only", action="store_true",
                         help="launch variants on every shape of --shapes, no other rows (A/B of Tuning fields)")
@@ -576,7 +581,7 @@ def main():
             with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
                 json.dump(result, f, indent=1)
 
-    shapes = [] if packed_only else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = [] if packed_only else [shape_of(entry) for entry in args.shapes.split(",")]
     if args.sweep_only:
         for shape in shapes:
             result.setdefault("sweeps", {})["x".join(map(str, shape))] = sweep(shape, args.reps, say,
