@@ -72,10 +72,12 @@ def test_transfer_in_float16_mode_rounds_like_tf32_and_redoes_overflowing_chunks
     whose neighbouring keys overlap by 100, ``T_im = (-100)^(i - m)``, finite in float32) is formed again at
     TF32 by the second call, the other chunks keep the float16 result."""
     keys, values, beta, alpha, log_decay = args = chunk_blocks(C=16, R=1, K=32)
-    full = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f32", save_transfer=True)
-    half = kc.chunk_transfer_kernel(*args, solver=Exact(), mode="f16", save_transfer=True)
-    for a, b in zip(half, full):
-        assert 0 < rel(a, b) < 3e-3  # rounded (not the float32 result), about float16's 2^-11 a product
+    per_channel = (*args[:4], jnp.repeat(log_decay[..., None], 32, axis=-1))  # a decay per key channel too
+    for operands in (args, per_channel):
+        full = kc.chunk_transfer_kernel(*operands, solver=Exact(), mode="f32", save_transfer=True)
+        half = kc.chunk_transfer_kernel(*operands, solver=Exact(), mode="f16", save_transfer=True)
+        for a, b in zip(half, full):
+            assert 0 < rel(a, b) < 3e-3  # rounded (not the float32 result), about float16's 2^-11 a product
     steps = jnp.arange(16)
     chain = 10.0 * (jax.nn.one_hot(steps, 32, dtype=F32) + jax.nn.one_hot(steps + 1, 32, dtype=F32))  # k_i . k_(i-1) = 100
     args = (keys.at[0, 1].set(chain), values, beta.at[0, 1].set(1.0), alpha, log_decay.at[0, 1].set(0.0))
