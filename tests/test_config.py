@@ -29,8 +29,8 @@ def test_defaults_and_overrides_are_typed():
 
 def test_kernel_choices_load_typed_and_round_trip():
     cfg = C.load(None, ["model.mixer.family=kda", "model.mixer.kernels.score_mode=tf32",
-                        "model.mixer.kernels.transfer_warps=8"])
-    assert cfg.model.mixer.kernels.changes() == {"score_mode": "tf32", "transfer_warps": 8}
+                        "model.mixer.kernels.transfer_warps=8", "model.mixer.kernels.transfer_mode=f16"])
+    assert cfg.model.mixer.kernels.changes() == {"score_mode": "tf32", "transfer_warps": 8, "transfer_mode": "f16"}
     assert C.from_dict(C.RunConfig, yaml.safe_load(C.dump(cfg))) == cfg
 
 
@@ -52,6 +52,7 @@ BAD = [
     (["model.mixer.kernels.warps=8"], "model.mixer.kernels.warps"),
     (["model.mixer.kernels.transfer_warps=3"], "model.mixer.kernels.transfer_warps"),
     (["model.mixer.kernels.output=inline"], "model.mixer.kernels.output"),
+    (["model.mixer.kernels.transfer_mode=fp8"], "model.mixer.kernels.transfer_mode"),
     (["model.mixer.family=rwkv7", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     (["model.mixer.backend=xla", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     # what a backend cannot run is refused at load time, naming the keys
