@@ -53,6 +53,7 @@ BAD = [
     (["model.mixer.kernels.transfer_warps=3"], "model.mixer.kernels.transfer_warps"),
     (["model.mixer.kernels.output=inline"], "model.mixer.kernels.output"),
     (["model.mixer.kernels.transfer_mode=fp8"], "model.mixer.kernels.transfer_mode"),
+    (["model.mixer.kernels.score_mode=f16"], "model.mixer.kernels.score_mode"),
     (["model.mixer.family=rwkv7", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     (["model.mixer.backend=xla", "model.mixer.kernels.score_mode=tf32"], "model.mixer.kernels"),
     # what a backend cannot run is refused at load time, naming the keys

@@ -102,7 +102,9 @@ class Tuning:
     channel_block: int | None = None
 
     def __post_init__(self):
-        choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": DOT_MODES, "assoc": ASSOCIATIVE,
+        # "f16" only where an overflowing chunk is formed again (the transfer): the scores have no such fallback
+        choices = {"transfer_mode": (None,) + DOT_MODES, "score_mode": tuple(m for m in DOT_MODES if m != "f16"),
+                   "assoc": ASSOCIATIVE,
                    "backward": BACKWARDS,
                    "state_lowering": STATE_LOWERINGS, "output": OUTPUTS}
         for name, allowed in choices.items():
