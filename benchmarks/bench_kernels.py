@@ -314,9 +314,10 @@ def peak_gb() -> float | None:
 
 
 def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean=False, fla_backward=True,
-                row=None, save=lambda: None, scans=("sequential", "associative"), methods=()):
+                row=None, save=lambda: None, scans=("sequential", "associative"), methods=(), tuning=None):
     """One shape's row (filled into ``row``, ``save()`` after each variant); ``lean``: the ungated variants only;
-    ``methods``: other exact methods' sequential rows (``pallas_seq_<method>``; the default is the merge)."""
+    ``methods``: other exact methods' sequential rows (``pallas_seq_<method>``; the default is the merge);
+    ``tuning``: the pallas rows' :class:`Tuning` (None: the default)."""
     q, k, v, beta, g, do = inputs(0, *shape)
     row = {} if row is None else row
     row["shape"] = "x".join(map(str, shape))
@@ -325,7 +326,8 @@ def bench_shape(shape, reps, fla_ok, first, say, xla=True, flowssm_ok=True, lean
         fla_row(row, args, do, say, fla_backward)
         return row
     label = {"sequential": "seq", "associative": "assoc", "auto": "auto"}
-    variants = [(f"pallas_{label[scan]}", dict(backend="pallas", scan=scan)) for scan in scans]
+    tuned = {} if tuning is None else dict(tuning=tuning)
+    variants = [(f"pallas_{label[scan]}", dict(backend="pallas", scan=scan, **tuned)) for scan in scans]
     variants += [(f"pallas_seq_{m.replace(':', '')}", dict(backend="pallas", scan="sequential", solver=exact_spec(m)))
                  for m in methods]
     B, T, H, K, V = shape
@@ -547,6 +549,8 @@ def main():
     parser.add_argument("--fla-only", action="store_true", help="fla's timings and the errors against it only")
     parser.add_argument("--fla-forward-only", action="store_true", help="skip fla's forward+backward")
     parser.add_argument("--lean", action="store_true", help="ungated pallas variants only (see bench_shape)")
+    parser.add_argument("--kernels", type=json.loads, default={},
+                        help='the pallas rows\' Tuning fields as JSON, e.g. \'{"transfer_mode": "f16"}\'')
     parser.add_argument("--fla-max-tokens", type=int, default=262144, help="skip fla on shapes with more B x T")
     parser.add_argument("--segment-sweep", action="store_true",
                         help="the segmented scan against Tuning.segment_programs on every shape (before fla)")
@@ -574,7 +578,8 @@ def main():
     packed_only = args.packed_only or args.tiny
     if args.stages:
         return stages_only(args, say)
-    result = {"check": {} if args.no_check or args.fla_only or packed_only else check(say), "rows": []}
+    result = {"check": {} if args.no_check or args.fla_only or packed_only else check(say), "rows": [],
+              "kernels": args.kernels}
 
     def save():
         if args.out:
@@ -597,7 +602,8 @@ def main():
         bench_shape(shape, args.reps, fla_ok and shape[0] * shape[1] <= args.fla_max_tokens, j == 0 and not args.lean, say, xla=not args.no_xla,
                     flowssm_ok=not args.fla_only, lean=args.lean, fla_backward=not args.fla_forward_only,
                     row=result["rows"][-1], save=save, scans=tuple(args.scans.split(",")),
-                    methods=tuple(m for m in args.methods.split(",") if m))
+                    methods=tuple(m for m in args.methods.split(",") if m),
+                    tuning=Tuning(**args.kernels) if args.kernels else None)
         save()
         if args.sweep and j == 0:
             result["sweep"] = sweep(shape, args.reps, say, args.sweep_tunings, args.sweep_scan)
