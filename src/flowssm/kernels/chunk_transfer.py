@@ -307,9 +307,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
         k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest = refs
-        # else dw_ref is S_in's tile; dw rounded to the operand dtype at once (a matmul operand: fewer registers)
-        form_dw = ((lambda: dw_ref[...]) if dw is not None else
-                   (lambda: (-dot(du_ref[...], dw_ref[...], operand_dtype=dtype, trans_b=True)).astype(dtype)))
+        form_dw = ((lambda: dw_ref[...]) if dw is not None else  # else dw_ref is S_in's tile
+                   (lambda: -dot(du_ref[...], dw_ref[...], operand_dtype=dtype, trans_b=True)))
         t_ref, rest = (rest[0], rest[1:]) if exact else (None, rest)
         dk_share, rest = (rest[0], rest[1:]) if dkeys is not None else (None, rest)
         dg_share, outs = (rest[0], rest[1:]) if dG is not None else (None, rest)

@@ -24,9 +24,8 @@ inputs, ``w, u``, the states entering the chunks and, for exact programs, the ch
 1. ``state_pass_bwd``: the reverse pass of the state cotangent, giving ``dv'`` and the cotangent of the
    state leaving every chunk: sequential over chunks, or segmented like the forward
    (:func:`segmented_cotangents`) when the forward's scan was segmented.
-2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dG``.
-3. ``chunk_transfer_bwd``: per (head, chunk), ``dw = -dv' S_in^T`` (from the ``dv'`` it reads anyway), then
-   through ``w = T (b e^G k), u = T (a v)`` with the saved
+2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
+3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
    ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler), adding step 2's shares
    of dk and dG before it writes (dk, like dq and dv, leaves in the input dtype); other programs
    (the truncated series of ``signature``) take this step by autodiff of the jnp reference (XLA).
@@ -402,9 +401,10 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                      scores=scores, **in_place)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
-    dq, dk, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, rank=R, scale=st.scale, heads=H,
-                                         block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
-                                         **in_place)
+    # dw = -dv' S_in^T is formed by the transfer backward, which reads dv' anyway (not written here, read back there)
+    dq, dk, _, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None, rank=R, scale=st.scale,
+                                            heads=H, block_k=t.block_k, score_mode=t.score_mode,
+                                            num_warps=t.backward_warps, **in_place)
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
         layout_values = _in_layout(args, packed_rows)[2]
         dvalues, dalpha = jax.vjp(_additive_values, layout_values, alpha)[1](token_major(dv, H).astype(values.dtype))
