@@ -21,6 +21,18 @@ def test_bench_kernels_runs_on_a_tiny_shape(monkeypatch):
     assert "|" in bench_kernels.table([row])
 
 
+def test_bench_shape_times_the_pallas_rows_with_its_tuning(monkeypatch):
+    """``--kernels`` (``bench_shape(tuning=...)``) reaches every pallas row's op."""
+    monkeypatch.setattr(bench_kernels, "CHUNK", 16)
+    seen, fns = [], bench_kernels.fns
+    monkeypatch.setattr(bench_kernels, "fns", lambda gated, **options: (seen.append(options), fns(gated, **options))[1])
+    tuning = bench_kernels.Tuning(transfer_mode="f16")
+    row = bench_kernels.bench_shape((1, 32, 2, 16, 16), reps=1, fla_ok=False, first=False, say=lambda *a: None,
+                                    xla=False, lean=True, scans=("sequential", "auto"), tuning=tuning)
+    assert row["pallas_auto_fwdbwd"] > 0 and len(seen) == 4
+    assert all(options["tuning"] == tuning for options in seen)
+
+
 def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
     out = bench_kernels.segment_sweep((1, 64, 2, 16, 16), reps=1, say=lambda *a: None, targets=(8,))
