@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_kernels.py [--reps 30] [--shapes 0,1,2,3] [--sweep] [--no-check] [--no-xla]
         [--no-fla | --fla-only] [--fla-forward-only] [--lean] [--packed | --packed-only] [--tiny]
-        [--stages packed,kda,gla,gdn]
+        [--stages packed,kda,gla,gdn,dn]
     python3 benchmarks/bench_kernels.py transitions [...]   (GLA / KDA / DPLR rows alone: bench_transitions.py)
 
 One call checks correctness (relative error of pallas on bf16 inputs vs the xla backend on float32
@@ -19,12 +19,13 @@ same total length and fla's ``chunk_(gated_)delta_rule(..., cu_seqlens=...)``, e
 per-document final states against fla and the xla backend (float32 copies). ``--tiny``: that row at
 1x64x2x16x16, 4 documents, chunk 16 (a CPU smoke test; interpret mode, no fla).
 
-``--stages packed,kda,gla,gdn`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda``, ``gla``
-and ``gdn`` once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
+``--stages packed,kda,gla,gdn,dn`` times only each kernel alone (``stages.json``; with ``--sweep``, ``kda``,
+``gla``, ``gdn`` and ``dn`` once a ``--sweep-tunings`` variant): ``packed`` on the packed row's
 chunk-aligned layout (state passes per document), on the unpacked row of the same length, and the forward's
 gathers (:func:`packed_stage_times`); ``kda`` with per-channel decays on the first ``--shapes`` shape, ``gla``
 the same for linear attention (the additive path: no transfer kernel, ``w = 0`` never read), ``gdn`` the
-delta rule with a scalar decay per token (the gated delta rule).
+delta rule with a scalar decay per token (the gated delta rule), ``dn`` the delta rule without decays (the
+kernels' path without decays: no decays kernel, no decay cotangents).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     token-major bf16 operands:
     ``{name: (jitted fn, args)}``. Inputs are arrays (intermediates computed) or ``jax.ShapeDtypeStruct``s
     (intermediates by ``jax.eval_shape``; ``benchmarks/kernel_resources.py`` lowers them for the GPU).
-    ``g``: ``[B, T, H]`` or per key channel ``[B, T, H, K]`` (KDA). ``spans`` (:class:`flowssm.varlen.Spans`,
+    ``g``: ``[B, T, H]``, per key channel ``[B, T, H, K]`` (KDA) or None (no decays: the op's path for
+    ``g=None``). ``spans`` (:class:`flowssm.varlen.Spans`,
     ``B = 1``, beta and g in the chunk-aligned layout): the state passes run one program per (head, sequence);
     q, k, v and do are in the layout too, or with ``packed_rows`` (:class:`flowssm.kernels.packed.ChunkTable`) the
     packed rows, read in place as the op does."""
@@ -179,11 +181,13 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     B, T, H, K = beta.shape[:3] + k.shape[-1:]
     V = v.shape[-1]
     N, BH, C = T // CHUNK, B * H, CHUNK
-    per_channel = len(g.shape) == 4
+    per_channel = g is not None and len(g.shape) == 4
     token = (lambda x: run(lambda y: y.reshape(B, N, C, H, y.shape[-1]), x)) if packed_rows is None else (lambda x: x)
     head_major = lambda x: run(lambda y: jnp.moveaxis(y, 2, 1).reshape(BH, N, C, *y.shape[3:]).astype(jnp.float32), x)
     qc, keys, values, dO = map(token, (q, k, v, do))
-    b, ld = head_major(beta), head_major(g)
+    undecayed = g is None  # the op's path without decays: G = 0 without the decays kernel, no decay cotangents
+    b = head_major(beta)
+    ld = head_major(run(lambda x: jnp.zeros(x.shape, jnp.float32), beta) if undecayed else g)
     states = BH if spans is None else BH * spans.first.shape[0]
     S0 = run(lambda: jnp.zeros((states, K, V), jnp.float32))
     t = tuning.resolve(jnp.bfloat16, K, V, CHUNK, CHUNK, per_channel=per_channel)  # as chunked_pallas would
@@ -201,6 +205,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
     decayed = per_channel and not additive  # the decays kernel also writes the keys decayed to the chunk end
     if decayed:
         G, state_keys = add("decays", lambda x, k: cd.cumulative_decay_kernel(x, 1, keys=k, heads=H, **opts), ld, keys)
+    elif undecayed:
+        G, state_keys = ld, keys
     else:
         G, state_keys = add("decays", lambda x: cd.cumulative_decay_kernel(x, 1, **opts), ld), keys
     if additive:  # u: the values, in the layout (the op gathers them for an additive path)
@@ -238,12 +244,13 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
             **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
     _, dk, dw, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
         *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
-        **opts),
+        decay_grads=not undecayed, **opts),
         qc, keys, G, corrected, S_in, dS_out, dO, None if additive else dv)
     if not additive:
         add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)
             *a[:10], solver=solver, heads=H, score_mode=t.score_mode, num_warps=t.backward_warps, G=a[10], dG=a[11],
-            dkeys=a[12], **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u, dw, dv, G, dG, dk)
+            dkeys=a[12], decay_grads=not undecayed, **opts), keys, values, b, b, ld, Tm[0] if inverse else None, w, u,
+            dw, dv, G, dG, dk)
     return calls
 
 
@@ -502,11 +509,11 @@ def stages_only(args, say) -> None:
             CHUNK = 16 if args.tiny else CHUNK
             size = PACKED_TINY if args.tiny else PACKED
             out["packed"] = packed_stage_times(**size, reps=args.reps)
-        elif part in ("kda", "gla", "gdn"):  # per-channel decays (gla: linear attention, no transfer); gdn: scalar
-            B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else shape_of(args.shapes.split(",")[0])
+        elif part in ("kda", "gla", "gdn", "dn"):  # per-channel decays (gla: linear attention, no transfer); gdn:
+            B, T, H, K, V = (1, 64, 2, 16, 16) if args.tiny else shape_of(args.shapes.split(",")[0])  # scalar; dn: none
             q, k, v, beta, _, do = inputs(0, B, T, H, K, V)
             decays = (B, T, H) if part == "gdn" else (B, T, H, K)
-            g = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), decays) + 2.0)
+            g = None if part == "dn" else jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(5), decays) + 2.0)
             solver = Additive() if part == "gla" else None
             times = lambda t: stage_times(q, k, v, beta, g, do, args.reps, tuning=t, segmented=False, solver=solver)
             if args.sweep:  # one entry a launch variant
@@ -517,7 +524,7 @@ def stages_only(args, say) -> None:
             else:
                 out[part] = {"shape": f"{B}x{T}x{H}x{K}x{V}", **times(Tuning())}
         else:
-            raise SystemExit(f"--stages: expected 'packed', 'kda', 'gla' or 'gdn', got {part!r}")
+            raise SystemExit(f"--stages: expected 'packed', 'kda', 'gla', 'gdn' or 'dn', got {part!r}")
         say(part, json.dumps(out[part]))
         if args.out:
             with open(os.path.join(args.out, "stages.json"), "w") as f:

@@ -14,7 +14,8 @@ Two steps in two processes (jax's and triton's MLIR bindings do not share one pr
 
 With ``--op`` step 1 instead lowers the whole op as the models call it, forward and backward
 (``jax.grad`` of ``delta_rule(backend="pallas")`` at 1 x 256 x 2 x K x K), at ``--dtype`` / ``--head-dim`` /
-``--chunk`` / ``--scan`` (``--per-channel``: KDA's decay per key channel, ``g: [B, T, H, K]``; with
+``--chunk`` / ``--scan`` (``--ungated``: ``g=None``, the kernels' path without decays; ``--per-channel``: KDA's
+decay per key channel, ``g: [B, T, H, K]``; with
 ``--linear``, ``linear_attention``'s: GLA), with the launch options ``flowssm.kernels.launch.Tuning.resolve`` picks for them: this is
 how those choices were checked against the 232,448 B of shared memory a block (figures in RESULTS.md, run 6).
 
@@ -84,11 +85,12 @@ def lower(out: str, method: str = "merge") -> None:
 
 
 def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "sequential",
-             per_channel: bool = False, linear: bool = False, packed: bool = False) -> None:
+             per_channel: bool = False, linear: bool = False, packed: bool = False, ungated: bool = False) -> None:
     """Step 1 for ``--op``: every kernel of the pallas op's forward and backward, as ``lower`` writes them;
     ``per_channel``: a decay per key channel (``g: [B, T, H, K]``: KDA, or GLA with ``linear``);
     ``linear``: ``linear_attention`` (``T = I``) instead of ``delta_rule``; ``packed``: three packed documents
-    (``cu_seqlens``, lengths 100, 90 and 66: the kernels read and write the packed rows in place)."""
+    (``cu_seqlens``, lengths 100, 90 and 66: the kernels read and write the packed rows in place); ``ungated``:
+    ``g=None`` (no decays kernel, no decay cotangents)."""
     import jax
     import jax.numpy as jnp
 
@@ -103,6 +105,7 @@ def lower_op(out: str, dtype: str, head_dim: int, chunk: int, scan: str = "seque
     spec = lambda *shape, dtype=jnp.dtype(dtype): jax.ShapeDtypeStruct(shape, dtype)
 
     def loss(q, k, v, beta, g):
+        g = None if ungated else g
         options = dict(backend="pallas", chunk_size=chunk, scan=scan)
         if packed:
             options["cu_seqlens"] = jnp.array([0, 100, 190, T], jnp.int32)
@@ -169,21 +172,24 @@ def main():
     parser.add_argument("--per-channel", action="store_true", help="with --op: a decay per key channel (KDA)")
     parser.add_argument("--linear", action="store_true", help="with --op: linear_attention (GLA with --per-channel)")
     parser.add_argument("--packed", action="store_true", help="with --op: packed documents (cu_seqlens)")
+    parser.add_argument("--ungated", action="store_true", help="with --op: g=None (the path without decays)")
     args = parser.parse_args()
-    if (args.per_channel or args.linear or args.packed) and not args.op:
-        parser.error("--per-channel, --linear and --packed need --op (the per-kernel mode lowers the scalar-decay benchmark "
-                     "calls)")
+    if (args.per_channel or args.linear or args.packed or args.ungated) and not args.op:
+        parser.error("--per-channel, --linear, --packed and --ungated need --op (the per-kernel mode lowers the "
+                     "scalar-decay benchmark calls)")
+    if args.ungated and args.per_channel:
+        parser.error("--ungated: no decays, so no per-channel ones (--per-channel)")
     os.makedirs(args.out, exist_ok=True)
     if args.lower:
         if args.op:
             return lower_op(args.out, args.dtype, args.head_dim, args.chunk, args.scan, args.per_channel, args.linear,
-                            args.packed)
+                            args.packed, args.ungated)
         return lower(args.out, args.method)
     if not args.triton_site:
         parser.error("--triton-site is required (see the module docstring)")
     op = (["--op", "--dtype", args.dtype, "--head-dim", str(args.head_dim), "--chunk", str(args.chunk), "--scan", args.scan]
           + (["--per-channel"] if args.per_channel else []) + (["--linear"] if args.linear else [])
-          + (["--packed"] if args.packed else []) if args.op else [])
+          + (["--packed"] if args.packed else []) + (["--ungated"] if args.ungated else []) if args.op else [])
     subprocess.run([sys.executable, __file__, "--lower", "--out", args.out, "--method", args.method, *op], check=True)
     rows = compile_all(args.out, args.triton_site)
     print("| kernel | warps | stages | grid | registers | spill stores / loads (B) | stack (B) | shared (B) "

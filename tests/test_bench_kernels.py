@@ -85,24 +85,25 @@ def test_packed_stage_times_run_on_a_tiny_packing(monkeypatch):
     assert min(out["packed"].values()) > 0
 
 
-def test_kda_gla_and_gdn_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
-    """``--stages kda,gla,gdn --sweep --sweep-tunings 'transfer_warps=4;channel_block=16'``: each kernel alone with
-    per-channel decays (delta rule, and linear attention: no transfer kernels) and scalar ones (gdn), one entry a
-    variant, labelled by the fields it changes (``stages.json``)."""
+def test_kda_gla_gdn_and_dn_stages_run_once_a_launch_variant(tmp_path, monkeypatch):
+    """``--stages kda,gla,gdn,dn --sweep --sweep-tunings 'transfer_warps=4;channel_block=16'``: each kernel alone with
+    per-channel decays (delta rule, and linear attention: no transfer kernels), scalar ones (gdn) and none (dn: no
+    decays kernel), one entry a variant, labelled by the fields it changes (``stages.json``)."""
     import argparse
     import json
 
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
-    args = argparse.Namespace(stages="kda,gla,gdn", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
+    args = argparse.Namespace(stages="kda,gla,gdn,dn", tiny=True, shapes="0", reps=1, sweep=True, out=str(tmp_path),
                               sweep_tunings=bench_kernels.tunings("transfer_warps=4;channel_block=16"))
     bench_kernels.stages_only(args, say=lambda *a: None)
     variants = {"transfer_warps=4", "channel_block=16"}
-    for part in ("kda", "gla", "gdn"):
+    for part in ("kda", "gla", "gdn", "dn"):
         out = json.loads((tmp_path / "stages.json").read_text())[part]
         assert out["shape"] == "1x64x2x16x16" and set(out) == {"shape"} | variants
         for variant in variants:
             assert min(out[variant].values()) > 0
             assert ("transfer_bwd" in out[variant]) == (part != "gla")  # gla: the additive path
+            assert ("decays" in out[variant]) == (part != "dn")
 
 
 def test_profile_op_runs_each_kind_forward_and_backward(capsys):

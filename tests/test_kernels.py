@@ -116,6 +116,11 @@ def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
     reference = chunk_transfer_bwd_reference(*args, T, w, u, dw, du, solver=solver)
     for a, b in zip(kernel, reference):
         assert a.shape == b.shape and rel(a, b) < 1e-5
+    # without decay cotangents (a path without decays): the same other cotangents, a zero dlog_decay
+    *others, dlog_decay = chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=solver, decay_grads=False)
+    for a, b in zip(others, kernel):
+        assert rel(a, b) == 0
+    assert dlog_decay.shape == kernel[4].shape and not np.any(np.asarray(dlog_decay))
 
 
 def test_transfer_backward_adds_the_output_backwards_shares_and_writes_input_dtype_gradients():
@@ -175,6 +180,10 @@ def test_state_pass_and_output_backward_kernels_match_references():
             for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
+    # without decay cotangents: dq, dkeys and dw as before (rounding aside), no dG
+    *others, dG = chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, **static, block_k=8,
+                                          decay_grads=False)
+    assert dG is None and all(rel(a, b) < 1e-6 for a, b in zip(others, outs[0]))
 
 
 def test_segmented_state_passes_match_references_and_the_sequential_pass():
@@ -308,11 +317,11 @@ def test_pallas_forward_and_gradients_match_xla(backward, solver, scan, gated):
     q, k, v, beta, g, S0 = make_inputs(2, 2, 40, 2, 16, 16, 2, gated=gated)
     tuning = kc.Tuning(backward=backward)
 
-    def loss(backend, *args):
+    def loss(backend, *args):  # ungated: the kernels' path without decays (no G, no decay cotangents)
         if backend == "pallas":
             qq, kk, vv, bb, gg, s = args
             o, S = kc.chunked_pallas(qq, make_path(kk, vv, bb, gg), s, scale=0.25, chunk_size=16, solver=solver,
-                                     scan=scan, semantics="discrete", tuning=tuning)
+                                     scan=scan, semantics="discrete", tuning=tuning, has_decay=gg is not None)
         else:
             o, S = flowssm.delta_rule(*args[:5], initial_state=args[5], scale=0.25, chunk_size=16, solver=solver,
                                       backend="xla")
@@ -330,6 +339,26 @@ def test_pallas_gradient_reaches_initial_state():
     q, k, v, beta, g, S0 = make_inputs(3, 1, 20, 1, 16, 16)
     loss = lambda backend, s: jnp.sum(flowssm.delta_rule(q, k, v, beta, g, initial_state=s, chunk_size=16, backend=backend)[0])
     assert rel(jax.grad(loss, 1)("pallas", S0), jax.grad(loss, 1)("xla", S0)) < 1e-5
+
+
+def test_ungated_ops_take_the_kernels_path_without_decays(monkeypatch):
+    """``g=None`` reaches the kernels as ``has_decay=False`` (no decays kernel, no decay cotangents), with the
+    outputs and gradients of an explicit ``g = 0`` (which runs the decayed path)."""
+    q, k, v, beta, g, S0 = make_inputs(3, 1, 20, 1, 16, 16)
+    seen = []
+    kernel = kc.chunk_output_bwd_kernel
+    monkeypatch.setattr(kc, "chunk_output_bwd_kernel",
+                        lambda *a, **kw: seen.append(kw["decay_grads"]) or kernel(*a, **kw))
+
+    def loss(g, *args):
+        o, S = flowssm.delta_rule(*args, g, initial_state=S0, chunk_size=16, backend="pallas")
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
+
+    undecayed = jax.grad(loss, argnums=(1, 2, 3, 4))(None, q, k, v, beta)
+    assert seen == [False]
+    decayed = jax.grad(loss, argnums=(1, 2, 3, 4))(jnp.zeros_like(g), q, k, v, beta)
+    for a, b in zip(undecayed, decayed):
+        assert rel(a, b) < 1e-6
 
 
 @pytest.mark.parametrize("options, option", [

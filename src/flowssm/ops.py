@@ -57,10 +57,13 @@ def _scale(scale, K: int) -> float:
     return float(scale)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "tuning"))
-def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, backend, semantics, tuning=None):
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "tuning",
+                                             "has_decay"))
+def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, backend, semantics, tuning=None,
+             has_decay=True):
     """q: [B, T, H, K] -> (o: [B, T, H, V] in the compute dtype, final state [B, H, K, V]); ``tuning``: the
-    kernels' (backend "pallas")."""
+    kernels' (backend "pallas"); ``has_decay=False``: the path's log-decay is zero (``g`` None; the kernels skip
+    the decays)."""
     T = path.length
     qh = jnp.moveaxis(q.astype(path.keys.dtype), 2, 1)  # [B, H, T, K]
     if backend == "reference":
@@ -71,7 +74,7 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
         from flowssm.kernels import chunked_pallas
 
         return chunked_pallas(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, semantics=semantics,
-                              tuning=tuning)
+                              tuning=tuning, has_decay=has_decay)
     C = min(chunk_size, T)
     N = -(-T // C)
     path = chunk_path(pad_path(path, N * C), C)  # padding tokens are the identity map: exact
@@ -85,11 +88,14 @@ def _chunked(q, path: Path, S0, *, scale, chunk_size, solver: FlowSolver, scan, 
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "zero_h0", "tuning"))
-def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics, zero_h0=False, tuning=None):
+                   static_argnames=("scale", "chunk_size", "solver", "scan", "backend", "semantics", "zero_h0",
+                                    "tuning", "has_decay"))
+def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, semantics, zero_h0=False, tuning=None,
+            has_decay=True):
     """The packed computation behind the ops (validated arguments). q: [1, T, H, K], path: head-major,
     h0: [N, H, K, V], cu: int32 [N + 1] -> (o: [1, T, H, V] in the path dtype, finals: [N, H, K, V]).
-    ``zero_h0``: no initial states were given (h0 is zeros; the kernels skip reading it)."""
+    ``zero_h0``: no initial states were given (h0 is zeros; the kernels skip reading it); ``has_decay``: as
+    :func:`_chunked`'s."""
     T = path.length
     qh = jnp.moveaxis(q[0].astype(path.keys.dtype), 1, 0)  # [H, T, K]
     h0h = jnp.moveaxis(h0, 0, 1)  # [H, N, K, V]
@@ -103,7 +109,7 @@ def _packed(q, path: Path, h0, cu, *, scale, chunk_size, solver, scan, backend, 
         chunks = varlen.pallas_chunks(varlen.num_chunks(T, cu.shape[0] - 1, chunk_size))
         lay = varlen.layout(cu, T, chunk_size, chunks=chunks)
         return chunked_pallas(q, path, None if zero_h0 else h0, scale=scale, chunk_size=chunk_size, solver=solver,
-                              scan=scan, semantics=semantics, layout=lay, tuning=tuning)
+                              scan=scan, semantics=semantics, layout=lay, tuning=tuning, has_decay=has_decay)
     C = min(chunk_size, T)
     lay = varlen.layout(cu, T, C)
     o, finals = varlen.xla_chunks(varlen.to_slots(qh, lay, 1), varlen.slots_path(path, lay), h0h, lay, C, scale=scale,
@@ -159,20 +165,20 @@ def _check_tuning(tuning):
 
 
 def _run(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens=None,
-         names=backends.OP_NAMES, tuning=None):
+         names=backends.OP_NAMES, tuning=None, has_decay=True):
     if cu_seqlens is not None:
         return _run_packed(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
-                           names, tuning)
+                           names, tuning, has_decay)
     solver, S0, scale = validate(q, path, initial_state, scale, chunk_size, solver, scan, semantics)
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = _chunked(q, path, S0, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan, backend=backend,
-                    semantics=semantics, tuning=_check_tuning(tuning))
+                    semantics=semantics, tuning=_check_tuning(tuning), has_decay=has_decay)
     return o.astype(q.dtype), S
 
 
 def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens, names,
-                tuning=None):
+                tuning=None, has_decay=True):
     """:func:`_run` for packed sequences (see :mod:`flowssm.varlen`): final states ``[N, H, K, V]``."""
     solver, _, scale = validate(q, path, None, scale, chunk_size, solver, scan, semantics)
     cu = varlen.check_cu_seqlens(cu_seqlens, q.shape[0], path.length)
@@ -180,7 +186,8 @@ def _run_packed(q, path: Path, initial_state, scale, chunk_size, solver, scan, b
     backend = backends.check(backend, request(q, path, solver, chunk_size, semantics), names)
     _check_logode_beta(solver, path, semantics)
     o, S = _packed(q, path, h0, cu, scale=scale, chunk_size=chunk_size, solver=solver, scan=scan,
-                   backend=backend, semantics=semantics, zero_h0=initial_state is None, tuning=_check_tuning(tuning))
+                   backend=backend, semantics=semantics, zero_h0=initial_state is None, tuning=_check_tuning(tuning),
+                   has_decay=has_decay)
     return o.astype(q.dtype), S
 
 
@@ -231,7 +238,7 @@ def delta_rule(
     _refuse_additive(solver)
     path = make_path(k, v, beta, g)
     return _run(q, path, initial_state, scale, chunk_size, solver, scan, backend, semantics, cu_seqlens,
-                tuning=tuning)
+                tuning=tuning, has_decay=g is not None)
 
 
 def linear_attention(
@@ -257,7 +264,7 @@ def linear_attention(
     """
     path = linear_attention_path(k, v, g)
     return _run(q, path, initial_state, scale, chunk_size, Additive(), scan, backend, "discrete", cu_seqlens,
-                tuning=tuning)
+                tuning=tuning, has_decay=g is not None)
 
 
 def _step(state, q_t, path: Path, scale, semantics):

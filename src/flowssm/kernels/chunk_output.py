@@ -175,13 +175,14 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
 
 
 def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
-                      operand_dtype, rows=None, score_mode: str = "operand"):
+                      operand_dtype, rows=None, score_mode: str = "operand", decay_grads: bool = True):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
     S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
     ``dv=None``: no ``dw`` (None; additive paths have no ``w``);
-    dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up).
+    dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up);
+    ``decay_grads=False`` (a path without decays, scalar ``G = 0``): both None, not formed.
     Per key channel (G: [n, k], G_tok: [C, k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
     Operands: arrays, or the kernel's refs, each read (``x[...]``) where first needed; ``rows`` as in
     :func:`attention_block`.
@@ -209,22 +210,27 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
     q, k, G, G_tok, corrected, S, dS_out, do = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do))
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
-    through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0)
+    # (in this order the decayed kernel's tiles fit its registers on sm_90: forming the decays' terms after
+    # dw or dq spilled 360-572 B a thread)
+    through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0) if decay_grads else None
     d_qk = jnp.where(seen, d_att * pair_decay, 0.0)
     dq_state = (scale * jnp.exp(G_tok))[:, None] * mm(do, S, trans_b=True)
     dk_state = jnp.exp(G_end - G)[:, None] * mm(corrected, dS_out, trans_b=True)
-    through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
-    d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
+    if decay_grads:
+        through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
+        d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
     dw = None if dv is None else -mm(dv[...], S, trans_b=True)
-    return (dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state, dw,
-            jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
+    dq, dk = dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state
+    if not decay_grads:
+        return dq, dk, dw, None, None
+    return (dq, dk, dw, jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 
 
 def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
                             heads: int | None = None, block_k: int = 64, score_mode: str = "operand",
                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
-                            packed_rows: packed.ChunkTable | None = None):
+                            packed_rows: packed.ChunkTable | None = None, decay_grads: bool = True):
     """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
     (head, chunk, block of ``K`` columns).
 
@@ -238,7 +244,8 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
     additive path). ``dv=None`` (additive paths, ``w = 0``): ``dw`` is not formed, None. ``score_mode``: as
     the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
-    packed rows ``[1, T r, H, ·]``.
+    packed rows ``[1, T r, H, ·]``. ``decay_grads=False`` (a path without decays: scalar ``G = 0``): dG is not
+    formed (None), nor the products only it needs.
     """
     n, V = G.shape[2], do.shape[-1]
     BH, N, C, K = layout_dims(q, heads) if packed_rows is None else (heads, packed_rows.chunks, n // rank,
@@ -251,12 +258,15 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     acc = G.dtype
     G_tok = decay.token_decays(G, rank)
     per_channel = decay.per_channel(G)
+    if per_channel and not decay_grads:
+        raise ValueError(f"decay_grads: False is for paths without decays (scalar G), got per-channel G {G.shape}")
 
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
         q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, *refs = refs
         dv_ref, refs = (refs[0], refs[1:]) if with_dw else (None, refs)
-        dq_ref, dk_ref, *dw_ref, dg_ref, dgt_ref = refs
+        dq_ref, dk_ref, *refs = refs
+        dw_ref, decay_refs = refs[:with_dw], refs[with_dw:]
         if packed_rows is not None:  # the chunk's rows of the packed operands
             c = pl.program_id(1)
             q_ref, k_ref, do_ref, dq_ref, dk_ref = (packed.chunk_rows(x, table_ref, c, size, per_token) for
@@ -265,8 +275,9 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
                                                                            (dk_ref, n, rank)))
         grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
                                   scale=scale, matmul=dot, operand_dtype=dtype, score_mode=score_mode,
-                                  rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)))
-        for ref, x in zip((dq_ref, dk_ref, *dw_ref, dg_ref, dgt_ref), (*grads[:2], *grads[2:3] * with_dw, *grads[3:])):
+                                  rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)),
+                                  decay_grads=decay_grads)
+        for ref, x in zip((dq_ref, dk_ref, *dw_ref, *decay_refs), (*grads[:2], *grads[2:3] * with_dw, *grads[3:])):
             ref[...] = x.astype(ref.dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
@@ -279,9 +290,10 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
         decays, decay_shapes, decay_outs = (cols(n), cols(C)), ((BH, N, n, K), (BH, N, C, K)), (cols(n), cols(C))
     else:  # each block of K columns writes its share
         decays, decay_shapes, decay_outs = (vec(n), vec(C)), ((nkb, BH, N, n), (nkb, BH, N, C)), (share(n), share(C))
+    decay_shapes, decay_outs = (decay_shapes, decay_outs) if decay_grads else ((), ())
     shapes = (q.shape, keys.shape, *[(BH, N, n, K)] * with_dw, *decay_shapes)
-    dtypes = (q.dtype, dtype, *[dtype] * with_dw, acc, acc)
-    dq, dk, *dw, dG, dG_tok = pallas_call(
+    dtypes = (q.dtype, dtype, *[dtype] * with_dw, *[acc] * len(decay_shapes))
+    dq, dk, *outs = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)),
         grid=(BH, N, nkb),
@@ -292,7 +304,10 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
     )(*packed.table_args(packed_rows), q, keys, G, G_tok, corrected, S_in, dS_out, do, *(dv,) * with_dw)
-    dw = dw[0] if with_dw else None
+    dw, decay_outs = (outs[0] if with_dw else None), outs[with_dw:]
+    if not decay_grads:
+        return dq, dk, dw, None
+    dG, dG_tok = decay_outs
     if not per_channel:
         dG, dG_tok = dG.sum(0), dG_tok.sum(0)
     return dq, dk, dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
@@ -300,7 +315,7 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
 
 def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
                                heads: int | None = None, block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
-                               interpret: bool | None = None):
+                               interpret: bool | None = None, decay_grads: bool = True):
     """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision (all of ``K`` at once)."""
     del block_k, num_warps, num_stages, interpret
     q, keys, do, corrected = (to_head_major(x, heads) for x in (q, keys, do, corrected))
@@ -310,4 +325,5 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
         q, keys, G, decay.token_decays(G, rank), corrected.astype(acc), S_in.astype(acc),
         dS_out.astype(acc), do, dv)
     return (token_major(dq, heads).astype(q.dtype), token_major(dk, heads).astype(keys.dtype),
-            None if dw is None else dw.astype(keys.dtype), dG.at[:, :, rank - 1 :: rank].add(dG_tok))
+            None if dw is None else dw.astype(keys.dtype),
+            dG.at[:, :, rank - 1 :: rank].add(dG_tok) if decay_grads else None)

@@ -209,8 +209,9 @@ def _scaled_keys_vjp(drk, k, beta, G):
 
 def _store(ref, x, share=None):
     """``ref[...] = x + share`` in the dtype of ``ref``: ``share`` (a ref, or None) is the same cotangent's share
-    from another kernel, added at ``x``'s precision before the one rounding."""
-    ref[...] = (x if share is None else x + share[...].astype(x.dtype)).astype(ref.dtype)
+    from another kernel, added at ``x``'s precision before the one rounding. ``ref`` None: nothing stored."""
+    if ref is not None:
+        ref[...] = (x if share is None else x + share[...].astype(x.dtype)).astype(ref.dtype)
 
 
 def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
@@ -221,7 +222,8 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
     then ``dG`` is ``[n, K]``) ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
     (``decay.scores_vjp``) gives dk, db and dG, the scores are not formed); otherwise ``T = I``.
-    ``dk_share``, ``dg_share`` (refs or None): the other shares of dk and dG, added before they are written.
+    ``dk_share``, ``dg_share`` (refs or None): the other shares of dk and dG, added before they are written;
+    ``dg_ref`` None: no dG (a path without decays).
 
     Outputs are written as soon as they are final and operands loaded when first needed: fewer live
     tiles, fewer registers.
@@ -270,7 +272,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
                               num_stages: int = 1, interpret: bool | None = None, G=None, dG=None, dkeys=None,
-                              packed_rows: packed.ChunkTable | None = None):
+                              packed_rows: packed.ChunkTable | None = None, decay_grads: bool = True):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
@@ -281,7 +283,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     and of ``G`` from elsewhere (the output backward), added in the kernel in float32 before the one rounding
     of dkeys and the one vjp through :func:`micro_log_decay`.
     ``score_mode``, ``G``: as the forward's.
-    ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows).
+    ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows). ``decay_grads=False`` (a
+    path without decays, ``dG`` None): dlog_decay is zeros, not formed.
     """
     V = values.shape[-1]
     BH, N = log_decay.shape[:2]
@@ -297,6 +300,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     acc = jnp.promote_types(dtype, jnp.float32)
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     shares = [x for x in (dkeys, dG) if x is not None]
+    if dG is not None and not decay_grads:
+        raise ValueError("dG: a share of the decays' cotangent was given with decay_grads=False")
 
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
@@ -304,6 +309,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
         t_ref, rest = (rest[0], rest[1:]) if exact else (None, rest)
         dk_share, rest = (rest[0], rest[1:]) if dkeys is not None else (None, rest)
         dg_share, outs = (rest[0], rest[1:]) if dG is not None else (None, rest)
+        outs = outs if decay_grads else (*outs, None)
         if packed_rows is not None:  # the chunk's rows of the packed operands (dkeys and dvalues: the first outputs)
             k_ref, v_ref, dk_ref, dv_ref = (packed.chunk_rows(x, table_ref, pl.program_id(1), n, R)
                                             for x in (k_ref, v_ref, *outs[:2]))
@@ -318,24 +324,27 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     vec = pl.BlockSpec((None, None, n), lambda i, c: (i, c, 0))
     g_spec = rows(K) if decay.per_channel(G) else vec
     tk, tv = (packed.operand_spec(rows(d), heads, x, packed_rows) for d, x in ((K, keys), (V, values)))
-    shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), G.shape)
-    dk, dv, db, da, dG = pallas_call(
+    shapes = (keys.shape, values.shape, (BH, N, n), (BH, N, n), *[G.shape] * decay_grads)
+    dk, dv, db, da, *dG = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (keys.dtype, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
         in_specs=[*packed.table_specs(packed_rows), tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)]
         + ([rows(n)] if exact else []) + ([tk] if dkeys is not None else []) + ([g_spec] if dG is not None else []),
-        out_specs=(tk, tv, vec, vec, g_spec),
+        out_specs=(tk, tv, vec, vec, *[g_spec] * decay_grads),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
     )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []), *shares)
-    return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG, R, interpret=interpret)
+    if not decay_grads:
+        return dk, dv, db, da, jnp.zeros(log_decay.shape, acc)
+    return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG[0], R, interpret=interpret)
 
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                                  heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                                 interpret: bool | None = None, G=None, dG=None, dkeys=None):
+                                 interpret: bool | None = None, G=None, dG=None, dkeys=None,
+                                 decay_grads: bool = True):
     """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
     (any solver; ``T``, ``w``, ``u``, ``G`` unused)."""
     del T, w, u, num_warps, num_stages, interpret, G
@@ -349,4 +358,4 @@ def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, 
     if dG is not None:
         R = keys.shape[2] // log_decay.shape[2]
         dld = dld + jax.vjp(lambda ld: micro_log_decay(ld, R), up(log_decay))[1](dG)[0]
-    return dk.astype(keys.dtype), dv.astype(values.dtype), db, da, dld
+    return dk.astype(keys.dtype), dv.astype(values.dtype), db, da, dld if decay_grads else jnp.zeros_like(dld)

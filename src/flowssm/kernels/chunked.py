@@ -176,6 +176,20 @@ class _Static:
     tuning: Tuning
     heads: int
     zero_h0: bool = False  # packed sequences without initial states: the kernels skip reading them
+    has_decay: bool = True  # False: the path has no decays (g None): G = 0, no decay cotangents formed
+
+
+def _micro_decays(st: _Static, log_decay, R: int):
+    """``G``, the cumulative decays of every micro-step ([BH, N, C R], scalar decays): the decays kernel, or zeros
+    for a path without decays."""
+    if st.has_decay:
+        return cumulative_decay_kernel(log_decay, R)
+    return jnp.zeros((*log_decay.shape[:2], log_decay.shape[2] * R), log_decay.dtype)
+
+
+def _decay_cotangent(log_decay, dG, R: int):
+    """dlog_decay from the micro-step decays' cotangent ``dG`` (None: a path without decays, zeros)."""
+    return jnp.zeros_like(log_decay) if dG is None else cumulative_decay_vjp_kernel(log_decay, dG, R)
 
 
 def _kernel_backward_transfer(solver: FlowSolver) -> bool:
@@ -239,7 +253,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     # per-channel decays: the decays kernel also writes the keys decayed to the chunk end, the state passes' operand
     decayed = log_decay.ndim == 4 and not additive and not xla_scan
     G, *end_keys = cumulative_decay_kernel(log_decay, R, keys=keys, heads=H, **in_place) if decayed else (
-        cumulative_decay_kernel(log_decay, R),)
+        _micro_decays(st, log_decay, R),)
     state_keys = end_keys[0] if decayed else keys
     if additive:  # w = 0 (never formed or read), u = a v token-major
         w, u, T = None, _additive_values(layout_of(values, n), alpha), []
@@ -374,7 +388,7 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
     n = beta.shape[2]
     R = n // log_decay.shape[2]
     in_place = {} if packed_rows is None else dict(packed_rows=packed_rows)
-    G = cumulative_decay_kernel(log_decay, R)
+    G = _micro_decays(st, log_decay, R)
     dfinals, restarts = dS_final.astype(S0.dtype), {}
     if resets is not None:  # the final states' cotangents enter inside the passes; none at the end
         restarts = dict(resets=resets, dfinals=dfinals, zero_dfinals=zero_dfinals)
@@ -403,12 +417,13 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None if additive else dv,
                                              rank=R, scale=st.scale, heads=H, block_k=t.block_k,
-                                             score_mode=t.score_mode, num_warps=t.backward_warps, **in_place)
+                                             score_mode=t.score_mode, num_warps=t.backward_warps,
+                                             decay_grads=st.has_decay, **in_place)
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
         layout_values = _in_layout(args, packed_rows)[2]
         dvalues, dalpha = jax.vjp(_additive_values, layout_values, alpha)[1](token_major(dv, H).astype(values.dtype))
         grads = (dq, dk, _rows_of(dvalues, packed_rows), jnp.zeros_like(beta), dalpha,
-                 cumulative_decay_vjp_kernel(log_decay, dG, R), dS0)
+                 _decay_cotangent(log_decay, dG, R), dS0)
         return (*(d.astype(x.dtype) for d, x in zip(grads, args)), None, None, None)
     if _kernel_backward_transfer(st.solver):
         transfer_bwd = functools.partial(chunk_transfer_bwd_kernel, score_mode=t.score_mode,
@@ -419,7 +434,8 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         dk = dk if packed_rows is None else packed.to_layout(dk, packed_rows, n)
     # the output backward's shares of dkeys and dG are added inside, before dkeys' one rounding
     dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(*token_args, beta, alpha, log_decay, T, w, u, dw, dv,
-                                                             solver=st.solver, heads=H, G=G, dG=dG, dkeys=dk)
+                                                             solver=st.solver, heads=H, G=G, dG=dG, dkeys=dk,
+                                                             decay_grads=st.has_decay)
     if transfer_bwd is chunk_transfer_bwd_reference:
         dkeys, dvalues = _rows_of(dkeys, packed_rows), _rows_of(dvalues, packed_rows)
     grads = (dq, dkeys, dvalues, dbeta, dalpha, dlog_decay, dS0)
@@ -430,7 +446,8 @@ _pallas_flow.defvjp(_pallas_flow_fwd, _pallas_flow_bwd, symbolic_zeros=True)
 
 
 def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: FlowSolver, scan: str,
-                   semantics: str, tuning: Tuning | None = None, layout: varlen.Layout | None = None):
+                   semantics: str, tuning: Tuning | None = None, layout: varlen.Layout | None = None,
+                   has_decay: bool = True):
     """q: [B, T, H, K] (fla layout), path: head-major :class:`Path`, S0: [B, H, K, V]
     -> (o: [B, T, H, V] in the path dtype, final state [B, H, K, V]).
 
@@ -448,8 +465,12 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     :func:`flowssm.backends.check` accepts for "pallas" (the ops check before calling): discrete semantics.
     A sequence whose kernel arrays would outgrow int32 indexing (:data:`MAX_ELEMENTS`) runs as consecutive
     calls on pieces of whole chunks, each starting from the state the previous one left (exact; autodiff
-    chains them).
+    chains them). ``has_decay=False``: the path's log-decay is zero (``g`` None): ``G = 0`` is not computed by a
+    kernel and the backward forms no decay cotangents (the log-decay's gradient is returned as zeros).
     """
+    if not has_decay and path.per_channel:
+        raise ValueError(f"has_decay: False is for paths without decays, got per-channel log_decay "
+                         f"{path.log_decay.shape}")
     tuning = tuning or Tuning()
     mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
@@ -472,7 +493,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
         for start in range(0, T, piece):
             part = map_path(path, lambda x: x[:, :, start:start + piece])
             o, S = chunked_pallas(q[:, start:start + piece], part, S, scale=scale, chunk_size=chunk_size,
-                                  solver=solver, scan=scan, semantics=semantics, tuning=tuning)
+                                  solver=solver, scan=scan, semantics=semantics, tuning=tuning, has_decay=has_decay)
             outs.append(o)
         return jnp.concatenate(outs, axis=1), S
     od = operand_dtype(q, path)
@@ -499,7 +520,8 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     qc = rows(_pad_to(q, {3: Kp}).astype(od), C)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
-    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0)
+    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0,
+                 has_decay=has_decay)
     o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets, spans, packed_rows)
     o = o.reshape(B, -1, H, Vp)[:, :T, :, :V]
     S_final = S_final.reshape(B, H, Kp, Vp) if resets is None else jnp.moveaxis(S_final, 1, 0)
