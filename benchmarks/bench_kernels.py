@@ -213,7 +213,7 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         w, u, Tm = None, values if packed_rows is None else run(lambda y: pk.to_layout(y, packed_rows, C), values), []
     else:
         w, u, *Tm = add("transfer", lambda *a: ct.chunk_transfer_kernel(
-            *a[:5], solver=solver, mode=t.transfer_mode or "tf32", save_transfer=inverse, heads=H, score_mode=t.score_mode,
+            *a[:5], solver=solver, mode=t.transfer_mode, save_transfer=inverse, heads=H, score_mode=t.score_mode,
             channel_block=t.channel_block, num_warps=t.transfer_warps, G=a[5], **opts),
             keys, values, b, b, ld, G)
     # the sequential passes on Mosaic GPU where the op runs them there, the output fused where it fuses it

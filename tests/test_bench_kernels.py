@@ -42,15 +42,16 @@ def test_segment_sweep_runs_on_a_tiny_shape(monkeypatch):
 
 def test_sweep_times_variants_and_compares_their_outputs_and_gradients(monkeypatch):
     monkeypatch.setattr(bench_kernels, "CHUNK", 16)
-    variants = (bench_kernels.Tuning(), bench_kernels.Tuning(output="kernel"), bench_kernels.Tuning(transfer_mode="f16"))
+    Tuning = bench_kernels.Tuning
+    variants = (Tuning(), Tuning(output="kernel"), Tuning(transfer_mode="tf32"))
     out = bench_kernels.sweep((1, 32, 2, 16, 16), 1, lambda *a: None, variants, scan="auto")
-    assert set(out) == {"default", "output='kernel'", "transfer_mode='f16'"}
+    assert set(out) == {"default", "output='kernel'", "transfer_mode='tf32'"}
     for label in ("default", "output='kernel'"):  # on CPU both variants run the output kernel
         row = out[label]  # a dict, not the repr of a failure
         assert row["fwd"] > 0 and row["fwdbwd"] > 0 and row["err_o_vs_first"] == row["err_S_vs_first"] == 0.0
         assert row["err_grads_vs_first"] == [0.0] * 4 and 0 < row["err_o_correlated"] < 2e-2
-    f16 = out["transfer_mode='f16'"]  # float16 products round differently from the default's
-    assert 0 < f16["err_o_vs_first"] < 1e-2 and 0 < f16["err_o_correlated"] < 2e-2
+    tf32 = out["transfer_mode='tf32'"]  # TF32 products round differently from the default's (float16)
+    assert 0 < tf32["err_o_vs_first"] < 1e-2 and 0 < tf32["err_o_correlated"] < 2e-2
 
 
 def test_kernel_calls_time_the_mosaic_passes_and_the_fused_output_as_the_op_runs_them():

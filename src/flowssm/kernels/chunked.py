@@ -172,7 +172,6 @@ class _Static:
     solver: FlowSolver
     scan: str
     scale: float
-    mode: str
     tuning: Tuning
     heads: int
     zero_h0: bool = False  # packed sequences without initial states: the kernels skip reading them
@@ -258,7 +257,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     if additive:  # w = 0 (never formed or read), u = a v token-major
         w, u, T = None, _additive_values(layout_of(values, n), alpha), []
     else:
-        w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=st.mode,
+        w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=t.transfer_mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
                                          channel_block=t.channel_block, num_warps=t.transfer_warps, G=G, **in_place)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
@@ -472,7 +471,6 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
         raise ValueError(f"has_decay: False is for paths without decays, got per-channel log_decay "
                          f"{path.log_decay.shape}")
     tuning = tuning or Tuning()
-    mode = tuning.transfer_mode or ("tf32" if jnp.finfo(operand_dtype(q, path)).bits < 32 else "operand")
     B, H, T, R, K = path.keys.shape
     V = path.values.shape[-1]
     C, Rp, Kp, Vp = chunk_size, _pow2(R), _pow2(K, 16), _pow2(V, 16)
@@ -520,7 +518,7 @@ def chunked_pallas(q, path: Path, S0, *, scale: float, chunk_size: int, solver: 
     qc = rows(_pad_to(q, {3: Kp}).astype(od), C)
     S0p = _pad_to(S0, {2: Kp, 3: Vp})
     S0p = S0p.reshape(BH, Kp, Vp) if resets is None else jnp.moveaxis(S0p, 0, 1)  # [BH, Ns, Kp, Vp] for B = 1
-    st = _Static(solver=solver, scan=scan, scale=scale, mode=mode, tuning=tuning, heads=H, zero_h0=zero_h0,
+    st = _Static(solver=solver, scan=scan, scale=scale, tuning=tuning, heads=H, zero_h0=zero_h0,
                  has_decay=has_decay)
     o, S_final = _pallas_flow(st, qc, keys, values, beta, alpha, log_decay, S0p, resets, spans, packed_rows)
     o = o.reshape(B, -1, H, Vp)[:, :T, :, :V]

@@ -44,11 +44,12 @@ class Tuning:
     Warps per kernel (``backward_warps``: the output and transfer backward kernels), the state passes'
     pipeline stages (``state_bwd_stages``: the reverse passes'; None: as ``state_stages`` when that is set) and
     ``V`` block, the output kernel's ``V`` block, the output backward's ``K`` block. transfer_mode: matmul mode
-    of the transfer program's ``n x n`` products (``common.DOT_MODES``; None: "tf32" for bf16/f16 operands, full
-    precision otherwise). "operand" (bf16) was 15 % faster forward at 4 x 4096 x 16 heads on an H100 and moved the
-    outputs by 5e-3 (run 20); "f16" has TF32's mantissa at bf16's instruction count (chunks whose float16 products
-    overflow are formed again at TF32), within 1 % of float32 products' output error on LM-like keys (CPU),
-    not yet timed on a GPU.
+    of the transfer program's ``n x n`` products (``common.DOT_MODES``; None: "f16" for bf16/f16 operands, full
+    precision otherwise). "f16" has TF32's mantissa at bf16's instruction count (chunks whose float16 products
+    overflow are formed again at TF32): on an H100 at 4 x 4096 x 16 x 128 x 128 it took the forward from 0.371 to
+    0.309 ms and forward+backward from 1.248 to 1.203 ms against "tf32" (the default before), with the same errors
+    against float32 xla (outputs 4.0e-3, gradients 4.2e-3..5.3e-3 ungated; RESULTS.md, run 21). "operand" (bf16)
+    moved the outputs by 5e-3 (run 20).
     score_mode: matmul mode of the per-channel decayed scores and their vjp (``decay.scores``, GLA and KDA):
     "operand" (bf16 products for bf16 inputs, the fastest) or "tf32" (KDA's gradients as accurate as the
     scalar-decay path's, 3.4e-3 against 8.8e-3 relative to float32 xla, for about 18 % more forward+backward
@@ -151,6 +152,7 @@ class Tuning:
         stages = lambda tile: next((s for s in (3, 2) if s * max(forward_tile, tile) <= STAGE_BYTES), 1)
         output_block_v = V if K * V * size <= OUTPUT_STATE_BYTES else (64 if wide else 128)
         auto = dict(
+            transfer_mode="f16" if size <= 2 else "operand",
             transfer_warps=8 if f32 or big else 4,
             state_warps=8 if wide else 4,
             state_stages=stages(backward_tile),
