@@ -214,11 +214,11 @@ def _store(ref, x, share=None):
         ref[...] = (x if share is None else x + share[...].astype(x.dtype)).astype(ref.dtype)
 
 
-def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref,
+def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw, du_ref,
                         dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int,
                         score_mode: str = "operand", dk_share=None, dg_share=None):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
-    ``d*_ref`` blocks. ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
+    ``d*_ref`` blocks; ``dw()`` gives the cotangent of ``w`` (loaded, or formed from ``du`` and the state). ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
     below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
     then ``dG`` is ``[n, K]``) ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
     (``decay.scores_vjp``) gives dk, db and dG, the scores are not formed); otherwise ``T = I``.
@@ -233,7 +233,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
     drv = mm(t_ref[...], du_ref[...], trans_a=True) if exact else du_ref[...].astype(acc)
     _store(dv_ref, a_ref[...].astype(acc)[:, None] * drv)
     _store(da_ref, jnp.sum(drv * v_ref[...].astype(acc), axis=1))
-    form_drk = lambda: mm(t_ref[...], dw_ref[...], trans_a=True) if exact else dw_ref[...].astype(acc)
+    form_drk = lambda: mm(t_ref[...], dw(), trans_a=True) if exact else dw().astype(acc)
     if not exact:
         dk, db, dG = _scaled_keys_vjp(form_drk(), k_ref[...], loaded(b_ref), loaded(g_ref))
         _store(dk_ref, dk, dk_share)
@@ -272,7 +272,7 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
 def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                               heads: int | None = None, score_mode: str = "operand", num_warps: int = 4,
                               num_stages: int = 1, interpret: bool | None = None, G=None, dG=None, dkeys=None,
-                              packed_rows: packed.ChunkTable | None = None, decay_grads: bool = True):
+                              S_in=None, packed_rows: packed.ChunkTable | None = None, decay_grads: bool = True):
     """Backward of :func:`chunk_transfer_kernel` for programs with ``T = (I + L)^{-1}`` (``T`` saved by the
     forward) or ``T = I`` (``T = None``), one program per (head, chunk).
 
@@ -283,8 +283,11 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     and of ``G`` from elsewhere (the output backward), added in the kernel in float32 before the one rounding
     of dkeys and the one vjp through :func:`micro_log_decay`.
     ``score_mode``, ``G``: as the forward's.
-    ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows). ``decay_grads=False`` (a
-    path without decays, ``dG`` None): dlog_decay is zeros, not formed.
+    ``dw=None`` with the states entering the chunks ``S_in: [BH, N, K, V]``: ``dw = -du S_in^T`` is formed here
+    (``w``'s one use is the corrected values ``u - w S_in``, whose cotangent is ``du``), not written by the output
+    backward and read back.
+    ``packed_rows``: as the forward's (keys, values, dkeys and dvalues are packed rows).
+    ``decay_grads=False`` (a path without decays, ``dG`` None): dlog_decay is zeros, not formed.
     """
     V = values.shape[-1]
     BH, N = log_decay.shape[:2]
@@ -298,6 +301,9 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     interpret = resolve_interpret(interpret)
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
+    if (dw is None) == (S_in is None):
+        raise ValueError(f"dw, S_in: give exactly one (dw, or S_in to form dw = -du S_in^T), got "
+                         f"dw {'given' if dw is not None else 'None'} and S_in {'given' if S_in is not None else 'None'}")
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     shares = [x for x in (dkeys, dG) if x is not None]
     if dG is not None and not decay_grads:
@@ -306,6 +312,8 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
         k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, dw_ref, du_ref, *rest = refs
+        form_dw = ((lambda: dw_ref[...]) if dw is not None else  # else dw_ref is S_in's tile
+                   (lambda: -dot(du_ref[...], dw_ref[...], operand_dtype=dtype, trans_b=True)))
         t_ref, rest = (rest[0], rest[1:]) if exact else (None, rest)
         dk_share, rest = (rest[0], rest[1:]) if dkeys is not None else (None, rest)
         dg_share, outs = (rest[0], rest[1:]) if dG is not None else (None, rest)
@@ -316,7 +324,7 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
             outs = (dk_ref, dv_ref, *outs[2:])
             if dk_share is not None:
                 dk_share = packed.chunk_rows(dk_share, table_ref, pl.program_id(1), n, R)
-        _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, dw_ref, du_ref, *outs,
+        _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, form_dw, du_ref, *outs,
                             exact=exact, operand_dtype=dtype, acc=acc, blocks=chunks.score_blocks(n // R),
                             score_mode=score_mode, dk_share=dk_share, dg_share=dg_share)
 
@@ -329,13 +337,15 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, (keys.dtype, values.dtype) + (acc,) * 3)),
         grid=(BH, N),
-        in_specs=[*packed.table_specs(packed_rows), tk, tv, vec, vec, g_spec, rows(K), rows(V), rows(K), rows(V)]
+        in_specs=[*packed.table_specs(packed_rows), tk, tv, vec, vec, g_spec, rows(K), rows(V),
+                  rows(K) if dw is not None else pl.BlockSpec((None, None, K, V), lambda i, c: (i, c, 0, 0)), rows(V)]
         + ([rows(n)] if exact else []) + ([tk] if dkeys is not None else []) + ([g_spec] if dG is not None else []),
         out_specs=(tk, tv, vec, vec, *[g_spec] * decay_grads),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_transfer_bwd",
-    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, dw, du, *([T] if exact else []), *shares)
+    )(*packed.table_args(packed_rows), keys, values, beta, alpha, G, w, u, S_in if dw is None else dw, du,
+      *([T] if exact else []), *shares)
     if not decay_grads:
         return dk, dv, db, da, jnp.zeros(log_decay.shape, acc)
     return dk, dv, db, da, cumulative_decay_vjp_kernel(log_decay, dG[0], R, interpret=interpret)
@@ -343,13 +353,15 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
 
 def chunk_transfer_bwd_reference(keys, values, beta, alpha, log_decay, T, w, u, dw, du, *, solver: FlowSolver,
                                  heads: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                                 interpret: bool | None = None, G=None, dG=None, dkeys=None,
+                                 interpret: bool | None = None, G=None, dG=None, dkeys=None, S_in=None,
                                  decay_grads: bool = True):
     """Same contract as :func:`chunk_transfer_bwd_kernel`: the vjp of :func:`chunk_transfer_reference`
     (any solver; ``T``, ``w``, ``u``, ``G`` unused)."""
     del T, w, u, num_warps, num_stages, interpret, G
     acc = jnp.promote_types(keys.dtype, jnp.float32)
     up = lambda x: x.astype(acc)
+    if dw is None:
+        dw = -jnp.einsum("bcnv,bckv->bcnk", up(du), up(S_in), precision=lax.Precision.HIGHEST)
     ref = lambda *a: chunk_transfer_reference(*a, solver=solver, heads=heads)
     _, vjp = jax.vjp(lambda *a: tuple(x.astype(acc) for x in ref(*a)), *map(up, (keys, values, beta, alpha, log_decay)))
     dk, dv, db, da, dld = vjp((up(dw), up(du)))

@@ -414,10 +414,10 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
                                                      scores=scores, **in_place)
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
-    dq, dk, dw, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None if additive else dv,
-                                             rank=R, scale=st.scale, heads=H, block_k=t.block_k,
-                                             score_mode=t.score_mode, num_warps=t.backward_warps,
-                                             decay_grads=st.has_decay, **in_place)
+    # dw = -dv' S_in^T is formed by the transfer backward, which reads dv' anyway (not written here, read back there)
+    dq, dk, _, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None, rank=R, scale=st.scale,
+                                            heads=H, block_k=t.block_k, score_mode=t.score_mode,
+                                            num_warps=t.backward_warps, decay_grads=st.has_decay, **in_place)
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
         layout_values = _in_layout(args, packed_rows)[2]
         dvalues, dalpha = jax.vjp(_additive_values, layout_values, alpha)[1](token_major(dv, H).astype(values.dtype))
@@ -432,9 +432,9 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         transfer_bwd, token_args = chunk_transfer_bwd_reference, _in_layout(args, packed_rows)[1:3]
         dk = dk if packed_rows is None else packed.to_layout(dk, packed_rows, n)
     # the output backward's shares of dkeys and dG are added inside, before dkeys' one rounding
-    dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(*token_args, beta, alpha, log_decay, T, w, u, dw, dv,
+    dkeys, dvalues, dbeta, dalpha, dlog_decay = transfer_bwd(*token_args, beta, alpha, log_decay, T, w, u, None, dv,
                                                              solver=st.solver, heads=H, G=G, dG=dG, dkeys=dk,
-                                                             decay_grads=st.has_decay)
+                                                             S_in=S_in, decay_grads=st.has_decay)
     if transfer_bwd is chunk_transfer_bwd_reference:
         dkeys, dvalues = _rows_of(dkeys, packed_rows), _rows_of(dvalues, packed_rows)
     grads = (dq, dkeys, dvalues, dbeta, dalpha, dlog_decay, dS0)
