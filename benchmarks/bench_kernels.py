@@ -242,8 +242,8 @@ def kernel_calls(q, k, v, beta, g, do, tuning=Tuning(), interpret=None, method: 
         dS_out, dv, _ = add("state_pass_bwd", lambda *a: sp.state_pass_bwd_kernel(  # a[6]: the saved scores
             *a[:6], rank=1, scale=scale, heads=H, block_v=bv, num_warps=t.state_warps, num_stages=t.state_bwd_stages,
             **packed, scores=a[6] if len(a) > 6 else None, **opts), qc, keys, G, w, dO, S0, *scores)
-    _, dk, _, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
-        *a, None, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode,
+    _, dk, dG = add("output_bwd", lambda *a: co.chunk_output_bwd_kernel(
+        *a, rank=1, scale=scale, heads=H, block_k=t.block_k, score_mode=t.score_mode,
         num_warps=t.backward_warps, decay_grads=not undecayed, **opts), qc, keys, G, corrected, S_in, dS_out, dO)
     if not additive:  # dw = -dv' S_in^T formed there
         add("transfer_bwd", lambda *a: ct.chunk_transfer_bwd_kernel(  # with the decays' one vjp (micro_log_decay)

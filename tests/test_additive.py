@@ -62,11 +62,9 @@ def test_stages_without_w_match_the_references_with_w_zero(per_channel):
     for a, b in zip((dS_out, dv, got_dS0), state_pass_bwd_reference(q, keys, G, zero, do, dS_final, **static)):
         assert rel(a, b) < 1e-13
     assert rel(dv, du) < 1e-12 and rel(got_dS0, dS0) < 1e-12
-    got = chunk_output_bwd_kernel(tok(q), tok(keys), G, tok(u), S_in, dS_out, tok(do), None, heads=H, block_k=8,
-                                  **static)
-    assert got[2] is None  # no w, no dw
-    ref = chunk_output_bwd_reference(q, keys, G, u, S_in, dS_out, do, None, **static)
-    for a, b, want in zip((got[0], got[1], got[3]), (tok(ref[0]), tok(ref[1]), ref[3]), (tok(dq), tok(dk), dG)):
+    got = chunk_output_bwd_kernel(tok(q), tok(keys), G, tok(u), S_in, dS_out, tok(do), heads=H, block_k=8, **static)
+    ref = chunk_output_bwd_reference(q, keys, G, u, S_in, dS_out, do, **static)
+    for a, b, want in zip(got, (tok(ref[0]), tok(ref[1]), ref[2]), (tok(dq), tok(dk), dG)):
         assert rel(a, b) < 1e-13 and rel(a, want) < 1e-12
 
 

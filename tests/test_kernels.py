@@ -65,6 +65,11 @@ def test_chunk_transfer_kernel_matches_reference(solver):
     if solver in EXACT:
         for a, b in zip(kernel, kc.chunk_transfer_reference(*args, solver=Exact())):
             assert rel(a, b) < 1e-5
+    # a path without decays: the kernel that never reads them equals the decayed one at log_decay = 0
+    undecayed = (*args[:4], jnp.zeros_like(args[4]))
+    for a, b in zip(kc.chunk_transfer_kernel(*undecayed, solver=solver, has_decay=False),
+                    kc.chunk_transfer_kernel(*undecayed, solver=solver)):
+        assert rel(a, b) < 1e-6
 
 
 def test_transfer_in_float16_mode_rounds_like_tf32_and_redoes_overflowing_chunks():
@@ -116,6 +121,14 @@ def test_chunk_transfer_backward_kernel_matches_reference_vjp(solver):
     reference = chunk_transfer_bwd_reference(*args, T, w, u, dw, du, solver=solver)
     for a, b in zip(kernel, reference):
         assert a.shape == b.shape and rel(a, b) < 1e-5
+    # dw formed in the kernel from the states entering the chunks: dw = -du S_in^T (w's one use is u - w S_in)
+    S_in = jax.random.normal(ks[1], (*w.shape[:2], w.shape[-1], u.shape[-1]), F32)
+    from_states = chunk_transfer_bwd_kernel(*args, T, w, u, None, du, solver=solver, S_in=S_in)
+    formed = chunk_transfer_bwd_reference(*args, T, w, u, -jnp.einsum("bcnv,bckv->bcnk", du, S_in), du, solver=solver)
+    for a, b in zip(from_states, formed):
+        assert rel(a, b) < 1e-5
+    with pytest.raises(ValueError, match="dw, S_in"):
+        chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=solver, S_in=S_in)
     # without decay cotangents (a path without decays): the same other cotangents, a zero dlog_decay
     *others, dlog_decay = chunk_transfer_bwd_kernel(*args, T, w, u, dw, du, solver=solver, decay_grads=False)
     for a, b in zip(others, kernel):
@@ -152,10 +165,8 @@ def test_transfer_backward_adds_the_output_backwards_shares_and_writes_input_dty
     q, do = (jax.random.normal(k, (BH, N, n // R, d), F32) for k, d in zip(ks[:2], (K, u.shape[-1])))
     S = jax.random.normal(ks[2], (BH, N, K, u.shape[-1]), F32)
     G = micro_log_decay(log_decay, R)
-    out = chunk_output_bwd_kernel(*bf(q, keys), G, *bf(u, S, S, do, u), rank=R, scale=0.3, block_k=8)
-    assert [x.dtype for x in out] == [jnp.bfloat16] * 3 + [F32]
-    additive = chunk_output_bwd_kernel(*bf(q, keys), G, *bf(u, S, S, do), None, rank=R, scale=0.3, block_k=8)
-    assert [None if x is None else x.dtype for x in additive] == [jnp.bfloat16] * 2 + [None, F32]
+    out = chunk_output_bwd_kernel(*bf(q, keys), G, *bf(u, S, S, do), rank=R, scale=0.3, block_k=8)
+    assert [x.dtype for x in out] == [jnp.bfloat16] * 2 + [F32]
 
 
 def test_state_pass_and_output_backward_kernels_match_references():
@@ -176,12 +187,12 @@ def test_state_pass_and_output_backward_kernels_match_references():
     dS_out, dv, _ = passes[1]
     S_in, _ = state_pass_reference(keys, G, w, u, jax.random.normal(ks[3], (BH, K, V), F32))
     _, corrected = kc.chunk_output_kernel(q, keys, G, w, u, S_in, save_corrected=True, **static)
-    outs = [f(q, keys, G, corrected, S_in, dS_out, do, dv, **static, **kw)
+    outs = [f(q, keys, G, corrected, S_in, dS_out, do, **static, **kw)
             for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-5
-    # without decay cotangents: dq, dkeys and dw as before (rounding aside), no dG
-    *others, dG = chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, **static, block_k=8,
+    # without decay cotangents: dq and dkeys as before (rounding aside), no dG
+    *others, dG = chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, **static, block_k=8,
                                           decay_grads=False)
     assert dG is None and all(rel(a, b) < 1e-6 for a, b in zip(others, outs[0]))
 
@@ -240,6 +251,8 @@ def test_auto_scan_segments_long_rows_on_few_programs_and_longer_ones_without_a_
     assert kc.auto_segments("auto", 1024, 32, kc.Tuning(segment_programs=256)) == 8
     with pytest.raises(ValueError, match="Tuning.segment_programs"):
         kc.Tuning(segment_programs=0)
+    with pytest.raises(ValueError, match="Tuning.flow_block_v"):
+        kc.Tuning(flow_block_v=96)
 
 
 def test_auto_output_is_fused_into_the_pass_where_it_fills_more_than_half_the_gpu(monkeypatch):

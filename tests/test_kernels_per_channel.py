@@ -113,6 +113,10 @@ def test_transfer_kernels_match_references(solver):
     kernel = chunk_transfer_bwd_kernel(*args, T[0] if exact else None, w, u, dw, du, solver=solver)
     for a, b in zip(kernel, chunk_transfer_bwd_reference(*args, None, w, u, dw, du, solver=solver)):
         assert a.shape == b.shape and rel(a, b) < 1e-12
+    S_in = jnp.asarray(r.normal(size=(*w.shape[:2], w.shape[-1], u.shape[-1])))  # dw = -du S_in^T formed inside
+    kernel = chunk_transfer_bwd_kernel(*args, T[0] if exact else None, w, u, None, du, solver=solver, S_in=S_in)
+    for a, b in zip(kernel, chunk_transfer_bwd_reference(*args, None, w, u, None, du, solver=solver, S_in=S_in)):
+        assert rel(a, b) < 1e-12
 
 
 def test_state_pass_and_output_kernels_match_references_and_autodiff():
@@ -149,10 +153,11 @@ def test_state_pass_and_output_kernels_match_references_and_autodiff():
         assert rel(a, b) < 1e-13 and rel(c, b) < 1e-13
     dS_out, dv, got_dS0 = passes[0]
     assert rel(dv, du) < 1e-12 and rel(got_dS0, dS0) < 1e-12
-    outs = [f(q, keys, G, corrected, S_in, dS_out, do, dv, **static, **kw)
+    outs = [f(q, keys, G, corrected, S_in, dS_out, do, **static, **kw)
             for f, kw in ((chunk_output_bwd_kernel, dict(block_k=8)), (chunk_output_bwd_reference, {}))]
-    for a, b, want in zip(*outs, (dq, dk, dw, dG)):
+    for a, b, want in zip(*outs, (dq, dk, dG)):
         assert rel(a, b) < 1e-13 and rel(a, want) < 1e-12
+    assert rel(-jnp.einsum("bcnv,bckv->bcnk", dv, S_in), dw) < 1e-12  # the dw the transfer backward forms
 
 
 def _ops(family, q, k, v, beta, g, S0, **kw):
@@ -224,12 +229,12 @@ def test_score_mode_sets_the_precision_of_the_decayed_scores():
     BH, N, C = 2, 1, 32
     bf16 = lambda *shape: jnp.asarray(r.normal(size=shape), jnp.bfloat16)
     q, keys = bf16(BH, N, C, K), bf16(BH, N, C, K)
-    corrected, S, dS, do, dv = (x.astype(jnp.float32) for x in (bf16(BH, N, C, V), bf16(BH, N, K, V),
-                                                                  bf16(BH, N, K, V), bf16(BH, N, C, V), bf16(BH, N, C, V)))
+    corrected, S, dS, do = (x.astype(jnp.float32) for x in (bf16(BH, N, C, V), bf16(BH, N, K, V), bf16(BH, N, K, V),
+                                                              bf16(BH, N, C, V)))
     G = micro_log_decay(jnp.asarray(-r.uniform(0, 0.5, (BH, N, C, K)), jnp.float32), 1)
-    args = (q, keys, G, corrected, S, dS, do, dv)
+    args = (q, keys, G, corrected, S, dS, do)
     *_, dG_want = chunk_output_bwd_reference(*(x.astype(F64) for x in args), rank=1, scale=0.25)
-    errors = {mode: rel(chunk_output_bwd_kernel(*args, rank=1, scale=0.25, score_mode=mode)[3], dG_want)
+    errors = {mode: rel(chunk_output_bwd_kernel(*args, rank=1, scale=0.25, score_mode=mode)[2], dG_want)
               for mode in ("operand", "tf32")}
     assert errors["tf32"] < 1e-5 < 1e-4 < errors["operand"], errors
     with pytest.raises(ValueError, match="Tuning.score_mode"):

@@ -75,6 +75,8 @@ def test_mosaic_segment_flows_match_reference_and_triton_kernel():
     assert rel(flows, state_pass_reference(keys, G, w, u, **kw)) < 1e-2
     triton = state_pass_kernel(keys, G, w, u, **kw)
     assert rel(flows[..., :128], triton[..., :128]) < 1e-4 and rel(flows[..., 128:], triton[..., 128:]) < 1e-4
+    wide = state_pass_mosaic(keys, G, w, u, **(kw | dict(block_v=128)))  # Tuning.flow_block_v: one P, one Q block
+    assert rel(wide[..., :128], flows[..., :128]) < 1e-4 and rel(wide[..., 128:], flows[..., 128:]) < 1e-4
 
 
 @pytest.mark.parametrize("flow", [False, True])

@@ -7,11 +7,11 @@ For a chunk with incoming state ``S`` (micro-step decays ``G: [n]``, token decay
 
 one program per (head, chunk): fully parallel, whichever scan produced ``S``.
 
-Backward (:func:`chunk_output_bwd_kernel`, per chunk and block of ``K`` columns, given ``dv'`` and the
+Backward (:func:`chunk_output_bwd_kernel`, per chunk and block of ``K`` columns, given the
 cotangent ``dS'`` of the state leaving the chunk from ``state_pass_bwd_kernel``; ``r = u - w S`` saved by
 the forward's state pass, ``do~ = scale do``, ``A`` the masked decayed ``q k^T``, ``dA = do~ r^T`` on the mask):
 
-    dq = e^{G_t} do~ S^T + (dA * D) k,   dk = (dA * D)^T q + e^{G_end - G} r dS'^T,   dw = -dv' S^T,
+    dq = e^{G_t} do~ S^T + (dA * D) k,   dk = (dA * D)^T q + e^{G_end - G} r dS'^T,
     dG from every ``e^{...}``: the token decays ``G_t``, the micro-step decays ``G`` and ``G_end``.
 """
 
@@ -174,13 +174,12 @@ def chunk_output_reference(q, keys, G, w, u, S_in, *, rank: int, scale: float, o
     return token_major(o.astype(out_dtype or G.dtype), heads)
 
 
-def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int, scale: float, matmul,
+def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, *, rank: int, scale: float, matmul,
                       operand_dtype, rows=None, score_mode: str = "operand", decay_grads: bool = True):
     """One chunk's cotangents (see the module docstring) over a block of ``k`` columns of ``K``.
 
     q: [C, k], k: [n, k], G: [n], G_tok: [C], corrected (``u - w S``, saved by the forward): [n, V],
-    S, dS_out: [k, V], do: [C, V], dv: [n, V] -> (dq: [C, k], dk: [n, k], dw: [n, k], dG: [n], dG_tok: [C]);
-    ``dv=None``: no ``dw`` (None; additive paths have no ``w``);
+    S, dS_out: [k, V], do: [C, V] -> (dq: [C, k], dk: [n, k], dG: [n], dG_tok: [C]);
     dG and dG_tok are this block's share (every term is linear in the ``K`` columns: the shares add up);
     ``decay_grads=False`` (a path without decays, scalar ``G = 0``): both None, not formed.
     Per key channel (G: [n, k], G_tok: [C, k]): dG: [n, k] and dG_tok: [C, k], this block's columns.
@@ -204,14 +203,13 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
         through_k = dk_state * k32
         d_end = jnp.exp(G_end) * jnp.sum(S * dS_out, axis=1) + jnp.sum(through_k, axis=0)
         dG = jnp.where(last, d_end[None, :], 0.0) - k32 * dk_att - through_k
-        return (dq_state + dq_att, dk_att + dk_state, None if dv is None else -mm(dv[...], S, trans_b=True), dG,
-                q[...].astype(acc) * (dq_att + dq_state))
+        return (dq_state + dq_att, dk_att + dk_state, dG, q[...].astype(acc) * (dq_att + dq_state))
     G_end = G[n - 1]
     q, k, G, G_tok, corrected, S, dS_out, do = (x[...] for x in (q, k, G, G_tok, corrected, S, dS_out, do))
     seen, pair_decay = _mask_and_decay(G, G_tok, rank)
     d_att = scale * mm(do, corrected, trans_b=True)  # ``scale`` on the products, ``do`` stays in its dtype
     # (in this order the decayed kernel's tiles fit its registers on sm_90: forming the decays' terms after
-    # dw or dq spilled 360-572 B a thread)
+    # dq spilled 360-572 B a thread)
     through_att = jnp.where(seen, d_att * mm(q, k, trans_b=True) * pair_decay, 0.0) if decay_grads else None
     d_qk = jnp.where(seen, d_att * pair_decay, 0.0)
     dq_state = (scale * jnp.exp(G_tok))[:, None] * mm(do, S, trans_b=True)
@@ -219,38 +217,36 @@ def _output_bwd_block(q, k, G, G_tok, corrected, S, dS_out, do, dv, *, rank: int
     if decay_grads:
         through_k = jnp.sum(dk_state * k.astype(acc), axis=1)
         d_end = jnp.exp(G_end) * jnp.sum(S.astype(acc) * dS_out.astype(acc)) + jnp.sum(through_k)
-    dw = None if dv is None else -mm(dv[...], S, trans_b=True)
     dq, dk = dq_state + mm(d_qk, k), mm(d_qk, q, trans_a=True) + dk_state
     if not decay_grads:
-        return dq, dk, dw, None, None
-    return (dq, dk, dw, jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
+        return dq, dk, None, None
+    return (dq, dk, jnp.where(last[:, 0], d_end, 0.0) - jnp.sum(through_att, axis=0) - through_k,
             jnp.sum(through_att, axis=1) + jnp.sum(dq_state * q.astype(acc), axis=1))
 
 
-def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
+def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, *, rank: int, scale: float,
                             heads: int | None = None, block_k: int = 64, score_mode: str = "operand",
                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
                             packed_rows: packed.ChunkTable | None = None, decay_grads: bool = True):
-    """Cotangents of the chunk outputs and of the state pass through ``q, keys, w, G``, one program per
+    """Cotangents of the chunk outputs and of the state pass through ``q, keys, G``, one program per
     (head, chunk, block of ``K`` columns).
 
     q: [BH, N, C, K], keys: [BH, N, n, K], G: [BH, N, n] (cumulative; or [BH, N, n, K] per key channel, then
     dG too), corrected (``u - w S_in``, from the
-    forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] and dv': [BH, N, n, V]
-    (from ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final
-    dtype: nothing else adds to it), dkeys, dw: [BH, N, n, K] in the dtype of ``keys`` (the operand dtype: ``dw``
-    is a matmul operand of the transfer backward, which adds this share of dkeys to its own), dG: [BH, N, n] in
-    float32 (float64 for float64 ``G``)); dG includes the token decays' share.
+    forward's state pass): [BH, N, n, V], S_in: [BH, N, K, V], dS_out: [BH, N, K, V] (from
+    ``state_pass_bwd_kernel``), do: [BH, N, C, V] -> (dq: [BH, N, C, K] in the dtype of ``q`` (its final dtype:
+    nothing else adds to it), dkeys: [BH, N, n, K] in the dtype of ``keys`` (the transfer backward adds this share
+    to its own), dG: [BH, N, n] in float32 (float64 for float64 ``G``)); dG includes the token decays' share.
+    ``w``'s cotangent ``dw = -dv' S_in^T`` is formed by the transfer backward (``chunk_transfer_bwd_kernel(S_in=)``),
+    which reads ``dv'`` anyway.
     With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
-    additive path). ``dv=None`` (additive paths, ``w = 0``): ``dw`` is not formed, None. ``score_mode``: as
-    the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
+    additive path). ``score_mode``: as the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
     packed rows ``[1, T r, H, ·]``. ``decay_grads=False`` (a path without decays: scalar ``G = 0``): dG is not
     formed (None), nor the products only it needs.
     """
     n, V = G.shape[2], do.shape[-1]
     BH, N, C, K = layout_dims(q, heads) if packed_rows is None else (heads, packed_rows.chunks, n // rank,
                                                                      q.shape[-1])
-    with_dw = dv is not None
     bk = min(block_k, K)
     nkb = K // bk
     interpret = resolve_interpret(interpret)
@@ -264,20 +260,18 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     def kernel(*refs):
         table_ref, refs = (None, refs) if packed_rows is None else (refs[0], refs[1:])
         q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, *refs = refs
-        dv_ref, refs = (refs[0], refs[1:]) if with_dw else (None, refs)
-        dq_ref, dk_ref, *refs = refs
-        dw_ref, decay_refs = refs[:with_dw], refs[with_dw:]
+        dq_ref, dk_ref, *decay_refs = refs
         if packed_rows is not None:  # the chunk's rows of the packed operands
             c = pl.program_id(1)
             q_ref, k_ref, do_ref, dq_ref, dk_ref = (packed.chunk_rows(x, table_ref, c, size, per_token) for
                                                     x, size, per_token in ((q_ref, C, 1), (k_ref, n, rank),
                                                                            (do_ref, C, 1), (dq_ref, C, 1),
                                                                            (dk_ref, n, rank)))
-        grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, dv_ref, rank=rank,
+        grads = _output_bwd_block(q_ref, k_ref, g_ref, gt_ref, r_ref, s_ref, ds_ref, do_ref, rank=rank,
                                   scale=scale, matmul=dot, operand_dtype=dtype, score_mode=score_mode,
                                   rows=(decay.ref_rows(q_ref, gt_ref), decay.ref_rows(k_ref, g_ref)),
                                   decay_grads=decay_grads)
-        for ref, x in zip((dq_ref, dk_ref, *dw_ref, *decay_refs), (*grads[:2], *grads[2:3] * with_dw, *grads[3:])):
+        for ref, x in zip((dq_ref, dk_ref, *decay_refs), grads):
             ref[...] = x.astype(ref.dtype)
 
     rows = lambda r, d: pl.BlockSpec((None, None, r, d), lambda i, c, j: (i, c, 0, 0))
@@ -291,29 +285,28 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank
     else:  # each block of K columns writes its share
         decays, decay_shapes, decay_outs = (vec(n), vec(C)), ((nkb, BH, N, n), (nkb, BH, N, C)), (share(n), share(C))
     decay_shapes, decay_outs = (decay_shapes, decay_outs) if decay_grads else ((), ())
-    shapes = (q.shape, keys.shape, *[(BH, N, n, K)] * with_dw, *decay_shapes)
-    dtypes = (q.dtype, dtype, *[dtype] * with_dw, *[acc] * len(decay_shapes))
-    dq, dk, *outs = pallas_call(
+    shapes = (q.shape, keys.shape, *decay_shapes)
+    dtypes = (q.dtype, dtype, *[acc] * len(decay_shapes))
+    dq, dk, *decay_outs = pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)),
         grid=(BH, N, nkb),
         in_specs=[*packed.table_specs(packed_rows), tok(cols(C), q), tok(cols(n), keys), *decays, in_layout(rows(n, V), corrected, heads), state, state,
-                  tok(rows(C, V), do), *[rows(n, V)] * with_dw],
-        out_specs=(tok(cols(C), q), tok(cols(n), keys), *[cols(n)] * with_dw, *decay_outs),
+                  tok(rows(C, V), do)],
+        out_specs=(tok(cols(C), q), tok(cols(n), keys), *decay_outs),
         interpret=interpret,
         num_warps=num_warps, num_stages=num_stages,
         name="flowssm_chunk_output_bwd",
-    )(*packed.table_args(packed_rows), q, keys, G, G_tok, corrected, S_in, dS_out, do, *(dv,) * with_dw)
-    dw, decay_outs = (outs[0] if with_dw else None), outs[with_dw:]
+    )(*packed.table_args(packed_rows), q, keys, G, G_tok, corrected, S_in, dS_out, do)
     if not decay_grads:
-        return dq, dk, dw, None
+        return dq, dk, None
     dG, dG_tok = decay_outs
     if not per_channel:
         dG, dG_tok = dG.sum(0), dG_tok.sum(0)
-    return dq, dk, dw, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
+    return dq, dk, dG.at[:, :, rank - 1 :: rank].add(dG_tok)
 
 
-def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, rank: int, scale: float,
+def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, *, rank: int, scale: float,
                                heads: int | None = None, block_k: int = 64, num_warps: int = 4, num_stages: int = 1,
                                interpret: bool | None = None, decay_grads: bool = True):
     """Same contract as :func:`chunk_output_bwd_kernel`, in plain jnp at full precision (all of ``K`` at once)."""
@@ -321,9 +314,8 @@ def chunk_output_bwd_reference(q, keys, G, corrected, S_in, dS_out, do, dv, *, r
     q, keys, do, corrected = (to_head_major(x, heads) for x in (q, keys, do, corrected))
     acc = G.dtype
     block = lambda *a: _output_bwd_block(*a, rank=rank, scale=scale, matmul=reference_dot, operand_dtype=keys.dtype)
-    dq, dk, dw, dG, dG_tok = jax.vmap(jax.vmap(block))(
+    dq, dk, dG, dG_tok = jax.vmap(jax.vmap(block))(
         q, keys, G, decay.token_decays(G, rank), corrected.astype(acc), S_in.astype(acc),
-        dS_out.astype(acc), do, dv)
+        dS_out.astype(acc), do)
     return (token_major(dq, heads).astype(q.dtype), token_major(dk, heads).astype(keys.dtype),
-            None if dw is None else dw.astype(keys.dtype),
             dG.at[:, :, rank - 1 :: rank].add(dG_tok) if decay_grads else None)

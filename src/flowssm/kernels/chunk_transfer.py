@@ -30,36 +30,40 @@ from flowssm.solvers.program import ADDITIVE, IDENTITY, INVERSE, TransferProgram
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand",
                channel_block: int | None = None):
-    """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n] or [n, K] (``decay.scores``, with
+    """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n], [n, K] or None (``G = 0``) (``decay.scores``, with
     its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``,
     over blocks of ``channel_block`` key channels)."""
     n = k.shape[0]
-    if len(G.shape) == 2:
+    if G is not None and len(G.shape) == 2:
         return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(dot, mode=score_mode),
                             operand_dtype=operand_dtype, rows=rows, channels=channel_block)
     below = lax.broadcasted_iota(jnp.int32, (n, n), 0) > lax.broadcasted_iota(jnp.int32, (n, n), 1)
     gram = dot(k, k, operand_dtype=operand_dtype, trans_b=True)
+    if G is None:
+        return jnp.where(below, gram, 0.0)
     return jnp.where(below, gram * jnp.exp(jnp.where(below, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 def _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *, program: TransferProgram, operand_dtype,
-                    mode, blocks: int, score_mode: str = "operand", channel_block: int | None = None):
+                    mode, blocks: int, score_mode: str = "operand", channel_block: int | None = None,
+                    has_decay: bool = True):
     """One chunk, from and to kernel refs: k: [n, K], v: [n, V], beta, alpha: [n], G: [n] or [n, K] -> w: [n, K],
     u: [n, V] stored; returns ``T: [n, n]`` (float32), or None for ``T = I``. ``blocks``, ``score_mode``: of the
     per-channel scores (:func:`_key_scores`); ``channel_block``: per-channel decays form the scores and
     ``w = T (b e^G * k)`` over blocks of this many key channels (None: all at once), so that only ``[n, block]``
-    float32 decay tiles are live."""
+    float32 decay tiles are live. ``has_decay=False``: ``G = 0`` (a path without decays), not read."""
     f32 = g_ref.dtype
     beta = b_ref[...].astype(f32)
     alpha = lambda: a_ref[...].astype(f32)
     if len(g_ref.shape) == 1:  # scalar decays
-        scale = beta * jnp.exp(g_ref[...])
+        G = g_ref[...] if has_decay else None
+        scale = beta if G is None else beta * jnp.exp(G)
         if program.structure == IDENTITY:
             w_ref[...] = (scale[:, None] * k_ref[...].astype(f32)).astype(w_ref.dtype)
             u_ref[...] = (alpha()[:, None] * v_ref[...].astype(f32)).astype(u_ref.dtype)
             return None
         k = k_ref[...]
-        L = (beta[:, None] * _key_scores(k, g_ref[...], blocks=blocks, operand_dtype=operand_dtype)).astype(f32)
+        L = (beta[:, None] * _key_scores(k, G, blocks=blocks, operand_dtype=operand_dtype)).astype(f32)
         T = program.matrix(L, lambda a, b: dot(a, b, operand_dtype=operand_dtype, mode=mode))
         u_ref[...] = dot(T * alpha()[None, :], v_ref[...], operand_dtype=operand_dtype).astype(u_ref.dtype)
         # T (s * k) = (T * s^T) k: the steps scale T's columns, k and v enter the matmuls as they are
@@ -91,7 +95,8 @@ def _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, *, program:
 def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowSolver, mode: str = "operand",
                           save_transfer: bool = False, heads: int | None = None, score_mode: str = "operand",
                           channel_block: int | None = None, num_warps: int = 4, num_stages: int = 1,
-                          interpret: bool | None = None, G=None, packed_rows: packed.ChunkTable | None = None):
+                          interpret: bool | None = None, G=None, packed_rows: packed.ChunkTable | None = None,
+                          has_decay: bool = True):
     """Generators of every chunk, one program per (head, chunk), ``n = C R`` micro-steps a chunk.
 
     keys: [BH, N, n, K], values: [BH, N, n, V] (token-major [B, N, n, H, ·] with ``heads=H``, see
@@ -105,7 +110,8 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
     per-channel decayed scores (``launch.Tuning.score_mode``); per-channel decays form the scores and ``w`` over
     blocks of ``channel_block`` key channels (``launch.Tuning.channel_block``). ``G``:
     ``micro_log_decay(log_decay, R)`` where the caller has it (else computed here). ``packed_rows`` (packed sequences
-    read in place, :mod:`.packed`): keys and values are the packed rows ``[1, T R, H, ·]``.
+    read in place, :mod:`.packed`): keys and values are the packed rows ``[1, T R, H, ·]``. ``has_decay=False``
+    (a path without decays, scalar ``log_decay = 0``): the decays are not read, nor their factors formed.
     """
     V = values.shape[-1]
     BH, N, C = log_decay.shape[:3]
@@ -148,7 +154,7 @@ def chunk_transfer_kernel(keys, values, beta, alpha, log_decay, *, solver: FlowS
             def chunk():
                 T = _transfer_block(k_ref, v_ref, b_ref, a_ref, g_ref, w_ref, u_ref, program=program,
                                     operand_dtype=dtype, mode=mode, blocks=blocks, score_mode=score_mode,
-                                    channel_block=channel_block)
+                                    channel_block=channel_block, has_decay=has_decay)
                 if save_transfer:
                     rest[0][...] = T.astype(dtype)
                 if flag:  # inf or NaN spreads through every later product: one look at T finds an overflow
@@ -218,9 +224,10 @@ def _transfer_bwd_block(k_ref, v_ref, b_ref, a_ref, g_ref, t_ref, w_ref, u_ref, 
                         dk_ref, dv_ref, db_ref, da_ref, dg_ref, *, exact: bool, operand_dtype, acc, blocks: int,
                         score_mode: str = "operand", dk_share=None, dg_share=None):
     """Cotangents of one chunk's ``w = T rk, u = T rv`` (``rk = b e^G k``, ``rv = a v``), written to the
-    ``d*_ref`` blocks; ``dw()`` gives the cotangent of ``w`` (loaded, or formed from ``du`` and the state). ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)``
-    below the diagonal, then through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``,
-    then ``dG`` is ``[n, K]``) ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
+    ``d*_ref`` blocks; ``dw()`` gives the cotangent of ``w`` (loaded, or formed from ``du`` and the state).
+    ``exact``: ``T = (I + L)^{-1}`` (``drk = T^T dw``, ``dL = -(drk w^T + drv u^T)`` below the diagonal, then
+    through ``L_im = b_i (k_i . k_m) e^{G_i - G_m}``; per key channel (``G: [n, K]``, then ``dG`` is ``[n, K]``)
+    ``L`` is ``decay.scores`` of the rows ``b k`` and the items ``k``: its vjp
     (``decay.scores_vjp``) gives dk, db and dG, the scores are not formed); otherwise ``T = I``.
     ``dk_share``, ``dg_share`` (refs or None): the other shares of dk and dG, added before they are written;
     ``dg_ref`` None: no dG (a path without decays).

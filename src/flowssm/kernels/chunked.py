@@ -24,8 +24,9 @@ inputs, ``w, u``, the states entering the chunks and, for exact programs, the ch
 1. ``state_pass_bwd``: the reverse pass of the state cotangent, giving ``dv'`` and the cotangent of the
    state leaving every chunk: sequential over chunks, or segmented like the forward
    (:func:`segmented_cotangents`) when the forward's scan was segmented.
-2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dw, dG``.
-3. ``chunk_transfer_bwd``: per (head, chunk), through ``w = T (b e^G k), u = T (a v)`` with the saved
+2. ``chunk_output_bwd``: per (head, chunk), ``dq`` and the shares of ``dk, dG``.
+3. ``chunk_transfer_bwd``: per (head, chunk), ``dw = -dv' S_in^T`` (``w``'s one use is ``u - w S_in``), then
+   through ``w = T (b e^G k), u = T (a v)`` with the saved
    ``T`` (programs computing ``(I + L)^{-1}``: every exact method) or ``T = I`` (euler), adding step 2's shares
    of dk and dG before it writes (dk, like dq and dv, leaves in the input dtype); other programs
    (the truncated series of ``signature``) take this step by autodiff of the jnp reference (XLA).
@@ -131,7 +132,8 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
              dict(num_warps=tuning.state_warps, num_stages=tuning.state_stages, decayed_keys=decayed_keys,
                   packed_rows=packed_rows, rank=rank, **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
     state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
-    flow = state_pass(keys, G, w, u, None, flow=True, write_states=False).reshape(BH, segments, K, K + V)
+    flow = state_pass(keys, G, w, u, None, flow=True, write_states=False,
+                      block_v=tuning.flow_block_v or tuning.block_v).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
     outs = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), write_states=write_states,
@@ -259,7 +261,8 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
     else:
         w, u, *T = chunk_transfer_kernel(keys, values, beta, alpha, log_decay, solver=st.solver, mode=t.transfer_mode,
                                          save_transfer=save_transfer, heads=H, score_mode=t.score_mode,
-                                         channel_block=t.channel_block, num_warps=t.transfer_warps, G=G, **in_place)
+                                         channel_block=t.channel_block, num_warps=t.transfer_warps, G=G,
+                                         has_decay=st.has_decay, **in_place)
     BH, N, V = G.shape[0], G.shape[1], u.shape[-1]
     sequences = 1 if resets is None else S0.shape[1]  # the sequential pass runs them in parallel
     programs = BH * sequences * (V // min(t.block_v, V))  # of the sequential pass
@@ -415,9 +418,9 @@ def _pallas_flow_bwd(st: _Static, residuals, cotangents):
         if resets is not None:  # an empty sequence's final state is its initial state
             dS0 = jnp.where(varlen.nonempty(resets, S0.shape[1])[:, None, None], dh0[0], dfinals)
     # dw = -dv' S_in^T is formed by the transfer backward, which reads dv' anyway (not written here, read back there)
-    dq, dk, _, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, None, rank=R, scale=st.scale,
-                                            heads=H, block_k=t.block_k, score_mode=t.score_mode,
-                                            num_warps=t.backward_warps, decay_grads=st.has_decay, **in_place)
+    dq, dk, dG = chunk_output_bwd_kernel(qc, keys, G, corrected, S_in, dS_out, do, rank=R, scale=st.scale, heads=H,
+                                         block_k=t.block_k, score_mode=t.score_mode, num_warps=t.backward_warps,
+                                         decay_grads=st.has_decay, **in_place)
     if additive:  # u = a v: dv' gives dvalues and dalpha; beta is not read
         layout_values = _in_layout(args, packed_rows)[2]
         dvalues, dalpha = jax.vjp(_additive_values, layout_values, alpha)[1](token_major(dv, H).astype(values.dtype))

@@ -65,6 +65,9 @@ class Tuning:
     GPU wherever it runs the pass, else Triton; "mosaic": also in interpret mode (CPU tests). Packed
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
+    flow_block_v: the column block of the segmented scan's segment-flow pass (``[P | Q]``, ``K + V`` columns);
+    None: ``block_v``. Wider blocks run that pass on fewer programs (at 1 x 65536 x 16 heads, K = V = 128 and 4
+    segments: 256 programs at 64 columns, 128 at 128).
     output: where the forward computes the outputs ``o``: "kernel" (``chunk_output``, one program per chunk, from the
     ``S_in`` the state pass wrote) or "fused": inside the Mosaic forward state pass, from the state tile it holds
     (``state_pass_mosaic(q=...)``: no ``S_in`` read back, and none written by a forward without a backward), wherever
@@ -97,6 +100,7 @@ class Tuning:
     backward_warps: int | None = None
     block_k: int | None = None
     segment_programs: int | None = None
+    flow_block_v: int | None = None
     state_lowering: str = "auto"
     mosaic_stages: int = 4
     output: str = "auto"
@@ -111,7 +115,7 @@ class Tuning:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Tuning.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("block_v", "block_k", "output_block_v", "channel_block"):
+        for name in ("block_v", "block_k", "output_block_v", "channel_block", "flow_block_v"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"Tuning.{name}: expected None or a power of two >= 16, got {value!r}")
