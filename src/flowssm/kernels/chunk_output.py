@@ -240,9 +240,9 @@ def chunk_output_bwd_kernel(q, keys, G, corrected, S_in, dS_out, do, *, rank: in
     ``w``'s cotangent ``dw = -dv' S_in^T`` is formed by the transfer backward (``chunk_transfer_bwd_kernel(S_in=)``),
     which reads ``dv'`` anyway.
     With ``heads=H``, q, keys, do, dq and dkeys are token-major (``corrected`` may be, by its rank: ``u`` of an
-    additive path). ``score_mode``: as the forward's. ``packed_rows`` (packed sequences read in place, :mod:`.packed`): q, keys, do, dq and dkeys are
-    packed rows ``[1, T r, H, ·]``. ``decay_grads=False`` (a path without decays: scalar ``G = 0``): dG is not
-    formed (None), nor the products only it needs.
+    additive path). ``score_mode``: as the forward's. ``packed_rows`` (packed sequences read in place,
+    :mod:`.packed`): q, keys, do, dq and dkeys are packed rows ``[1, T r, H, ·]``. ``decay_grads=False`` (a path
+    without decays: scalar ``G = 0``): dG is not formed (None), nor the products only it needs.
     """
     n, V = G.shape[2], do.shape[-1]
     BH, N, C, K = layout_dims(q, heads) if packed_rows is None else (heads, packed_rows.chunks, n // rank,

@@ -30,9 +30,9 @@ from flowssm.solvers.program import ADDITIVE, IDENTITY, INVERSE, TransferProgram
 
 def _key_scores(k, G, *, blocks: int, operand_dtype, rows=None, score_mode: str = "operand",
                channel_block: int | None = None):
-    """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n], [n, K] or None (``G = 0``) (``decay.scores``, with
-    its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its matmuls in ``score_mode``,
-    over blocks of ``channel_block`` key channels)."""
+    """``(k_i . k_m) e^{G_i - G_m}`` for ``m < i``, else 0: [n, n]; G: [n], [n, K] or None (``G = 0``)
+    (``decay.scores``, with its kernel ``rows`` loaders (then ``k, G`` give only shapes and may be refs), its
+    matmuls in ``score_mode``, over blocks of ``channel_block`` key channels)."""
     n = k.shape[0]
     if G is not None and len(G.shape) == 2:
         return decay.scores(k, G, k, G, blocks=blocks, rank=1, shift=0, matmul=functools.partial(dot, mode=score_mode),
@@ -309,8 +309,9 @@ def chunk_transfer_bwd_kernel(keys, values, beta, alpha, log_decay, T, w, u, dw,
     dtype = keys.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
     if (dw is None) == (S_in is None):
-        raise ValueError(f"dw, S_in: give exactly one (dw, or S_in to form dw = -du S_in^T), got "
-                         f"dw {'given' if dw is not None else 'None'} and S_in {'given' if S_in is not None else 'None'}")
+        given = lambda x: "given" if x is not None else "None"
+        raise ValueError(f"dw, S_in: give exactly one (dw, or S_in to form dw = -du S_in^T), got dw {given(dw)} "
+                         f"and S_in {given(S_in)}")
     G = cumulative_decay_kernel(log_decay, R, interpret=interpret) if G is None else G
     shares = [x for x in (dkeys, dG) if x is not None]
     if dG is not None and not decay_grads:
