@@ -133,12 +133,20 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
                   packed_rows=packed_rows, rank=rank, **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
     state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
     flow = state_pass(keys, G, w, u, None, flow=True, write_states=False,
-                      block_v=tuning.flow_block_v or tuning.block_v).reshape(BH, segments, K, K + V)
+                      block_v=flow_block(tuning, K, V, mosaic)).reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
     outs = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), write_states=write_states,
                       **output)
     return outs[0] if write_states else None, S_final.astype(S0.dtype), P, *outs[1 + write_states:]
+
+
+def flow_block(tuning: Tuning, K: int, V: int, mosaic: bool) -> int:
+    """Column block of the segment-flow pass (``Tuning.flow_block_v``); None: 128 on Mosaic where it divides ``K``
+    and ``V`` (half the programs of 64: one wave at 1 x 65536 x 16 heads, 4 segments), else ``block_v``."""
+    if tuning.flow_block_v is not None:
+        return tuning.flow_block_v
+    return 128 if mosaic and K % 128 == 0 and V % 128 == 0 else tuning.block_v
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,
