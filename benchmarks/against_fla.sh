@@ -11,6 +11,9 @@
 set -u
 OUT=${OUT:-out/against_fla}
 STEPS=${*:-kernels fla lm runner}
+for s in $STEPS; do
+  case $s in kernels|fla|lm|runner) ;; *) echo "against_fla: unknown step '$s' (expected kernels, fla, lm, runner)" >&2; exit 2 ;; esac
+done
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "against_fla: installing .whl/*.whl failed" >&2; exit 1; }
@@ -35,6 +38,5 @@ for s in $STEPS; do
     lm) step lm python3 -W ignore benchmarks/bench_lm.py --rows flowssm-pallas-4 --steps 10 --out "$OUT/lm" ;;
     runner) step runner python3 -W ignore -m flowssm.train.cli train configs/lm_small_gpu.yaml train.steps=150 \
               train.eval_every=100 train.log_every=25 train.checkpoint_every=100 "train.out_dir=$OUT/runner" ;;
-    *) echo "against_fla: unknown step '$s' (expected kernels, fla, lm, runner)" >&2; exit 2 ;;
   esac
 done
