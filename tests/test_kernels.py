@@ -253,10 +253,12 @@ def test_auto_scan_segments_long_rows_on_few_programs_and_longer_ones_without_a_
         kc.Tuning(segment_programs=0)
     with pytest.raises(ValueError, match="Tuning.flow_block_v"):
         kc.Tuning(flow_block_v=96)
-    t = kc.Tuning(block_v=64)  # the segment-flow pass: 128 columns on Mosaic where 128 divides K and V
-    assert kc.flow_block(t, 128, 128, mosaic=True) == 128 and kc.flow_block(t, 128, 128, mosaic=False) == 64
-    assert kc.flow_block(t, 64, 128, mosaic=True) == kc.flow_block(t, 128, 192, mosaic=True) == 64
-    assert kc.flow_block(kc.Tuning(block_v=64, flow_block_v=64), 128, 128, mosaic=True) == 64
+    t, bf16 = kc.Tuning(block_v=64), jnp.bfloat16  # the flow pass: 128 columns on Mosaic where they divide and fit
+    assert kc.flow_block(t, bf16, 64, 128, 128, mosaic=True) == 128
+    assert kc.flow_block(t, bf16, 64, 128, 128, mosaic=False) == 64
+    assert kc.flow_block(t, bf16, 64, 64, 128, mosaic=True) == kc.flow_block(t, bf16, 64, 128, 192, mosaic=True) == 64
+    assert kc.flow_block(t, bf16, 128, 256, 256, mosaic=True) == 64  # rank 2, K = 256: 128 columns do not fit
+    assert kc.flow_block(kc.Tuning(block_v=64, flow_block_v=64), bf16, 64, 128, 128, mosaic=True) == 64
 
 
 def test_auto_output_is_fused_into_the_pass_where_it_fills_more_than_half_the_gpu(monkeypatch):

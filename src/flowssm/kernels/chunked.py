@@ -53,7 +53,7 @@ from flowssm.kernels.common import head_major, layout_dims, resolve_interpret, t
 from flowssm.kernels.cumulative_decay import cumulative_decay_kernel, cumulative_decay_vjp_kernel, micro_log_decay
 from flowssm.kernels.launch import Tuning, auto_segments, fuse_output
 from flowssm.kernels.state_pass import chunk_flows, state_pass_bwd_kernel, state_pass_kernel, state_pass_reference
-from flowssm.kernels.state_pass_mosaic import mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
+from flowssm.kernels.state_pass_mosaic import flow_fits, mosaic_runs, state_pass_bwd_mosaic, state_pass_mosaic
 from flowssm import varlen
 from flowssm.flows import DenseFlow
 from flowssm.paths import Path, map_path, pad_path
@@ -133,7 +133,8 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
                   packed_rows=packed_rows, rank=rank, **({} if resets is None else dict(resets=resets, h0=h0, zero_h0=zero_h0))))
     state_pass = functools.partial(state_pass_mosaic if mosaic else state_pass_kernel, **opts)
     flow = state_pass(keys, G, w, u, None, flow=True, write_states=False,
-                      block_v=flow_block(tuning, K, V, mosaic)).reshape(BH, segments, K, K + V)
+                      block_v=flow_block(tuning, keys.dtype, G.shape[2], K, V, mosaic))
+    flow = flow.reshape(BH, segments, K, K + V)
     P = flow[..., :K]
     starts, S_final = _segment_starts(P, flow[..., K:], S0.astype(flow.dtype))
     outs = state_pass(keys, G, w, u, starts.reshape(BH * segments, K, V).astype(S0.dtype), write_states=write_states,
@@ -141,12 +142,14 @@ def segmented_states(keys, G, w, u, S0, segments: int, *, heads: int | None, tun
     return outs[0] if write_states else None, S_final.astype(S0.dtype), P, *outs[1 + write_states:]
 
 
-def flow_block(tuning: Tuning, K: int, V: int, mosaic: bool) -> int:
-    """Column block of the segment-flow pass (``Tuning.flow_block_v``); None: 128 on Mosaic where it divides ``K``
-    and ``V`` (half the programs of 64: one wave at 1 x 65536 x 16 heads, 4 segments), else ``block_v``."""
+def flow_block(tuning: Tuning, dtype, n: int, K: int, V: int, mosaic: bool) -> int:
+    """Column block of the segment-flow pass (``Tuning.flow_block_v``) for ``n`` micro-steps a chunk; None: 128 on
+    Mosaic where it divides ``K`` and ``V`` and its tiles fit (half the programs of 64: one wave at 1 x 65536 x 16
+    heads, 4 segments), else ``block_v``."""
     if tuning.flow_block_v is not None:
         return tuning.flow_block_v
-    return 128 if mosaic and K % 128 == 0 and V % 128 == 0 else tuning.block_v
+    wide = mosaic and K % 128 == 0 and V % 128 == 0 and flow_fits(dtype, n, K, 128)
+    return 128 if wide else tuning.block_v
 
 
 def segmented_cotangents(qc, keys, G, w, do, dS_final, P, *, rank: int, scale: float, heads: int | None,

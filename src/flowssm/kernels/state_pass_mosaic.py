@@ -61,6 +61,19 @@ def mosaic_runs(dtype, g_dtype, n: int, K: int, V: int, block_v: int) -> bool:
             and _tiles_fit(n, K, V, min(block_v, V)))
 
 
+def _shared_bytes(dtype, n: int, K: int, bv: int, out: bool) -> tuple[int, int]:
+    """Shared memory of :func:`state_pass_mosaic`: (bytes a pipeline stage, bytes of the state tiles)."""
+    size = jnp.dtype(dtype).itemsize  # with ``out``: q (and G again) in flight, the corrected values' and A's tiles
+    stage = (2 + out) * n * K * size + n * bv * size + 4 * n * (1 + out)  # k, w, u, G (q, G)
+    # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad)
+    return stage, max(4 * K * bv, (2 * K * bv + (1 + out) * n * bv + out * n * n) * size + 1024)
+
+
+def flow_fits(dtype, n: int, K: int, bv: int) -> bool:
+    """Whether the segment-flow pass (``flow=True``) at column block ``bv`` fits one pipeline stage."""
+    return sum(_shared_bytes(dtype, n, K, bv, out=False)) <= SHARED_BYTES
+
+
 def _pipeline(name, operands, *, dims, block_v, num_warps, num_stages, N, stage, state):
     """Checks shared by both passes (``operands``: name -> array that must be bf16/f16 alike, ``dims``:
     name -> size that must be a multiple of 64); returns the pipeline depth: the largest up to
@@ -125,13 +138,10 @@ def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_st
     if V % bv or flow and K % bv:
         raise ValueError(f"{name}: expected V{' and K' if flow else ''} multiples of block_v, got K={K}, V={V}, "
                          f"block_v={bv}")
-    size = jnp.dtype(keys.dtype).itemsize
-    out = q is not None  # q (and G again) in flight; the corrected values' and A's tiles beside the state's
-    # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad)
+    out = q is not None
+    stage, state = _shared_bytes(keys.dtype, n, K, bv, out)
     stages = _pipeline(name, dict(keys=keys, w=w, u=u, **({"q": q} if out else {})), dims=dict(n=n, K=K, block_v=bv),
-                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M,
-                       stage=(2 + out) * n * K * size + n * bv * size + 4 * n * (1 + out),  # k, w, u, G (q, G)
-                       state=max(4 * K * bv, (2 * K * bv + (1 + out) * n * bv + out * n * n) * size + 1024))
+                       block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M, stage=stage, state=state)
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
             or not flow and S0.shape != (BH * segments, K, V)):
         raise ValueError(f"{name}: expected G [BH, N, n] = {(BH, N, n)}, w [BH, N, n, K], u [BH, N, n, V], "
