@@ -66,9 +66,9 @@ class Tuning:
     passes stay on Triton.
     mosaic_stages: the Mosaic pass's pipeline depth (chunks in flight).
     flow_block_v: the column block of the segmented scan's segment-flow pass (``[P | Q]``, ``K + V`` columns);
-    None: 128 where the pass runs on Mosaic and 128 divides ``K`` and ``V``, else ``block_v``. Wider blocks run that
-    pass on fewer programs (at 1 x 65536 x 16 heads, K = V = 128 and 4 segments: 256 programs at 64 columns, 128
-    at 128: forward 1.758-1.808 -> 1.636-1.645 ms on an H100, RESULTS.md, run 23).
+    None: 128 where the pass runs on Mosaic, 128 divides ``K`` and ``V`` and its tiles fit, else ``block_v``. Wider
+    blocks run that pass on fewer programs (at 1 x 65536 x 16 heads, K = V = 128 and 4 segments: 256 programs at 64
+    columns, 128 at 128: forward 1.758-1.808 -> 1.629-1.665 ms on an H100, RESULTS.md, run 23).
     output: where the forward computes the outputs ``o``: "kernel" (``chunk_output``, one program per chunk, from the
     ``S_in`` the state pass wrote) or "fused": inside the Mosaic forward state pass, from the state tile it holds
     (``state_pass_mosaic(q=...)``: no ``S_in`` read back, and none written by a forward without a backward), wherever
