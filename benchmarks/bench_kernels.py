@@ -420,7 +420,7 @@ SWEEP = (Tuning(), Tuning(state_lowering="triton"), Tuning(mosaic_stages=2), Tun
 def tunings(text: str) -> tuple[Tuning, ...]:
     """``--sweep-tunings``: ``;``-separated variants of ``,``-separated ``field=value`` (``default``: Tuning())."""
     def value(v: str):
-        return int(v) if v.isdigit() else None if v == "None" else v
+        return int(v) if v.isdigit() else {"None": None, "true": True, "false": False}.get(v, v)
     return tuple(Tuning(**{k: value(v) for k, v in (kv.split("=") for kv in item.split(",") if kv != "default")})
                  for item in text.split(";"))
 
