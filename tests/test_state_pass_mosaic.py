@@ -90,19 +90,16 @@ def test_mosaic_state_pass_lowers_for_the_gpu_without_one(flow):
     assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("segments, write_states, output_warpgroup", [(1, True, False), (2, False, False),
-                                                                      (1, True, True), (2, False, True)])
-def test_mosaic_state_pass_with_q_computes_the_output_kernels_outputs(segments, write_states, output_warpgroup):
+@pytest.mark.parametrize("segments, write_states", [(1, True), (2, False)])
+def test_mosaic_state_pass_with_q_computes_the_output_kernels_outputs(segments, write_states):
     """``q``: o (and the corrected values) as ``chunk_output_kernel`` computes them from the Triton pass's S_in, the
-    same roundings; q, keys and o token-major (``heads``), two ``V`` column blocks; without ``write_states`` no S_in.
-    ``output_warpgroup``: the outputs on a second warpgroup, handed each chunk's S_in and corrected values."""
+    same roundings; q, keys and o token-major (``heads``), two ``V`` column blocks; without ``write_states`` no S_in."""
     keys, G, w, u, S0 = operands(64, 128, seed=7)
     q = (jax.random.normal(jax.random.PRNGKey(9), keys.shape) / 4).astype(jnp.bfloat16)
     S0 = jnp.concatenate([S0, -S0]) if segments == 2 else S0
     token = lambda x: jnp.moveaxis(x.reshape(1, *x.shape), 1, 3)  # [BH, N, n, d] -> [1, N, n, BH, d]
     outs = state_pass_mosaic(token(keys), G, w, u, S0, heads=BH, q=token(q), scale=0.125, save_corrected=True,
-                             segments=segments, write_states=write_states, block_v=64,
-                             output_warpgroup=output_warpgroup)
+                             segments=segments, write_states=write_states, block_v=64)
     tri_in, tri_final = state_pass_kernel(keys, G, w, u, S0, segments=segments)
     o, corrected = chunk_output_kernel(q, keys, G, w, u, tri_in, rank=1, scale=0.125, out_dtype=jnp.bfloat16,
                                        save_corrected=True)
@@ -113,17 +110,15 @@ def test_mosaic_state_pass_with_q_computes_the_output_kernels_outputs(segments, 
         assert rel(outs[0], tri_in) < 1e-4
 
 
-@pytest.mark.parametrize("write_states, output_warpgroup", [(True, False), (False, False), (True, True),
-                                                            (False, True)])
-def test_mosaic_state_pass_with_q_lowers_for_the_gpu_without_one(write_states, output_warpgroup):
+@pytest.mark.parametrize("write_states", [True, False])
+def test_mosaic_state_pass_with_q_lowers_for_the_gpu_without_one(write_states):
     S = jax.ShapeDtypeStruct
     K = V = 128
     token = S((1, 64, n, BH, K), jnp.bfloat16)
     args = (token, S((BH, 64, n), jnp.float32), S((BH, 64, n, K), jnp.bfloat16), S((BH, 64, n, V), jnp.bfloat16),
             S((BH * 2, K, V), jnp.float32))
     run = jax.jit(functools.partial(state_pass_mosaic, interpret=False, num_stages=4, segments=2, heads=BH,
-                                    write_states=write_states, save_corrected=write_states, scale=0.1,
-                                    output_warpgroup=output_warpgroup))
+                                    write_states=write_states, save_corrected=write_states, scale=0.1))
     assert "mosaic_gpu" in run.trace(*args, q=token).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -283,13 +278,12 @@ def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel
     q, k, v, beta = op_inputs()
     B, T, H, K = q.shape
 
-    def run(output, q, k, v, output_warpgroup=False):
+    def run(output, q, k, v):
         path = (linear_attention_path(k.astype(jnp.float32), v.astype(jnp.float32)) if additive
                 else make_path(k, v, beta, dtype=jnp.float32))
         o, S = chunked_pallas(q, path, jnp.zeros((B, H, K, K), jnp.float32), scale=K**-0.5, chunk_size=64,
                               solver=Additive() if additive else get_solver("exact"), scan=scan, semantics="discrete",
-                              tuning=Tuning(state_lowering="mosaic", segment_programs=4, output=output,
-                                            output_warpgroup=output_warpgroup))
+                              tuning=Tuning(state_lowering="mosaic", segment_programs=4, output=output))
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S), (o, S)
 
     grads = lambda output: jax.jit(jax.value_and_grad(functools.partial(run, output), argnums=(0, 1, 2), has_aux=True))
@@ -303,10 +297,6 @@ def test_op_with_the_output_fused_into_the_mosaic_pass_matches_the_output_kernel
     # the same roundings; o's float32 products sum in another order (wgmma in the interpreter vs Triton's dot)
     assert rel(o_f, o_k) < 1e-5 and rel(o_alone, o_k) < 1e-5 and rel(S_f, S_k) < 1e-6 and rel(S_alone, S_k) < 1e-6
     assert all(rel(a, b) < 1e-5 for a, b in zip(g_f, g_k))
-    # the output on a second warpgroup (Tuning.output_warpgroup): the same products, the same roundings
-    (_, (o_w, S_w)), g_w = jax.jit(jax.value_and_grad(lambda *a: run("fused", *a, output_warpgroup=True),
-                                                      argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    assert rel(o_w, o_f) < 1e-6 and rel(S_w, S_f) < 1e-6 and all(rel(a, b) < 1e-6 for a, b in zip(g_w, g_f))
 
 
 @pytest.mark.parametrize("output", ["auto", "kernel"])

@@ -292,8 +292,7 @@ def _stages(st: _Static, qc, keys, values, beta, alpha, log_decay, S0, resets=No
         S0 = jnp.zeros((BH, *S0.shape[2:]), S0.dtype)
     save_scores = save and decay.per_channel(G)  # the reverse state pass reads them (see state_pass)
     save_corrected = save and not additive  # additive: the corrected values are u
-    output = (dict(q=qc, scale=st.scale, save_corrected=save_corrected, output_warpgroup=t.output_warpgroup) if fused
-              else {})
+    output = dict(q=qc, scale=st.scale, save_corrected=save_corrected) if fused else {}
     write_states = save or not fused  # fused without a backward: no S_in written
     saved = []
     if xla_scan:

@@ -76,11 +76,6 @@ class Tuning:
     the kernel. "auto": fused where that pass fills more than half the GPU (:func:`fuse_output`), else the kernel;
     with ``scan="auto"`` a forward without a backward then takes the segmented scan from as few chunks as one with a
     backward (:data:`AUTO_MIN_CHUNKS`) where its last pass computes o.
-    output_warpgroup: where the output is fused, compute it on a second warpgroup of the pass's CTA, handed each
-    chunk's ``S_in`` and corrected values through shared memory, so that the output's three products leave the
-    carried state's chain (``state_pass_mosaic(output_warpgroup=True)``; two more ``[n, block_v]`` tiles of
-    shared memory, so fewer pipeline stages may fit: 2 instead of 3 at K = 128, bf16). Tested in interpret mode and
-    lowered for sm_90 on the CPU; not yet timed on a GPU.
     channel_block (per-channel decays): the transfer and output kernels form their decayed scores as a sum over
     blocks of this many key channels (``decay.scores``), and the transfer its ``w = T (b e^G * k)`` block by
     block, which keeps ``[n, channel_block]`` float32 tiles live instead of ``[n, K]`` ones; None: chosen by
@@ -110,7 +105,6 @@ class Tuning:
     state_lowering: str = "auto"
     mosaic_stages: int = 4
     output: str = "auto"
-    output_warpgroup: bool = False
     channel_block: int | None = None
 
     def __post_init__(self):
@@ -130,8 +124,6 @@ class Tuning:
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
                 raise ValueError(f"Tuning.{name}: expected None or one of (1, 2, 4, 8, 16), got {value!r}")
-        if not isinstance(self.output_warpgroup, bool):
-            raise ValueError(f"Tuning.output_warpgroup: expected True or False, got {self.output_warpgroup!r}")
         programs = self.segment_programs
         if programs is not None and (not isinstance(programs, int) or isinstance(programs, bool) or programs < 1):
             raise ValueError(f"Tuning.segment_programs: expected None or a positive count, got {programs!r}")

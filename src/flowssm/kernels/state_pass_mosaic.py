@@ -16,9 +16,7 @@ in float32:
 
 the operands rounded as in the Triton kernel (``dot(..., operand_dtype=keys.dtype)``). Given ``q``, three more
 wgmmas a chunk (``q k^T``, ``q bf16(S)``, ``A (u - wS)``) give the chunk's outputs ``o`` from the same state tile,
-after the state update (the output kernel's work, without ``S_in`` written and read back); with
-``output_warpgroup`` a second warpgroup of the CTA computes them, handed each chunk's ``bf16(S)`` and corrected
-values through double-buffered shared-memory tiles and barriers, off the state's chain. Segments as in the
+after the state update (the output kernel's work, without ``S_in`` written and read back). Segments as in the
 Triton kernel (each program runs ``N / segments`` chunks from its own ``S0`` row), and its flow mode (the
 segmented scan's segment flows ``[P | Q]``: ``S`` starts in registers at ``[I | 0]``'s column block, no
 ``S0`` load, and ``P``'s column blocks multiply the values by 0); no packed sequences; bf16/f16 operands;
@@ -63,13 +61,12 @@ def mosaic_runs(dtype, g_dtype, n: int, K: int, V: int, block_v: int) -> bool:
             and _tiles_fit(n, K, V, min(block_v, V)))
 
 
-def _shared_bytes(dtype, n: int, K: int, bv: int, out: bool, split: bool = False) -> tuple[int, int]:
+def _shared_bytes(dtype, n: int, K: int, bv: int, out: bool) -> tuple[int, int]:
     """Shared memory of :func:`state_pass_mosaic`: (bytes a pipeline stage, bytes of the state tiles)."""
     size = jnp.dtype(dtype).itemsize  # with ``out``: q (and G again) in flight, the corrected values' and A's tiles
     stage = (2 + out) * n * K * size + n * bv * size + 4 * n * (1 + out)  # k, w, u, G (q, G)
-    # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad);
-    # ``split``: a second corrected-values tile and o's own
-    return stage, max(4 * K * bv, (2 * K * bv + (1 + out + 2 * split) * n * bv + out * n * n) * size + 1024)
+    # S0 / S_final (float32) share their bytes with the two S_in tiles and the decayed corrected values (align pad)
+    return stage, max(4 * K * bv, (2 * K * bv + (1 + out) * n * bv + out * n * n) * size + 1024)
 
 
 def flow_fits(dtype, n: int, K: int, bv: int) -> bool:
@@ -115,7 +112,7 @@ def _program(segments: int, M: int):
 
 
 def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_stages, segments, flow, resets, h0,
-           q=None, save_corrected=False, output_warpgroup=False):
+           q=None, save_corrected=False):
     """ValueError / TypeError for what the forward kernel does not run; returns (BH, N, n, K, V, bv, stages)."""
     name = "state_pass_mosaic"
     BH, N, n, K = layout_dims(keys, heads)
@@ -123,9 +120,8 @@ def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_st
     if q is not None and (flow or layout_dims(q, heads) != (BH, N, n, K)):
         raise ValueError(f"{name}: q (the output in the pass): expected [BH, N, n, K] = {(BH, N, n, K)} like keys "
                          f"(one micro-step a token) and no flow mode, got q {q.shape}, flow={flow}")
-    if (save_corrected or output_warpgroup) and q is None:
-        option = "save_corrected" if save_corrected else "output_warpgroup"
-        raise ValueError(f"{name}: {option}=True needs q: the corrected values and o are the output's")
+    if save_corrected and q is None:
+        raise ValueError(f"{name}: save_corrected=True needs q: the corrected values are saved by the output")
     if resets is not None or h0 is not None:
         raise ValueError(f"{name}: only unpacked passes (no resets / h0), got "
                          f"resets={'set' if resets is not None else None}, h0={'set' if h0 is not None else None}")
@@ -143,7 +139,7 @@ def _check(keys, G, w, u, S0, *, heads, write_states, block_v, num_warps, num_st
         raise ValueError(f"{name}: expected V{' and K' if flow else ''} multiples of block_v, got K={K}, V={V}, "
                          f"block_v={bv}")
     out = q is not None
-    stage, state = _shared_bytes(keys.dtype, n, K, bv, out, output_warpgroup)
+    stage, state = _shared_bytes(keys.dtype, n, K, bv, out)
     stages = _pipeline(name, dict(keys=keys, w=w, u=u, **({"q": q} if out else {})), dims=dict(n=n, K=K, block_v=bv),
                        block_v=bv, num_warps=num_warps, num_stages=num_stages, N=M, stage=stage, state=state)
     if (G.shape != (BH, N, n) or w.shape != (BH, N, n, K) or u.shape[:3] != (BH, N, n)
@@ -190,13 +186,11 @@ def _attention(q, k, G_t, G_column):
     return jnp.where(seen, _product(q, k.T, (n, n)) * decay, zeros)
 
 
-def _launch(kernel, name: str, out_type: list, scratch: list, grid: tuple, interpreted: bool, *operands,
-            warpgroups: int = 1):
-    """``kernel`` on a ``(programs, columns)`` grid (programs: head * segments + segment; ``warpgroups`` a CTA,
-    told apart by ``lax.axis_index("warpgroup")``) -> its outputs, a tuple, or the only one alone."""
+def _launch(kernel, name: str, out_type: list, scratch: list, grid: tuple, interpreted: bool, *operands):
+    """``kernel`` on a ``(programs, columns)`` grid (programs: head * segments + segment; one warpgroup a
+    CTA) -> its outputs, a tuple, or the only one alone."""
     run = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                        grid_names=("programs", "columns"), kernel_name=name,
-                       **(dict(num_threads=warpgroups, thread_name="warpgroup") if warpgroups > 1 else {}),
                        interpret=plgpu.InterpretGPUParams() if interpreted else None)
     out = run(*operands)
     return tuple(out) if len(out) > 1 else out[0]
@@ -210,7 +204,7 @@ def _head(ref, i, heads: int | None):
 def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_states: bool = True, segments: int = 1,
                       flow: bool = False, block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                       interpret: bool | None = None, resets=None, h0=None, q=None, scale: float = 1.0,
-                      save_corrected: bool = False, output_warpgroup: bool = False):
+                      save_corrected: bool = False):
     """keys, w: [BH, N, n, K] (keys token-major [B, N, n, H, K] with ``heads=H``); G: [BH, N, n] float32;
     u: [BH, N, n, V]; S0: [BH * segments, K, V] float32 -> (S_in: [BH, N, K, V] in the dtype of ``keys``,
     S_final: [BH * segments, K, V] float32); with ``write_states=False`` only S_final.
@@ -232,15 +226,13 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
 
     o ([BH, N, n, V] in the dtype of ``keys``, token-major with ``heads``) follows S_final in the outputs, then
     with ``save_corrected`` the corrected values ``u - w S_in`` ([BH, N, n, V], the dtype of ``keys``). The
-    products with ``q`` are off the carried state's chain (``S`` is updated before them); ``output_warpgroup``
-    runs them on a second warpgroup, concurrently with the next chunks' state updates (same results).
+    products with ``q`` are off the carried state's chain (``S`` is updated before them).
     """
     BH, N, n, K, V, bv, stages = _check(keys, G, w, u, S0, heads=heads, write_states=write_states, block_v=block_v,
                                         num_warps=num_warps, num_stages=num_stages, segments=segments, flow=flow,
-                                        resets=resets, h0=h0, q=q, save_corrected=save_corrected,
-                                        output_warpgroup=output_warpgroup)
+                                        resets=resets, h0=h0, q=q, save_corrected=save_corrected)
     M = N // segments
-    out, split = q is not None, output_warpgroup
+    out = q is not None
     p_blocks = K // bv if flow else 0  # column blocks of P (flow mode) before those of the state / Q
     dtype, f32 = keys.dtype, jnp.float32
     operand, state = _tiled(dtype), _tiled(f32)
@@ -248,8 +240,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     rows = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of a wgmma tile
     row_vector = lambda x, shape: lax.broadcast_in_dim(x, shape, (0,))
     tile = lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA)  # guides layout inference
-    # TMA stores the state's warpgroup issues a chunk: S_in, then (the output on it too) corrected values, o
-    stores = write_states + (0 if split else out + save_corrected)
+    stores = write_states + out + save_corrected  # TMA stores a chunk issues: S_in, then corrected values, o
 
     def kernel(k_ref, g_ref, w_ref, u_ref, *refs):
         q_ref, refs = (refs[0], refs[1:]) if out else (None, refs)
@@ -258,8 +249,7 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         s_out_ref, refs = refs[0], refs[1:]
         o_ref, refs = (refs[0], refs[1:]) if out else (None, refs)
         c_ref, refs = (refs[0], refs[1:]) if save_corrected else (None, refs)
-        (k_s, g_s, w_s, u_s, *q_tiles), loaded, (s32, (s_tiles, r_tile, *out_tiles)), *barriers = refs
-        s0_loaded, barriers = (None, barriers) if flow else (barriers[0], barriers[1:])
+        (k_s, g_s, w_s, u_s, *q_tiles), loaded, (s32, (s_tiles, r_tile, *out_tiles)), *s0_loaded = refs
         p, i, base = _program(segments, M)
         j = lax.axis_index("columns")
         cols = pl.ds(j * bv, bv)
@@ -267,11 +257,8 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
         head_keys = _head(k_ref, i, heads)
         if out:
             q_s, gc_s = q_tiles
-            c_tiles, a_tile, *o_tile = out_tiles
-            o_tile = o_tile[0] if split else r_tile  # one warpgroup: o reuses the decayed values' tile
+            c_tile, a_tile = out_tiles
             head_q, head_o = _head(q_ref, i, heads), _head(o_ref, i, heads)
-        if split:  # the output's warpgroup has read chunk tiles / S_in and corrected values / finished
-            consumed, ready, free, done = barriers
 
         def fetch(c, slot):
             """TMA of the segment's chunk ``c``'s k, G, w, u (and q, G as a column vector) tiles into ``slot``;
@@ -284,109 +271,66 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
             for src, dst in tiles:
                 plgpu.copy_gmem_to_smem(src, dst.at[slot], loaded.at[slot])
 
-        def output(slot, c, s_tile, c_tile, G_t):
-            """The chunk's o from the S_in and corrected values' tiles, stored by TMA (the corrected values too with
-            ``save_corrected``); the output's warpgroup marks the chunk's tiles read."""
+        def output(slot, c, s_tile, G_t, corrected):
+            """The chunk's o (and corrected values) from the S_in tile, stored by TMA."""
+            c_tile[...] = corrected.astype(dtype)
             a_tile[...] = _attention(q_s.at[slot], k_s.at[slot], G_t, gc_s.at[slot]).astype(dtype)
             plgpu.commit_smem()
             if save_corrected:
                 plgpu.copy_smem_to_gmem(c_tile, c_ref.at[i, base + c, :, cols])
             o = _accumulate(row_vector(jnp.exp(G_t), (n, bv)) * _product(q_s.at[slot], s_tile, (n, bv)),
                             (a_tile, c_tile), interpret=interpreted)
-            if split:  # q, k, G read: the slot may be refilled; o's tile: its last store has read it
-                plgpu.barrier_arrive(consumed.at[slot])
-                plgpu.wait_smem_to_gmem(int(save_corrected), wait_read_only=True)
-            o_tile[...] = tile(scale * o).astype(dtype)  # one warpgroup: the decayed values' (their wgmma is done)
+            r_tile[...] = tile(scale * o).astype(dtype)  # o's tile: the decayed values' (their wgmma is done)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_tile, head_o.at[base + c, :, cols])
+            plgpu.copy_smem_to_gmem(r_tile, head_o.at[base + c, :, cols])
 
-        def run_state():
-            """The carried state's chain (and, on one warpgroup, the outputs); the only TMA loads."""
-            if not flow:
-                plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded)
-            for c in range(stages):
-                fetch(c, c)
-            if flow:  # [I | 0]: column j * bv + col of the identity, all zero in Q's columns (j * bv >= K)
-                diagonal = (tile(lax.broadcasted_iota(jnp.int32, (K, bv), 0))
-                            == tile(lax.broadcasted_iota(jnp.int32, (K, bv), 1)) + j * bv)
-                start = jnp.where(diagonal, tile(jnp.ones((K, bv), f32)), tile(jnp.zeros((K, bv), f32)))
-            else:
-                plgpu.barrier_wait(s0_loaded)
-                start = s32[...]
-
-            def chunk(c, S):
-                slot, s_tile = c % stages, s_tiles.at[c % 2]
-                plgpu.barrier_wait(loaded.at[slot])
-                if split:  # the output's warpgroup is done with this S_in tile and corrected values' tile
-                    pl.when(c >= 2)(lambda: plgpu.barrier_wait(free.at[c % 2]))
-                if write_states:  # the S_in store issued two chunks ago has read this tile (2 stores - 1 came later)
-                    plgpu.wait_smem_to_gmem(2 * stores - 1, wait_read_only=True)
-                s_tile[...] = S.astype(dtype)
-                plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
-                if write_states:
-                    plgpu.copy_smem_to_gmem(s_tile, s_in_ref.at[i, base + c, :, cols])
-                wS = _product(w_s.at[slot], s_tile, (n, bv))
-                G_end = g_s[slot, n - 1]
-                G_t = plgpu.load(g_s.at[slot], layout=rows)
-                decay = jnp.exp(G_end - G_t)
-                values = u_s.at[slot][...].astype(f32)
-                corrected = (jnp.where(j < p_blocks, 0.0, 1.0) * values if flow else values) - wS  # P: no values
-                if out and not split:  # the last chunk's o store (and its corrected values' before it) has read r
-                    plgpu.wait_smem_to_gmem(int(write_states), wait_read_only=True)  # only this S_in came later
-                if split:
-                    c_tiles.at[c % 2][...] = corrected.astype(dtype)
-                r_tile[...] = (row_vector(decay, (n, bv)) * corrected).astype(dtype)
-                plgpu.commit_smem()
-                if split:
-                    plgpu.barrier_arrive(ready.at[c % 2])
-                S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
-                if out and not split:
-                    c_tiles[...] = corrected.astype(dtype)
-                    output(slot, c, s_tile, c_tiles, G_t)
-
-                @pl.when(c + stages < M)
-                def _():  # this slot's wgmmas are done (and the output's warpgroup has read it): refill it
-                    if split:
-                        plgpu.barrier_wait(consumed.at[slot])
-                    fetch(c + stages, slot)
-
-                return S
-
-            S = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, start)  # int32 indices under x64
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last S_in tiles are read: s32 overwrites them
-            if split:  # the phases the loop did not wait for, then the output's warpgroup's last stores
-                for c in range(max(M - stages, 0), M):
-                    plgpu.barrier_wait(consumed.at[c % stages])
-                for c in range(max(M - 2, 0), M):
-                    plgpu.barrier_wait(free.at[c % 2])
-                plgpu.barrier_wait(done)
-            s32[...] = S
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(s32, s_out_ref.at[p, :, cols])
-            plgpu.wait_smem_to_gmem(0)
-
-        def run_outputs():
-            """The second warpgroup: each chunk's o, from the tiles the state's warpgroup marks ready."""
-            def chunk(c, carry):
-                slot = c % stages
-                plgpu.barrier_wait(loaded.at[slot])
-                plgpu.barrier_wait(ready.at[c % 2])
-                output(slot, c, s_tiles.at[c % 2], c_tiles.at[c % 2], plgpu.load(g_s.at[slot], layout=rows))
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the corrected values' store (before o's) read
-                plgpu.barrier_arrive(free.at[c % 2])
-                return carry
-
-            lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, jnp.int32(0))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            plgpu.barrier_arrive(done)
-            plgpu.wait_smem_to_gmem(0)
-
-        if split:
-            warpgroup = lax.axis_index("warpgroup")
-            pl.when(warpgroup == 0)(run_state)
-            pl.when(warpgroup == 1)(run_outputs)
+        if not flow:
+            plgpu.copy_gmem_to_smem(s0_ref.at[p, :, cols], s32, s0_loaded[0])
+        for c in range(stages):
+            fetch(c, c)
+        if flow:  # [I | 0]: column j * bv + col of the identity, all zero in Q's columns (j * bv >= K)
+            diagonal = (tile(lax.broadcasted_iota(jnp.int32, (K, bv), 0))
+                        == tile(lax.broadcasted_iota(jnp.int32, (K, bv), 1)) + j * bv)
+            start = jnp.where(diagonal, tile(jnp.ones((K, bv), f32)), tile(jnp.zeros((K, bv), f32)))
         else:
-            run_state()
+            plgpu.barrier_wait(s0_loaded[0])
+            start = s32[...]
+
+        def chunk(c, S):
+            slot, s_tile = c % stages, s_tiles.at[c % 2]
+            plgpu.barrier_wait(loaded.at[slot])
+            if write_states:  # the S_in store issued two chunks ago has read this tile (2 stores - 1 came later)
+                plgpu.wait_smem_to_gmem(2 * stores - 1, wait_read_only=True)
+            s_tile[...] = S.astype(dtype)
+            plgpu.commit_smem()  # written by threads, read by wgmma and TMA (async proxy)
+            if write_states:
+                plgpu.copy_smem_to_gmem(s_tile, s_in_ref.at[i, base + c, :, cols])
+            wS = _product(w_s.at[slot], s_tile, (n, bv))
+            G_end = g_s[slot, n - 1]
+            G_t = plgpu.load(g_s.at[slot], layout=rows)
+            decay = jnp.exp(G_end - G_t)
+            values = u_s.at[slot][...].astype(f32)
+            corrected = (jnp.where(j < p_blocks, 0.0, 1.0) * values if flow else values) - wS  # P columns: no values
+            if out:  # the last chunk's o store (and its corrected values' before it) has read its tile
+                plgpu.wait_smem_to_gmem(int(write_states), wait_read_only=True)  # only this chunk's S_in came later
+            r_tile[...] = (row_vector(decay, (n, bv)) * corrected).astype(dtype)
+            plgpu.commit_smem()
+            S = _accumulate(jnp.exp(G_end) * S, (k_s.at[slot].T, r_tile), interpret=interpreted)
+            if out:
+                output(slot, c, s_tile, G_t, corrected)
+
+            @pl.when(c + stages < M)
+            def _():  # this slot's wgmmas are done: refill it
+                fetch(c + stages, slot)
+
+            return S
+
+        S = lax.fori_loop(jnp.int32(0), jnp.int32(M), chunk, start)  # int32 indices under x64
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last S_in tiles are read: s32 overwrites them
+        s32[...] = S
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(s32, s_out_ref.at[p, :, cols])
+        plgpu.wait_smem_to_gmem(0)
 
     S_final = jax.ShapeDtypeStruct((BH * segments, K, K + V if flow else V), f32)
     values_like = lambda x: jax.ShapeDtypeStruct((*x.shape[:-1], V), dtype)  # o: q's layout, V columns
@@ -394,22 +338,20 @@ def state_pass_mosaic(keys, G, w, u, S0, *, heads: int | None = None, write_stat
     out_type += ([values_like(q)] if out else []) + ([jax.ShapeDtypeStruct((BH, N, n, V), dtype)] if save_corrected
                                                      else [])
     rows_k = lambda: plgpu.SMEM((stages, n, K), dtype, transforms=operand)
-    values_tile = lambda *lead: plgpu.SMEM((*lead, n, bv), dtype, transforms=operand)
-    chunk_tiles = [rows_k(), plgpu.SMEM((stages, n), f32), rows_k(), values_tile(stages),
+    values_tile = lambda: plgpu.SMEM((n, bv), dtype, transforms=operand)
+    chunk_tiles = [rows_k(), plgpu.SMEM((stages, n), f32), rows_k(),
+                   plgpu.SMEM((stages, n, bv), dtype, transforms=operand),
                    *([rows_k(), plgpu.SMEM((stages, n), f32)] if out else [])]  # q, G as a column vector
-    output_tiles = [values_tile(*((2,) if split else ())), plgpu.SMEM((n, n), dtype, transforms=operand),
-                    *([values_tile()] if split else [])]  # corrected values, A, o
-    barrier = lambda count=None: plgpu.Barrier(num_arrivals=1, **({} if count is None else dict(num_barriers=count)))
     scratch = [chunk_tiles, plgpu.Barrier(num_arrivals=len(chunk_tiles), num_barriers=stages),
                plgpu.RefUnion(plgpu.SMEM((K, bv), f32, transforms=state),  # S0, S_final: before / after the loop
                               [plgpu.SMEM((2, K, bv), dtype, transforms=operand),  # S_in tiles
-                               values_tile(),  # decayed corrected values (one warpgroup: then o)
-                               *(output_tiles if out else [])]),
-               *([] if flow else [barrier()]),  # S0 loaded
-               *([barrier(stages), barrier(2), barrier(2), barrier()] if split else [])]  # consumed, ready, free, done
+                               values_tile(),  # decayed corrected values, then o
+                               *([values_tile(), plgpu.SMEM((n, n), dtype, transforms=operand)]
+                                 if out else [])]),  # corrected values, A
+               *([] if flow else [plgpu.Barrier()])]  # S0 loaded
     return _launch(kernel, "flowssm_segment_flows_mosaic" if flow else "flowssm_state_pass_mosaic", out_type, scratch,
                    (BH * segments, (K + V if flow else V) // bv), interpreted, keys, G, w, u,
-                   *((q,) if out else ()), *(() if flow else (S0,)), warpgroups=1 + split)
+                   *((q,) if out else ()), *(() if flow else (S0,)))
 
 
 def _check_bwd(q, keys, G, w, do, dS_final, *, rank, heads, block_v, num_warps, num_stages, segments, resets,
