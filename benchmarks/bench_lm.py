@@ -5,6 +5,7 @@ backends) against fla's models.
     python benchmarks/bench_lm.py --rows flowssm-pallas-4,fla-4 --steps 10
     python benchmarks/bench_lm.py --tiny                               # CPU smoke test (tiny model)
     python benchmarks/bench_lm.py --rows flowssm-pallas-4 --kernels '{"output": "kernel"}'   # a launch variant
+    python benchmarks/bench_lm.py --rows flowssm-pallas-4,fla-4 --profile 3   # + each row's GPU time by op
 
 The same model on both sides: d_model 1024, 8 heads (K = V = 128), SwiGLU hidden 2816, vocab 32000,
 short convolution 4, output gate, untied embeddings, the default exact solver (the merge); batch 8 x 2048
@@ -72,7 +73,8 @@ def family_of(name: str) -> str:
     return next((f for part, f in FAMILIES.items() if f"-{part}-" in name), "deltanet")
 
 
-def flowssm_row(name: str, layers: int, steps: int, tiny: bool, kernels: dict | None = None) -> dict:
+def flowssm_row(name: str, layers: int, steps: int, tiny: bool, kernels: dict | None = None,
+                profile: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -120,9 +122,45 @@ def flowssm_row(name: str, layers: int, steps: int, tiny: bool, kernels: dict | 
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return dict(params=model.num_params(), first_step_s=first_step, ms=1e3 * statistics.median(times),
-                first_loss=first_loss, last_loss=float(loss), peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
-                backend=backend, device=jax.devices()[0].device_kind)
+    row = dict(params=model.num_params(), first_step_s=first_step, ms=1e3 * statistics.median(times),
+               first_loss=first_loss, last_loss=float(loss), peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9,
+               backend=backend, device=jax.devices()[0].device_kind)
+    if profile:
+        row["profile"] = jax_profile(lambda i: jax.block_until_ready(step(state, data[i % 4])), profile)
+    return row
+
+
+def top(times: dict[str, float], steps: int, n: int = 25) -> dict:
+    """``{name: ns}`` summed over ``steps`` -> ``{"busy_ms": ms a step, "ops": [[name, ms a step], ...]}`` (the
+    ``n`` largest)."""
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])
+    return dict(busy_ms=sum(times.values()) / steps / 1e6,
+                ops=[[name[:100], round(ns / steps / 1e6, 4)] for name, ns in ranked[:n]])
+
+
+def jax_profile(run, steps: int) -> dict:
+    """GPU time a step by XLA op (the device plane's "XLA Ops" line, else its streams' kernels) over ``steps`` calls
+    of ``run(i)``, from a ``jax.profiler`` trace read back with ``jax.profiler.ProfileData``."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    folder = tempfile.mkdtemp()
+    with jax.profiler.trace(folder):
+        for i in range(steps):
+            run(i)
+    data = ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0])
+    lines: dict[str, dict[str, float]] = {}  # line -> event name -> ns
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                times = lines.setdefault(line.name, {})
+                for event in line.events:
+                    times[event.name] = times.get(event.name, 0.0) + event.duration_ns
+    kernels = {k: v for name, times in lines.items() if name.startswith("Stream") for k, v in times.items()}
+    return dict(top(lines.get("XLA Ops") or kernels, steps), lines=sorted(lines))
 
 
 def fla_model(family: str, layers: int, s: dict, short_conv: bool = False):
@@ -140,7 +178,7 @@ def fla_model(family: str, layers: int, s: dict, short_conv: bool = False):
     return models.DeltaNetForCausalLM(models.DeltaNetConfig(use_gate=True, **common))
 
 
-def fla_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
+def fla_row(name: str, layers: int, steps: int, tiny: bool, profile: int = 0) -> dict:
     import torch
 
     s = shape(tiny)
@@ -168,9 +206,16 @@ def fla_row(name: str, layers: int, steps: int, tiny: bool) -> dict:
         loss = step(data[i % 4])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return dict(params=sum(p.numel() for p in model.parameters()), first_step_s=first_step,
-                ms=1e3 * statistics.median(times), first_loss=first_loss, last_loss=float(loss),
-                peak_gb=torch.cuda.max_memory_allocated() / 1e9, device=torch.cuda.get_device_name())
+    row = dict(params=sum(p.numel() for p in model.parameters()), first_step_s=first_step,
+               ms=1e3 * statistics.median(times), first_loss=first_loss, last_loss=float(loss),
+               peak_gb=torch.cuda.max_memory_allocated() / 1e9, device=torch.cuda.get_device_name())
+    if profile:  # GPU time a step by kernel
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(profile):
+                step(data[i % 4])
+            torch.cuda.synchronize()
+        row["profile"] = top({e.key: 1e3 * e.self_device_time_total for e in prof.key_averages()}, profile)
+    return row
 
 
 def decode_row(batch: int, tiny: bool) -> dict:
@@ -199,12 +244,12 @@ def decode_row(batch: int, tiny: bool) -> dict:
                 device=jax.devices()[0].device_kind)
 
 
-def run_row(name: str, steps: int, tiny: bool, kernels: dict | None = None) -> dict:
+def run_row(name: str, steps: int, tiny: bool, kernels: dict | None = None, profile: int = 0) -> dict:
     if name.startswith("decode-"):
         return decode_row(int(name.split("-")[1]), tiny)
     layers = int(name.rsplit("-", 1)[1])
-    row = (fla_row(name, layers, steps, tiny) if name.startswith("fla")
-           else {**flowssm_row(name, layers, steps, tiny, kernels), "kernels": kernels or {}})
+    row = (fla_row(name, layers, steps, tiny, profile) if name.startswith("fla")
+           else {**flowssm_row(name, layers, steps, tiny, kernels, profile), "kernels": kernels or {}})
     s = shape(tiny)
     tokens = s["batch"] * s["seq"]
     row.update(tok_s=tokens / (row["ms"] / 1e3), mfu=6 * row["params"] * tokens / (row["ms"] / 1e3) / PEAK_FLOPS)
@@ -234,17 +279,19 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/bench_lm")
     p.add_argument("--kernels", type=json.loads, default={},
                    help='flowssm rows: Tuning fields as JSON, e.g. \'{"output": "kernel"}\' (model.mixer.kernels)')
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, trace this many steps and record GPU time a step by op (row['profile'])")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
     a = p.parse_args()
     if a.one:
-        print(json.dumps(run_row(a.one, a.steps, a.tiny, a.kernels)))
+        print(json.dumps(run_row(a.one, a.steps, a.tiny, a.kernels, a.profile)))
         return
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     rows = []
     for name in a.rows.split(","):
-        cmd = ([sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--kernels", json.dumps(a.kernels)]
-               + (["--tiny"] if a.tiny else []))
+        cmd = ([sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--kernels", json.dumps(a.kernels),
+                "--profile", str(a.profile)] + (["--tiny"] if a.tiny else []))
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -259,6 +306,10 @@ def main() -> None:
         with open(os.path.join(a.out, "rows.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
     print(table(rows))
+    for r in rows:
+        if "profile" in r:
+            print(f"\n{r['row']}: GPU busy {r['profile']['busy_ms']:.1f} ms a step; largest ops (ms a step):")
+            print("\n".join(f"  {ms:8.3f}  {name}" for name, ms in r["profile"]["ops"][:15]))
 
 
 if __name__ == "__main__":
