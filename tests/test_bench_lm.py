@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_lm_tiny_row_trains_and_reports(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_lm.py"), "--tiny", "--rows", "flowssm-pallas-remat-2",
-           "--steps", "1", "--out", str(tmp_path), "--kernels", '{"output": "kernel"}']
+           "--steps", "1", "--out", str(tmp_path), "--kernels", '{"output": "kernel"}', "--profile", "1"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     (row,) = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert "error" not in row and row["backend"] == "pallas" and row["last_loss"] < row["first_loss"]
     assert row["kernels"] == {"output": "kernel"}  # --kernels reaches the model's mixer config
+    assert row["profile"]["ops"] == [] and row["profile"]["busy_ms"] == 0  # traced and read back; no GPU plane
 
 
 def test_pallas_coverage_check_passes_on_tiny_shapes(tmp_path):

@@ -63,6 +63,31 @@ def test_bf16_model_feeds_bf16_to_the_ops_keeps_float32_weights_and_logits(monke
     assert float(jnp.max(jnp.abs(logits - exact))) < 0.05 * float(jnp.max(jnp.abs(exact)))
 
 
+def test_head_logits_backward_runs_in_the_operands_dtype():
+    """float32 operands: the plain gradient; bf16: both gradient products take bf16 operands (the plain
+    rule would promote them to float32 by the float32 cotangent) and stay close to the float32 gradient."""
+    from flowssm.models.lm import head_logits
+
+    h, table = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16)), jax.random.normal(jax.random.PRNGKey(1), (40, 16))
+    loss = lambda f: lambda h, t: jnp.sum(jnp.sin(f(h, t)))
+    plain = jax.grad(loss(lambda h, t: jnp.einsum("...d,vd->...v", h, t)), (0, 1))(h, table)
+    for a, b in zip(jax.grad(loss(head_logits), (0, 1))(h, table), plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    low = (h.astype(jnp.bfloat16), table.astype(jnp.bfloat16))
+    grads = jax.grad(loss(head_logits), (0, 1))(*low)
+    assert head_logits(*low).dtype == jnp.float32 and all(g.dtype == jnp.bfloat16 for g in grads)
+    for a, b in zip(grads, plain):
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) < 0.05 * float(jnp.max(jnp.abs(b)))
+    def dots(jaxpr):  # every dot_general, also inside the custom_vjp's own jaxprs
+        for e in jaxpr.eqns:
+            yield from [e] if e.primitive.name == "dot_general" else []
+            for p in e.params.values():
+                yield from dots(p.jaxpr if hasattr(p, "jaxpr") else p) if hasattr(p, "eqns") or hasattr(p, "jaxpr") else []
+
+    dots = list(dots(jax.make_jaxpr(jax.grad(loss(head_logits), (0, 1)))(*low).jaxpr))
+    assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
 def test_losses_match_the_cross_entropy_of_the_logits_and_remat_keeps_gradients():
     model, toks = LanguageModel(config(), rngs=nnx.Rngs(0)), tokens()
     nll, correct = model.losses(toks[:, :-1], toks[:, 1:], chunk=7)  # 36 positions: a ragged last chunk
